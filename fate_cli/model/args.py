@@ -1,0 +1,158 @@
+"""ModelArgs: everything the runtime needs from a checkpoint's config.json, for every family.
+
+Each family module (mixtral.py, qwen2_moe.py, qwen3_moe.py, olmoe.py) turns its config.json into
+one ModelArgs; the shared layers read only ModelArgs, never the raw config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fate_cli.errors import BadModel, ModelNotFound
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    num_experts: int
+    top_k: int
+    moe_intermediate_size: int
+    norm_topk_prob: bool
+    attention_bias: bool = False
+    qk_norm: str = "none"  # "none" | "head" (qwen3: per head over head_dim) | "full" (olmoe: whole projection)
+    clip_qkv: float | None = None
+    dense_intermediate_size: int = 0  # MLP width of non-MoE layers (mlp_only_layers, decoder_sparse_step)
+    shared_expert_intermediate_size: int = 0  # qwen2_moe's always-on expert, gated by a sigmoid
+    moe_layers: tuple[bool, ...] = field(default=())  # per layer: MoE block (True) or dense MLP (False)
+    # checkpoint naming: model.layers.L.<moe_module>.gate / .experts.E.<gate|up|down proj name>.weight
+    moe_module: str = "mlp"
+    expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_layers[layer]
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, moe in enumerate(self.moe_layers) if moe]
+
+    @property
+    def expert_params(self) -> int:
+        return 3 * self.hidden_size * self.moe_intermediate_size
+
+
+class ConfigReader:
+    """Typed access to config.json with one clear error per bad or missing field."""
+
+    def __init__(self, cfg: dict[str, Any], path: Path):
+        self.cfg = cfg
+        self.path = path
+
+    def _fail(self, key: str, why: str) -> BadModel:
+        return BadModel(f"{self.path}: field '{key}' {why}; fix config.json or re-download the model")
+
+    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+        value = self.cfg.get(key, default)
+        if value is None:
+            raise self._fail(key, "is missing")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self._fail(key, f"must be an integer, not {value!r}")
+        if value < minimum:
+            raise self._fail(key, f"must be at least {minimum}, not {value}")
+        return value
+
+    def float(self, key: str, default: float | None = None) -> float:
+        value = self.cfg.get(key, default)
+        if value is None:
+            raise self._fail(key, "is missing")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise self._fail(key, f"must be a positive number, not {value!r}")
+        return float(value)
+
+    def bool(self, key: str, default: bool) -> bool:
+        value = self.cfg.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._fail(key, f"must be true or false, not {value!r}")
+        return value
+
+    def int_list(self, key: str) -> list[int]:
+        value = self.cfg.get(key) or []
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise self._fail(key, f"must be a list of integers, not {value!r}")
+        return value
+
+    def first_int(self, *keys: str) -> int:
+        for key in keys:
+            if self.cfg.get(key) is not None:
+                return self.int(key)
+        raise self._fail(keys[0], "is missing")
+
+    def head_dim(self, hidden: int, heads: int) -> int:
+        if self.cfg.get("head_dim") is not None:
+            return self.int("head_dim")
+        if hidden % heads:
+            raise self._fail("num_attention_heads", f"({heads}) must divide hidden_size ({hidden})")
+        return hidden // heads
+
+    def rope_theta(self, default: float) -> float:
+        """rope_theta, from the flat field (transformers 4) or rope_parameters (transformers 5).
+
+        Only the default RoPE is implemented; any scaling is refused rather than silently ignored.
+        """
+        params = self.cfg.get("rope_parameters")
+        scaling = self.cfg.get("rope_scaling")
+        for name, entry in (("rope_parameters", params), ("rope_scaling", scaling)):
+            if entry is None:
+                continue
+            if not isinstance(entry, dict):
+                raise self._fail(name, f"must be an object, not {entry!r}")
+            kind = entry.get("rope_type", entry.get("type", "default"))
+            if kind != "default":
+                raise BadModel(
+                    f"{self.path}: {name} type '{kind}' is not supported (fate implements default RoPE "
+                    "only); use a checkpoint without RoPE scaling"
+                )
+        if self.cfg.get("rope_theta") is not None:
+            return self.float("rope_theta")
+        if params and params.get("rope_theta") is not None:
+            value = params["rope_theta"]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise self._fail("rope_parameters.rope_theta", f"must be a positive number, not {value!r}")
+            return float(value)
+        return default
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise ModelNotFound(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadModel(f"{path} is not valid JSON ({err}); re-download the model") from None
+    if not isinstance(cfg, dict):
+        raise BadModel(f"{path} must hold a JSON object; re-download the model")
+    return cfg
+
+
+def sparse_layer_pattern(reader: ConfigReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:
+    """qwen2_moe/qwen3_moe: a layer is MoE unless listed in mlp_only_layers or off the sparse step."""
+    step = reader.int("decoder_sparse_step", 1)
+    mlp_only = set(reader.int_list("mlp_only_layers"))
+    return tuple(
+        (i not in mlp_only) and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)
+    )

@@ -1,0 +1,103 @@
+"""Layers shared by every family: RMSNorm, rotary embedding, grouped-query attention, dense MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fate_cli.model.args import ModelArgs
+from fate_cli.model.kv_cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary:
+    """Default RoPE: cos/sin tables for every position, computed once in float32."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device | str):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1).to(device)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, pos: int) -> torch.Tensor:
+        """x: [batch, heads, T, head_dim], positions pos..pos+T."""
+        t = x.shape[2]
+        cos = self.cos[pos : pos + t].to(x.dtype)
+        sin = self.sin[pos : pos + t].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        bias = args.attention_bias
+        self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=bias)
+        self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
+        self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
+        self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=False)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm == "head":
+            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        elif args.qk_norm == "full":
+            self.q_norm = RMSNorm(q_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(kv_dim, args.rms_norm_eps)
+        self.clip = args.clip_qkv
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = rope.apply(q, pos), rope.apply(k, pos)
+        keys, values = cache.update(self.layer, pos, k, v)
+        if t == 1:
+            mask, causal = None, False  # one query attends to every cached position
+        elif pos == 0:
+            mask, causal = None, True
+        else:  # a chunk after cached positions: query i sees keys up to pos + i
+            rows = torch.arange(t, device=x.device)[:, None] + pos
+            mask, causal = torch.arange(pos + t, device=x.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). Dense layers and qwen2_moe's shared expert."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,181 @@
+"""Load a Hugging Face MoE checkpoint lazily: config.json + safetensors (one file or shards).
+
+Tensors are read one at a time through safetensors' memory map and copied straight into the
+model's parameters, so the whole checkpoint is never held in memory twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from fate_cli.errors import BadModel, ModelNotFound
+from fate_cli.model import mixtral, olmoe, qwen2_moe, qwen3_moe
+from fate_cli.model.args import ModelArgs, read_config
+from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
+from fate_cli.model.model import Transformer, checkpoint_name, expert_tensor_names
+
+FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
+    "mixtral": mixtral.model_args,
+    "qwen2_moe": qwen2_moe.model_args,
+    "qwen3_moe": qwen3_moe.model_args,
+    "olmoe": olmoe.model_args,
+}
+
+
+def load_args(model_dir: Path) -> ModelArgs:
+    cfg = read_config(model_dir)
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise BadModel(
+            f"model_type {family!r} in {model_dir / 'config.json'} is not supported; "
+            f"fate runs {', '.join(sorted(FAMILIES))}"
+        )
+    args = FAMILIES[family](cfg, model_dir / "config.json")
+    if args.num_heads % args.num_kv_heads:
+        raise BadModel(
+            f"{model_dir / 'config.json'}: num_attention_heads ({args.num_heads}) must be a multiple of "
+            f"num_key_value_heads ({args.num_kv_heads})"
+        )
+    if not 0 < args.top_k <= args.num_experts:
+        raise BadModel(
+            f"{model_dir / 'config.json'}: num_experts_per_tok ({args.top_k}) must be between 1 and the "
+            f"number of experts ({args.num_experts})"
+        )
+    return args
+
+
+class Checkpoint:
+    """Tensor names, shapes and lazy reads across a checkpoint's safetensors files."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        index = model_dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                raise BadModel(f"{index} is malformed (no weight_map); re-download the model") from None
+            files = sorted(set(weight_map.values()))
+        elif (model_dir / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        else:
+            raise ModelNotFound(
+                f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
+                "pull the model again with `fate pull`"
+            )
+        self.handles = {}
+        self.location: dict[str, str] = {}
+        for name in files:
+            path = model_dir / name
+            if not path.is_file():
+                raise ModelNotFound(f"checkpoint shard {path} is missing; run `fate pull` again to fetch it")
+            try:
+                handle = safe_open(str(path), framework="pt")
+                keys = list(handle.keys())
+            except (SafetensorError, OSError, ValueError) as err:
+                raise BadModel(
+                    f"{path} is corrupt or truncated ({_first_line(err)}); delete it and run `fate pull` again"
+                ) from None
+            self.handles[name] = handle
+            for key in keys:
+                self.location[key] = name
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.location
+
+    def names(self) -> Iterator[str]:
+        return iter(self.location)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.location[name]].get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.dir / self.location[name]
+        try:
+            return self.handles[self.location[name]].get_tensor(name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise BadModel(
+                f"{path}: cannot read tensor {name} ({_first_line(err)}); the file is damaged, run `fate pull` again"
+            ) from None
+
+    def require(self, name: str, shape: tuple[int, ...]) -> None:
+        if name not in self:
+            raise BadModel(f"{self.dir}: tensor {name} is missing from the checkpoint; re-download the model")
+        found = self.shape(name)
+        if found != shape:
+            raise BadModel(
+                f"{self.dir}: tensor {name} has shape {list(found)} but config.json implies {list(shape)}; "
+                "the weights do not match the config"
+            )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def expert_shapes(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    h, i = args.hidden_size, args.moe_intermediate_size
+    return (i, h), (i, h), (h, i)
+
+
+def check_checkpoint(args: ModelArgs, ckpt: Checkpoint, model: Transformer) -> None:
+    """Every tensor the model needs is present with the shape config.json implies."""
+    for param, tensor in model.named_parameters():
+        ckpt.require(checkpoint_name(args, param), tuple(tensor.shape))
+    for layer in args.moe_layer_ids:
+        for e in range(args.num_experts):
+            for name, shape in zip(expert_tensor_names(args, layer, e), expert_shapes(args)):
+                ckpt.require(name, shape)
+
+
+def load_resident_experts(
+    args: ModelArgs, ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype
+) -> ResidentExperts:
+    layers = {}
+    for layer in args.moe_layer_ids:
+        layers[layer] = [
+            DenseExpert(*(ckpt.get(n).to(device=device, dtype=dtype) for n in expert_tensor_names(args, layer, e)))
+            for e in range(args.num_experts)
+        ]
+    return ResidentExperts(layers)
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    args: ModelArgs
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(
+    model_dir: Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    provider: Callable[[ModelArgs, Checkpoint], ExpertProvider] | None = None,
+) -> LoadedModel:
+    """Build the model on `device` from `model_dir`; experts come from `provider` (default: resident)."""
+    device = torch.device(device)
+    args = load_args(model_dir)
+    ckpt = Checkpoint(model_dir)
+    with torch.device("meta"):
+        model = Transformer(args, ResidentExperts({}))
+    check_checkpoint(args, ckpt, model)
+    model = model.to(dtype).to_empty(device=device)
+    with torch.no_grad():
+        for param, tensor in model.named_parameters():
+            tensor.copy_(ckpt.get(checkpoint_name(args, param)))
+    model.eval().requires_grad_(False)
+    experts = provider(args, ckpt) if provider else load_resident_experts(args, ckpt, device, dtype)
+    model.set_provider(experts)
+    return LoadedModel(model, args, ckpt, device, dtype)

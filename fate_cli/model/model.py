@@ -1,0 +1,85 @@
+"""The decoder-only MoE transformer shared by every supported family.
+
+One token's path: embed_tokens -> for each layer [input_layernorm -> self_attn (KV cache) -> residual
+-> post_attention_layernorm -> mlp (MoEBlock or dense MLP) -> residual] -> norm -> lm_head.
+Module names follow the Hugging Face checkpoints (see checkpoint_name) so weights load by name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fate_cli.model.args import ModelArgs
+from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.kv_cache import KVCache
+from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
+from fate_cli.model.moe import MoEBlock
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, provider: ExpertProvider):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if args.is_moe_layer(layer):
+            self.mlp: nn.Module = MoEBlock(args, layer, provider)
+        else:
+            self.mlp = MLP(args.hidden_size, args.dense_intermediate_size)
+
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, provider: ExpertProvider):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i, provider) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, False)
+        self.rope: Rotary | None = None
+
+    def set_provider(self, provider: ExpertProvider) -> None:
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.provider = provider
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        a, w = self.args, self.embed_tokens.weight
+        if self.rope is None or self.rope.cos.shape[0] < max_len:
+            self.rope = Rotary(a.head_dim, a.rope_theta, max_len, w.device)
+        return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+
+    def forward(
+        self, tokens: torch.Tensor, cache: KVCache, pos: int, last_only: bool = False
+    ) -> torch.Tensor:
+        """tokens [batch, T] at positions pos..pos+T -> logits [batch, T (or 1), vocab]."""
+        if self.rope is None:
+            raise RuntimeError("call new_cache() before forward()")
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, self.rope, cache, pos)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(x, head)
+
+
+def checkpoint_name(args: ModelArgs, param: str) -> str:
+    """Our parameter name -> the Hugging Face checkpoint's tensor name."""
+    if param.startswith("lm_head."):
+        return param
+    if args.moe_module != "mlp":
+        param = param.replace(".mlp.", f".{args.moe_module}.", 1)
+    return "model." + param
+
+
+def expert_tensor_names(args: ModelArgs, layer: int, expert: int) -> tuple[str, str, str]:
+    """(gate, up, down) tensor names of one expert in the checkpoint."""
+    base = f"model.layers.{layer}.{args.moe_module}.experts.{expert}"
+    return tuple(f"{base}.{name}.weight" for name in args.expert_proj_names)  # type: ignore[return-value]

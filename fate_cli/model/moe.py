@@ -1,0 +1,65 @@
+"""The MoE block: router, top-k selection, dispatch of tokens to experts from an ExpertProvider."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from fate_cli.model.args import ModelArgs
+from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.layers import MLP
+
+
+def route(
+    logits: torch.Tensor, top_k: int, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax in float32 over all experts, then top-k; renormalise the k weights if asked."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, provider: ExpertProvider):
+        super().__init__()
+        self.layer = layer
+        self.top_k, self.num_experts, self.normalize = args.top_k, args.num_experts, args.norm_topk_prob
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        if args.shared_expert_intermediate_size:
+            self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = None
+        self.provider = provider
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        self.provider.gate_input(self.layer, x)
+        weights, ids = route(self.gate(x), self.top_k, self.normalize)
+        out = self.dispatch(x, weights, ids)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return out.reshape(shape)
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Group the (token, choice) pairs by expert and run each expert once on its tokens."""
+        flat_ids = ids.flatten()
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        used = [e for e, c in enumerate(counts) if c]
+        fns = self.provider.experts(self.layer, used, [counts[e] for e in used])
+        flat_weights = weights.flatten()
+        out = torch.zeros_like(x)
+        starts = [0, *itertools.accumulate(counts)]
+        for e, fn in zip(used, fns):
+            picks = order[starts[e] : starts[e] + counts[e]]
+            tokens = picks // self.top_k
+            y = fn(x[tokens]).float() * flat_weights[picks, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+        return out
+
