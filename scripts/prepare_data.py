@@ -195,7 +195,7 @@ def _unbrace(text: str) -> str:
 
 
 def load_jargon(path: Path) -> list[Doc]:
-    lines = read_text(path).split("\n")
+    lines = read_text(path).replace("\xa0", " ").split("\n")
     docs: list[Doc] = []
 
     def col0(ln: str) -> bool:
@@ -340,7 +340,7 @@ class _SphinxText(HTMLParser):
                 self._flush()
             return
         is_main = tag == "div" and a.get("role") == "main"
-        is_skip = (
+        is_skip = bool(
             tag in {"script", "style", "nav"}
             or (tag == "a" and "headerlink" in classes)
             or (tag == "div" and classes & {"toctree-wrapper", "sphinxsidebar", "related", "footer"})
@@ -416,8 +416,8 @@ def _api_qa(kind: str, ident: str, sig: str, para: str) -> tuple[str, str] | Non
         if not term or len(term) > 60:
             return None
         return ("py-glossary:" + term, para)
-    name = ident if ident and ident != "?" and "." in ident or ident.isidentifier() else ""
-    if not name or not re.fullmatch(r"[A-Za-z_][\w.]*", name):
+    name = ident if re.fullmatch(r"[A-Za-z_][\w.]*", ident) else ""
+    if not name:
         return None
     answer = f"{sig}\n{para}" if sig and len(sig) < 200 else para
     return (f"py-{kind}:{name}", answer)
@@ -440,9 +440,10 @@ def load_pydoc(root: Path) -> tuple[list[Doc], int]:
         # Sections start at h1/h2; each block index maps to its section.
         sections: list[tuple[int, list[str]]] = []
         for i, (kind, text) in enumerate(parser.blocks):
-            if kind in {"h1", "h2"} or not sections:
-                head = [text] if kind == "h1" else [title, text] if kind == "h2" else [title]
-                sections.append((i, head if kind in {"h1", "h2"} else head + [text]))
+            if kind == "h1":
+                sections.append((i, [text]))
+            elif kind == "h2" or not sections:
+                sections.append((i, [title, text]))
             else:
                 sections[-1][1].append(text)
         starts = [s for s, _ in sections]
@@ -627,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     pydoc, pydoc_pages = load_pydoc(pydoc_root)
     raw_bytes = {
         "jargon": len(gzip.decompress(jargon_path.read_bytes())),
-        "fortunes": sum((fp.parent / n).stat().st_size for n in fortune_used for fp in fortune_files[:1]),
+        "fortunes": sum(p.stat().st_size for p in fortune_files if p.name in fortune_used),
         "pydoc": sum(p.stat().st_size for p in pydoc_root.rglob("*.html")),
     }
 

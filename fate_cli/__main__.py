@@ -1,0 +1,3 @@
+from fate_cli.app import main
+
+main()

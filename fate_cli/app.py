@@ -1,0 +1,96 @@
+"""The `fate` command line: one thin entry per command; the work lives in each command's module."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from fate_cli.errors import FateError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Run Mixture-of-Experts language models on one memory-constrained GPU, or a CPU.",
+)
+
+MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a local model folder"
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str = typer.Argument(..., help="the prompt (wrapped in the chat template unless --raw)"),
+    max_tokens: int = typer.Option(256, "-n", "--max-tokens", min=1, help="tokens to generate at most"),
+    temperature: float = typer.Option(None, min=0.0, help="0 is greedy [default: generation_config.json]"),
+    top_p: float = typer.Option(None, min=0.0, max=1.0, help="nucleus sampling mass"),
+    top_k: int = typer.Option(None, min=0, help="sample among the k likeliest tokens (0: all)"),
+    seed: int = typer.Option(0, help="random seed of the sampler"),
+    raw: bool = typer.Option(False, "--raw", help="tokenize PROMPT as-is, without the chat template"),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: bfloat16 on cuda, float32 on cpu]"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+) -> None:
+    """Generate text from PROMPT."""
+    from fate_cli.run import run_command
+
+    run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json)
+
+
+@app.command()
+def pull(
+    model: str = typer.Argument(..., help="alias from models.toml or a Hub repo id (org/name)"),
+    revision: str = typer.Option(None, help="branch, tag or commit [default: main]"),
+) -> None:
+    """Download a model from the Hugging Face Hub into $FATE_HOME/models."""
+    from fate_cli.hub import pull_command
+
+    pull_command(model, revision)
+
+
+@app.command("list")
+def list_models() -> None:
+    """List pulled and bundled models: name, family, size on disk."""
+    from fate_cli.hub import list_command
+
+    list_command()
+
+
+@app.command()
+def rm(
+    model: str = typer.Argument(..., help="alias or Hub repo id of a pulled model"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="do not ask for confirmation"),
+) -> None:
+    """Delete a pulled model from $FATE_HOME/models."""
+    from fate_cli.hub import rm_command
+
+    rm_command(model, yes)
+
+
+@app.command()
+def chat(
+    model: str = typer.Argument(None, help=MODEL_HELP + " [default: the bundled model]"),
+    prompt: str = typer.Option(None, "--prompt", "-p", help="answer this one message and exit"),
+    system: str = typer.Option(None, help="system message"),
+    max_tokens: int = typer.Option(512, "-n", "--max-tokens", min=1, help="tokens per answer at most"),
+    temperature: float = typer.Option(None, min=0.0, help="0 is greedy [default: generation_config.json]"),
+    seed: int = typer.Option(0, help="random seed of the sampler"),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
+) -> None:
+    """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
+    from fate_cli.chat import chat_command
+
+    chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype)
+
+
+def main() -> None:
+    try:
+        app()
+    except FateError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,144 @@
+"""Generation: prefill the prompt, then decode one token at a time through the KV cache."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from fate_cli.errors import ResourceError
+from fate_cli.model.kv_cache import KVCache
+from fate_cli.model.model import Transformer
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.0  # 0 is greedy
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1 disables
+    seed: int | None = 0
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params = params
+        self.generator = torch.Generator(device=device)
+        if params.seed is not None:
+            self.generator.manual_seed(params.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [batch, vocab] -> token ids [batch]."""
+        p = self.params
+        if p.temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / p.temperature
+        if p.top_k > 0:
+            kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) > p.top_p  # keep the token that crosses p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = torch.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    stop_reason: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    stats: GenerationStats
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    sampler: Sampler,
+    eos_ids: Sequence[int] = (),
+    on_token: Callable[[int], bool | None] | None = None,
+    cache: KVCache | None = None,
+    start_pos: int = 0,
+) -> GenerationResult:
+    """Generate up to max_new_tokens after prompt_ids (placed at start_pos of `cache`).
+
+    on_token(id) is called for each new token; returning True stops generation.
+    """
+    device = model.embed_tokens.weight.device
+    max_len = model.args.max_position_embeddings
+    needed = start_pos + len(prompt_ids) + max_new_tokens
+    if start_pos + len(prompt_ids) >= max_len:
+        raise ResourceError(
+            f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_len}; shorten the prompt"
+        )
+    if cache is None:
+        cache = model.new_cache(1, min(needed, max_len))
+    max_new_tokens = min(max_new_tokens, cache.max_len - start_pos - len(prompt_ids))
+    stats = GenerationStats(prompt_tokens=len(prompt_ids))
+    out: list[int] = []
+    if max_new_tokens <= 0:
+        stats.stop_reason = "length"
+        return GenerationResult(out, stats)
+    eos = set(eos_ids)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
+    logits = model(tokens, cache, start_pos, last_only=True)[:, -1]
+    token = sampler(logits)
+    next_id = int(token.item())  # the host must see each token to stream it and test for EOS
+    t1 = time.perf_counter()
+    stats.prefill_seconds = t1 - t0
+
+    pos = start_pos + len(prompt_ids)
+    stats.stop_reason = "length"
+    while True:
+        out.append(next_id)
+        if next_id in eos:
+            stats.stop_reason = "eos"
+            break
+        if on_token is not None and on_token(next_id):
+            stats.stop_reason = "stopped"
+            break
+        if len(out) >= max_new_tokens:
+            break
+        logits = model(token.view(1, 1), cache, pos)[:, -1]
+        pos += 1
+        token = sampler(logits)
+        next_id = int(token.item())
+    _sync(device)
+    stats.decode_seconds = time.perf_counter() - t1
+    stats.generated_tokens = len(out)
+    stats.prefill_tokens_per_s = len(prompt_ids) / stats.prefill_seconds if stats.prefill_seconds else 0.0
+    # decode speed counts the tokens produced by decode steps (the first comes from prefill)
+    steps = len(out) - 1
+    stats.decode_tokens_per_s = steps / stats.decode_seconds if steps > 0 and stats.decode_seconds else 0.0
+    return GenerationResult(out, stats)
