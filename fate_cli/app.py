@@ -85,6 +85,22 @@ def chat(
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype)
 
 
+@app.command()
+def bench(
+    model: str = typer.Argument(None, help=MODEL_HELP + " [default: the bundled model]"),
+    prompt_len: int = typer.Option(512, "-p", "--prompt-len", min=1, help="prompt tokens (test ppP)"),
+    gen_len: int = typer.Option(128, "-n", "--gen-len", min=2, help="generated tokens (test tgN)"),
+    reps: int = typer.Option(3, "-r", "--repetitions", min=1, help="timed repetitions after one warm-up"),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
+    output: str = typer.Option("md", "-o", "--output", help="md or json"),
+) -> None:
+    """Measure prefill and decode speed, llama-bench style (mean ± sd over repetitions)."""
+    from fate_cli.bench import bench_command
+
+    bench_command(model, prompt_len, gen_len, reps, device, dtype, output)
+
+
 def main() -> None:
     try:
         app()

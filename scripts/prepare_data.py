@@ -146,9 +146,7 @@ def dpkg_files(package: str) -> list[Path]:
 
 
 def dpkg_version(package: str) -> str:
-    out = subprocess.run(
-        ["dpkg-query", "-W", "-f=${Version}", package], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], check=True, capture_output=True, text=True)
     return out.stdout.strip()
 
 
@@ -172,9 +170,7 @@ def _jargon_paragraphs(lines: list[str]) -> list[str]:
         paras.append(cur)
     out = []
     for p in paras:
-        plain = all(len(ln) - len(ln.lstrip(" ")) == 3 for ln in p) and not any(
-            _BOX.search(ln) for ln in p
-        )
+        plain = all(len(ln) - len(ln.lstrip(" ")) == 3 for ln in p) and not any(_BOX.search(ln) for ln in p)
         if plain:
             out.append(collapse_ws(" ".join(p)))
         else:
@@ -453,9 +449,7 @@ def load_pydoc(root: Path) -> tuple[list[Doc], int]:
             if len(text) < 200:
                 section_docs.append([])
                 continue
-            section_docs.append(
-                [Doc("pydoc", "pydoc", chunk, origin=f"pydoc:{rel}") for chunk in chunk_text(text)]
-            )
+            section_docs.append([Doc("pydoc", "pydoc", chunk, origin=f"pydoc:{rel}") for chunk in chunk_text(text)])
         for kind, ident, sig, para, at in parser.api:
             qa = _api_qa(kind, ident, sig, para)
             if qa is None:
@@ -698,6 +692,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(d.source == src for d in train):,} / {nbytes(train, src):,} | "
             f"{sum(d.source == src for d in heldout):,} / {nbytes(heldout, src):,} |"
         )
+    source_rows = "\n".join(
+        "| " + " | ".join(row) + " |"
+        for row in [
+            ("jargon-text", versions["jargon-text"], f"The Jargon File 4.4.7 (`{jargon_path}`)", "public domain"),
+            ("fortunes", versions["fortunes"], "BSD fortune collections", "BSD (`/usr/share/doc/fortunes/copyright`)"),
+            (
+                "fortunes-min",
+                versions["fortunes-min"],
+                "fortunes, literature, riddles",
+                "BSD (`/usr/share/doc/fortunes-min/copyright`)",
+            ),
+            (
+                f"python3-doc / {pydoc_pkg}",
+                f"{versions['python3-doc']} / {versions[pydoc_pkg]}",
+                f"Python documentation HTML (`{pydoc_root}`)",
+                "PSF License Agreement (documentation); code examples also 0BSD",
+            ),
+        ]
+    )
     tok_sha = hashlib.sha256((args.model_dir / "tokenizer.json").read_bytes()).hexdigest()[:16]
     data_md = f"""# Training data of the bundled "tiny" model
 
@@ -708,13 +721,10 @@ Built by `python3 scripts/prepare_data.py --seed {args.seed}` from Debian packag
 
 | package | version | content | licence |
 | --- | --- | --- | --- |
-| jargon-text | {versions['jargon-text']} | The Jargon File 4.4.7 (`{jargon_path}`) | public domain (Eric S. Raymond et al.) |
-| fortunes | {versions['fortunes']} | BSD fortune collections | BSD (fortune-mod); see `/usr/share/doc/fortunes/copyright` |
-| fortunes-min | {versions['fortunes-min']} | fortunes, literature, riddles | BSD (fortune-mod); see `/usr/share/doc/fortunes-min/copyright` |
-| python3-doc / {pydoc_pkg} | {versions['python3-doc']} / {versions[pydoc_pkg]} | Python documentation HTML (`{pydoc_root}`) | PSF License Agreement (documentation); examples also 0BSD |
+{source_rows}
 
-Fortune files used ({len(fortune_used)}): {', '.join(fortune_used)}.
-Not used: the `off/` directory (offensive fortunes, never read) and {', '.join(sorted(FORTUNE_DENYLIST))}
+Fortune files used ({len(fortune_used)}): {", ".join(fortune_used)}.
+Not used: the `off/` directory (offensive fortunes, never read) and {", ".join(sorted(FORTUNE_DENYLIST))}
 (ASCII art that needs exact layout; stereotype jokes).
 
 Python documentation: {pydoc_pages} HTML pages, main body only (sidebars, navigation,
@@ -743,8 +753,8 @@ of at most {MAX_DOC_CHARS} characters.
 Held-out documents are plain prose only and none of their text (nor its conversations) is in the
 training split. `heldout.txt` joins them with one blank line ({len(heldout_text.encode()):,} bytes).
 
-Training stream: {len(train_texts):,} documents ({chat_stats['plain']:,} plain, {chat_stats['chat']:,}
-conversations with {chat_stats['exchanges']:,} exchanges), {train_bytes:,} bytes of text.
+Training stream: {len(train_texts):,} documents ({chat_stats["plain"]:,} plain, {chat_stats["chat"]:,}
+conversations with {chat_stats["exchanges"]:,} exchanges), {train_bytes:,} bytes of text.
 
 ## Tokenizer and token counts
 
@@ -768,7 +778,10 @@ special tokens `<|endoftext|>` = 0, `<|im_start|>` = 1, `<|im_end|>` = 2; no nor
     print(f"train:   {len(train_texts):,} docs ({chat_stats}), {train_bytes:,} bytes, {len(train_ids):,} tokens")
     print(f"heldout: {len(heldout):,} docs, {len(heldout_text.encode()):,} bytes, {len(heldout_ids):,} tokens")
     print(f"tokenizer: vocab {tok.get_vocab_size()}, sha256 {tok_sha}, {train_bytes / len(train_ids):.2f} bytes/token")
-    print(f"wrote {args.data_dir}/train.bin, heldout.bin, train.txt; {args.model_dir}/tokenizer*.json, heldout.txt, DATA.md")
+    print(
+        f"wrote {args.data_dir}/{{train.bin,heldout.bin,train.txt}}, "
+        f"{args.model_dir}/{{tokenizer.json,tokenizer_config.json,heldout.txt,DATA.md}}"
+    )
     return 0
 
 

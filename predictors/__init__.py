@@ -1,0 +1,1 @@
+"""Expert predictors: which experts a layer will need, guessed before its router runs."""

@@ -1,0 +1,22 @@
+"""Fate's cross-layer gate: layer i's gate input through layer i+1's router predicts layer i+1's experts.
+
+The gate input of adjacent layers is alike (the residual stream changes little per layer), so the
+next router applied early is a cheap, accurate guess: one small matmul per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
+    """Top-n experts per token of the next layer: softmax(gate_input @ next_router.T) -> top-n ids [tokens, n]."""
+    probs = torch.softmax((gate_input @ next_router.t()).float(), dim=-1)
+    return torch.topk(probs, n, dim=-1).indices
+
+
+def by_popularity(predicted: torch.Tensor, num_experts: int) -> list[tuple[int, int]]:
+    """(expert, count) over all tokens' predictions, most predicted first: Fate's load order."""
+    counts = torch.bincount(predicted.flatten(), minlength=num_experts)
+    order = torch.argsort(counts, descending=True, stable=True)
+    return [(int(e), int(counts[e])) for e in order if counts[e] > 0]
