@@ -1,0 +1,150 @@
+"""Tiny random Hugging Face MoE checkpoints for tests, built with transformers (the reference).
+
+    make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path
+
+writes a complete model folder the way the Hub holds one: config.json, float32 safetensors weights
+(model.safetensors, or shards plus model.safetensors.index.json with `shards=N`), tokenizer.json (a
+byte-level BPE of about 120 entries trained on a small built-in English text, so its vocabulary is
+smaller than the config's 128), tokenizer_config.json (ChatML chat template, eos "<|im_end|>") and
+generation_config.json. Weights are seeded: the same arguments give the same bytes.
+
+`overrides` are config fields (e.g. norm_topk_prob=True, mlp_only_layers=[1], clip_qkv=0.5,
+tie_word_embeddings=True), plus two options: `shards=N` (save_pretrained with a max shard size of
+1/N of the weights, so at least N shards, sometimes N+1, and model.safetensors.index.json) and `seed`
+(default 0).
+
+Shapes: vocab 128, hidden 32, 2 layers, 4 heads of 8, 2 KV heads, 4 experts, top-2, expert width 16
+(qwen2_moe adds a shared expert of 24; dense MLPs of mlp_only_layers are 48 wide). Special tokens:
+<|endoftext|> 0 (pad), <|im_start|> 1, <|im_end|> 2 (eos, also in config.json and generation_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+TOKENIZER_VOCAB = 120
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A small model can still say hello to the world.
+Experts are small feed forward networks; a router picks the best two of them for every token.
+Hello there, how are you today? I am fine, thank you, and the weather is nice and warm.
+Once upon a time there was a little robot who liked to read books about the sea and the stars.
+The cat sat on the mat, and the dog sat on the log, and the bird sang in the tree all day long.
+We test the runner with tiny random weights, so the text it writes will not make any sense.
+"""
+
+# Shared tiny shapes: vocab 128, hidden 32, 2 layers, 4 heads of 8, 2 kv heads, 4 experts, top-2.
+_COMMON: dict[str, Any] = {
+    "vocab_size": 128,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "bos_token_id": None,
+    "eos_token_id": 2,  # <|im_end|>
+    "pad_token_id": 0,  # <|endoftext|>
+}
+
+_FAMILY_FIELDS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 4, "intermediate_size": 16, "rope_theta": 1e6},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "moe_intermediate_size": 16,
+        "intermediate_size": 48,  # dense MLP of mlp_only_layers / decoder_sparse_step layers
+        "shared_expert_intermediate_size": 24,
+        "rope_theta": 1e6,
+    },
+    "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 16, "intermediate_size": 48, "rope_theta": 1e6},
+    "olmoe": {"num_experts": 4, "intermediate_size": 16, "rope_theta": 1e4},
+}
+
+
+def _config(family: str, fields: dict[str, Any]):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    cls = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}
+    return cls[family](**fields)
+
+
+def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB):
+    """A byte-level BPE trained on TRAINING_TEXT, with the ChatML special tokens first (ids 0-2)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(TRAINING_TEXT.splitlines(), trainer=trainer)
+    return tok
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path:  # noqa: A002 - the agreed signature
+    """Build a tiny random `family` checkpoint in `dir` (created if needed) and return its path."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(dir)
+    path.mkdir(parents=True, exist_ok=True)
+    shards = int(overrides.pop("shards", 1))
+    seed = int(overrides.pop("seed", 0))
+
+    fields = {**_COMMON, **_FAMILY_FIELDS[family], **overrides}
+    config = _config(family, fields)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    save_kwargs: dict[str, Any] = {}
+    if shards > 1:
+        seen: set[int] = set()
+        total = 0
+        for tensor in model.state_dict().values():
+            if tensor.data_ptr() not in seen:  # tied weights are saved once
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        save_kwargs["max_shard_size"] = math.ceil(total / shards) + 1
+    model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+
+    tok = train_tokenizer()
+    tok.save(str(path / "tokenizer.json"))
+    eos_id, pad_id = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
+    _write_json(
+        path / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None,
+            "eos_token": "<|im_end|>",
+            "pad_token": "<|endoftext|>",
+            "unk_token": None,
+            "model_max_length": fields["max_position_embeddings"],
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHATML_TEMPLATE,
+        },
+    )
+    _write_json(
+        path / "generation_config.json",
+        {"eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id, "do_sample": False},
+    )
+    return path
