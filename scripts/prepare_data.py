@@ -606,7 +606,12 @@ def main(argv: list[str] | None = None) -> int:
     # --- locate sources through dpkg
     jargon_path = next(p for p in dpkg_files("jargon-text") if p.name == "jargon.txt.gz")
     fortune_files = sorted(
-        {p for pkg in ("fortunes", "fortunes-min") for p in dpkg_files(pkg) if p.parent.name == "fortunes"}
+        {
+            p
+            for pkg in ("fortunes", "fortunes-min")
+            for p in dpkg_files(pkg)
+            if "games" in p.parts and "fortunes" in p.parts
+        }
     )
     pydoc_link = next(p for p in dpkg_files("python3-doc") if p.name == "html" and "python3-doc" in p.parts)
     pydoc_root = pydoc_link.resolve()
