@@ -61,6 +61,8 @@ class Runtime:
 def open_model(name: str | None, device: str | None = None, dtype: str | None = None) -> Runtime:
     resolved = resolve(name)
     dev = pick_device(device)
+    # Trained weights produce denormal activations, which slow CPU float math ~80x; they round to zero.
+    torch.set_flush_denormal(True)
     tokenizer = Tokenizer(resolved.path)
     loaded = load_model(resolved.path, dev, pick_dtype(dtype, dev))
     return Runtime(resolved, loaded, tokenizer)
