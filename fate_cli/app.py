@@ -101,6 +101,51 @@ def bench(
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output)
 
 
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    hot_bits: int = typer.Option(4, "--hot-bits", help="bits of the hot tier (experts kept on the GPU): 8 or 4"),
+    cold_bits: int = typer.Option(2, "--cold-bits", help="bits of the cold tier (transfers, misses): 4, 3 or 2"),
+    group_size: int = typer.Option(64, "--group-size", help="hot tier: weights per scale/zero group"),
+    cold_group_size: int = typer.Option(32, "--cold-group-size", help="cold tier: weights per scale/zero group"),
+    dense_layers: int = typer.Option(1, "--dense-layers", min=0, help="first MoE layers also stored at 16 bits"),
+    hqq_iters: int = typer.Option(20, "--hqq-iters", min=1, help="iterations of HQQ's optimiser (its default 20)"),
+    method: str = typer.Option("hqq", "--method", help="hqq, or minmax (no optimiser, no hqq install)"),
+    shard_mb: float = typer.Option(1024.0, "--shard-mb", min=0.0, help="largest store file, MiB"),
+    device: str = typer.Option(None, help="where to quantize: cpu or cuda [default: cuda when available]"),
+) -> None:
+    """Requantize a model's experts into the tier store (hot INT4, cold INT2, layer 0 at 16 bits)."""
+    from fate_cli.quantize import quantize_command
+
+    quantize_command(
+        model, hot_bits, cold_bits, group_size, cold_group_size, dense_layers, hqq_iters, method, shard_mb, device
+    )
+
+
+@app.command()
+def verify(model: str = typer.Argument(..., help=MODEL_HELP)) -> None:
+    """Check a model's tier store against its manifest (hashes, shapes, source checkpoint)."""
+    from fate_cli.quantize import verify_command
+
+    verify_command(model)
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Argument(None, help=MODEL_HELP + " [default: the bundled model]"),
+    file: str = typer.Option(None, "--file", "-f", help="UTF-8 text [default: the bundled held-out text]"),
+    tiers: str = typer.Option("bf16,hot,cold,mixed", help="comma-separated: bf16, hot, cold, mixed"),
+    window: int = typer.Option(256, min=2, help="tokens per window"),
+    max_windows: int = typer.Option(None, min=1, help="score at most this many windows"),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
+) -> None:
+    """Perplexity on a text file, with experts from the checkpoint (bf16) or from the tier store."""
+    from fate_cli.quantize import perplexity_command
+
+    perplexity_command(model, file, tiers, window, max_windows, device, dtype)
+
+
 def main() -> None:
     try:
         app()

@@ -54,7 +54,8 @@ def test_heldout_perplexity_matches_the_card():
 
 
 def test_run_tiny_is_english_and_stable():
-    cmd = [sys.executable, "-m", "fate_cli", "run", "tiny", "Once upon a time", "-n", "40", "--temperature", "0", "--json"]
+    cmd = [sys.executable, "-m", "fate_cli", "run", "tiny", "Once upon a time", "-n", "40", "--temperature", "0"]
+    cmd.append("--json")
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -68,7 +69,7 @@ def test_run_tiny_is_english_and_stable():
 
 def test_wheel_includes_the_model(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), ROOT],
         check=True,
         timeout=300,
     )
