@@ -1,0 +1,1 @@
+"""The expert cache: VRAM budget and plan, host tier, GPU slots with their copy stream, and policies."""

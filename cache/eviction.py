@@ -1,0 +1,135 @@
+"""Per-layer replacement policies over a fixed number of slots: LRU, ARC, and priority by count.
+
+Each holds the set of experts resident in one layer's slots and answers two questions: is expert e
+here (a hit, which also updates recency), and which resident expert leaves to make room for e.
+Experts pinned for the step in progress are never chosen.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Collection
+
+
+class LRU:
+    """mixtral-offloading's per-layer LRU."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.order: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.order
+
+    def touch(self, expert: int) -> None:
+        self.order.move_to_end(expert)
+
+    def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
+        return next(e for e in self.order if e not in pinned)
+
+    def admit(self, expert: int, victim: int | None) -> None:
+        if victim is not None:
+            del self.order[victim]
+        self.order[expert] = None
+
+    def remove(self, expert: int) -> None:
+        del self.order[expert]
+
+    def resident(self) -> list[int]:
+        return list(self.order)
+
+
+class ARC:
+    """Adaptive Replacement Cache (Megiddo & Modha): recency list T1, frequency list T2, ghost lists B1/B2.
+
+    Ghost hits move the target size p of T1, so the cache leans to recency or frequency as the
+    access pattern asks: Fate's per-layer eviction.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.p = 0
+        self.t1: OrderedDict[int, None] = OrderedDict()
+        self.t2: OrderedDict[int, None] = OrderedDict()
+        self.b1: OrderedDict[int, None] = OrderedDict()
+        self.b2: OrderedDict[int, None] = OrderedDict()
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.t1 or expert in self.t2
+
+    def touch(self, expert: int) -> None:
+        """A hit: the expert has been used at least twice, so it belongs to T2."""
+        self.t1.pop(expert, None)
+        self.t2.pop(expert, None)
+        self.t2[expert] = None
+
+    def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
+        in_b2 = incoming is not None and incoming in self.b2
+        prefer_t1 = self.t1 and (len(self.t1) > self.p or (in_b2 and len(self.t1) == self.p))
+        lists = (self.t1, self.t2) if prefer_t1 else (self.t2, self.t1)
+        for lst in lists:
+            for e in lst:
+                if e not in pinned:
+                    return e
+        raise RuntimeError("every slot of the layer is pinned")
+
+    def admit(self, expert: int, victim: int | None) -> None:
+        c = self.capacity
+        if expert in self.b1:
+            self.p = min(c, self.p + max(1, len(self.b2) // max(1, len(self.b1))))
+            del self.b1[expert]
+            target = self.t2
+        elif expert in self.b2:
+            self.p = max(0, self.p - max(1, len(self.b1) // max(1, len(self.b2))))
+            del self.b2[expert]
+            target = self.t2
+        else:
+            target = self.t1
+        if victim is not None:
+            if victim in self.t1:
+                del self.t1[victim]
+                self.b1[victim] = None
+            else:
+                del self.t2[victim]
+                self.b2[victim] = None
+        target[expert] = None
+        while len(self.b1) > c:  # ghost lists remember at most c evictions each
+            self.b1.popitem(last=False)
+        while len(self.b2) > c:
+            self.b2.popitem(last=False)
+
+    def remove(self, expert: int) -> None:
+        self.t1.pop(expert, None)
+        self.t2.pop(expert, None)
+
+    def resident(self) -> list[int]:
+        return [*self.t1, *self.t2]
+
+
+class ByPriority:
+    """Evict the resident expert with the lowest score (MoE-Infinity: activation counts)."""
+
+    def __init__(self, capacity: int, score: Callable[[int], float]):
+        self.capacity = capacity
+        self.score = score
+        self.members: dict[int, None] = {}
+
+    def __contains__(self, expert: int) -> bool:
+        return expert in self.members
+
+    def touch(self, expert: int) -> None:
+        pass
+
+    def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
+        return min((e for e in self.members if e not in pinned), key=self.score)
+
+    def admit(self, expert: int, victim: int | None) -> None:
+        if victim is not None:
+            del self.members[victim]
+        self.members[expert] = None
+
+    def remove(self, expert: int) -> None:
+        del self.members[expert]
+
+    def resident(self) -> list[int]:
+        return list(self.members)

@@ -1,0 +1,167 @@
+"""OffloadedExperts: the ExpertProvider that runs a policy over the host tier and the GPU slots.
+
+One step through MoE layer l:
+    gate_input(l, x)       -> policy predicts layer l+1's experts -> prefetch copies on the copy stream
+    experts(l, ids, counts) -> hits served from slots; misses loaded now (most tokens first);
+                              compute waits only for the slots it reads
+Layers the plan holds whole (layer 0, at 16 bits) are on the device from the start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from cache.host_tier import HostTier
+from cache.planner import Plan
+from cache.policies import Policy, Prefetch
+from cache.slots import SlotPool
+from cache.stats import CacheStats
+from fate_cli.model.experts import DenseExpert, ExpertFn
+from quant.kernels import QuantExpert, dense_weights, select_backend
+from quant.store import TierStore
+
+
+class LayerSlots:
+    """Which expert sits in which slot of one layer, at which tier, and the layer's eviction order."""
+
+    def __init__(self, capacity: int, eviction):  # noqa: ANN001 - LRU | ARC | ByPriority
+        self.capacity = capacity
+        self.eviction = eviction
+        self.slot_of: dict[int, int] = {}
+        self.tier_of: dict[int, str] = {}
+        self.free = list(range(capacity))
+
+    def clear(self) -> None:
+        for e in list(self.slot_of):
+            self.eviction.remove(e)
+            self.free.append(self.slot_of.pop(e))
+            del self.tier_of[e]
+
+
+class OffloadedExperts:
+    def __init__(
+        self,
+        store: TierStore,
+        plan: Plan,
+        policy: Policy,
+        device: torch.device,
+        dtype: torch.dtype,
+        transfer_tier: str | None = None,
+        backend: str | None = None,
+        ram_limit: int | None = None,
+    ):
+        self.store, self.plan, self.policy = store, plan, policy
+        self.device, self.dtype, self.transfer_tier = device, dtype, transfer_tier
+        self.stats = CacheStats()
+        ctx = policy.ctx
+        self.num_experts = ctx.num_experts
+        self.layouts = {t: info.layout for t, info in store.tiers.items()}
+        self.backends = {
+            t: (backend or select_backend(device, lay)) for t, lay in self.layouts.items() if lay.kind == "quantized"
+        }
+        cached = [layer for layer in ctx.moe_layers if layer not in plan.full_layers]
+        tiers = [transfer_tier] if transfer_tier else list(policy.tiers)
+        self.host = HostTier(store, cached, ctx.num_experts, tiers, pin=device.type == "cuda", ram_limit=ram_limit)
+        self.full: dict[int, list[ExpertFn]] = {}
+        for layer in plan.full_layers:
+            lay = self.layouts["dense"]
+            self.full[layer] = [
+                DenseExpert(*dense_weights(store.read("dense", layer, e).to(device), lay, dtype))
+                for e in range(ctx.num_experts)
+            ]
+        slots = {layer: plan.slots[layer] for layer in cached}
+        self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
+        self.layers = {layer: LayerSlots(n, policy.eviction(layer, n)) for layer, n in slots.items()}
+        if policy.name == "resident":
+            for layer in cached:
+                for e in range(ctx.num_experts):
+                    self._load(layer, e, "hot", pinned=set())
+
+    # ---- the ExpertProvider interface -------------------------------------------------------------
+
+    def begin_request(self) -> None:
+        self.policy.begin_request()
+
+    def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
+        for p in self.policy.on_gate_input(layer, hidden):
+            self._prefetch(p)
+
+    def experts(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Iterator[ExpertFn]:
+        ids, counts = list(ids), list(token_counts)
+        self.policy.on_route(layer, ids, counts)
+        predicted = self.policy.predicted.pop(layer, None)
+        if predicted is not None:
+            self.stats.prediction(layer, predicted, set(ids))
+        if layer in self.full:
+            table = self.full[layer]
+            return iter([table[e] for e in ids])
+        return self._serve(layer, ids, counts)
+
+    # ---- slots ------------------------------------------------------------------------------------
+
+    def _serve(self, layer: int, ids: list[int], counts: list[int]) -> Iterator[ExpertFn]:
+        state = self.layers[layer]
+        pinned = set(ids)
+        for e in ids:
+            if e in state.slot_of:
+                self.stats.hit(layer)
+                state.eviction.touch(e)
+            else:
+                self.stats.miss(layer)
+        # misses first, most tokens first, as far as the layer has room without evicting this step's experts
+        for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]):
+            if e not in state.slot_of and self._room(state, pinned):
+                self._load(layer, e, self.transfer_tier or self.policy.miss_tier(), pinned)
+        for e in ids:
+            if e not in state.slot_of:  # more experts than slots (a long prompt): load in waves
+                self._load(layer, e, self.transfer_tier or self.policy.miss_tier(), pinned)
+            slot = state.slot_of[e]
+            self.pool.wait_ready(layer, slot)
+            yield self._expert_fn(layer, slot, state.tier_of[e])
+            self.pool.release(layer, slot)
+            pinned.discard(e)
+        if not self.policy.keep_after_layer:
+            state.clear()
+
+    def _room(self, state: LayerSlots, pinned: set[int]) -> bool:
+        return bool(state.free) or any(e not in pinned for e in state.slot_of)
+
+    def _prefetch(self, p: Prefetch) -> None:
+        state = self.layers.get(p.layer)
+        if state is None or p.expert in state.slot_of:
+            return
+        tier = self.transfer_tier or p.tier
+        if not state.free and not any(e not in self.policy.predicted.get(p.layer, ()) for e in state.slot_of):
+            return  # every resident expert is itself predicted: keep them
+        self._load(p.layer, p.expert, tier, self.policy.predicted.get(p.layer, set()))
+        self.stats.prefetches += 1
+
+    def _load(self, layer: int, expert: int, tier: str, pinned: set[int]) -> None:
+        state = self.layers[layer]
+        victim = None
+        if state.free:
+            slot = state.free.pop()
+        else:
+            victim = state.eviction.victim(pinned, expert)
+            slot = state.slot_of.pop(victim)
+            state.tier_of.pop(victim)
+        state.eviction.admit(expert, victim)
+        state.slot_of[expert], state.tier_of[expert] = slot, tier
+        host = self.host.get(tier, layer, expert)
+        start = time.perf_counter()
+        self.pool.load(layer, slot, host)
+        if self.device.type != "cuda":
+            self.stats.stall_seconds += time.perf_counter() - start
+        self.stats.moved(tier, host.numel())
+
+    def _expert_fn(self, layer: int, slot: int, tier: str) -> ExpertFn:
+        layout = self.layouts[tier]
+        return QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout, self.backends[tier])
+
+    # ---- reporting --------------------------------------------------------------------------------
+
+    def occupancy(self) -> dict[int, int]:
+        return {layer: len(s.slot_of) for layer, s in self.layers.items()}

@@ -1,0 +1,140 @@
+"""Cache policies: what to keep, what to evict, what to fetch ahead and at which tier.
+
+- fate: cross-layer gate prediction (layer i's gate input through layer i+1's router, top k+1 per
+  token, loaded in order of popularity), shallow-favoring slots, per-layer ARC, mixed tiers:
+  popular predictions at the hot tier, the least popular 30% (prefill) and every miss at the cold tier.
+- ondemand (Load-on-Demand): no prediction; load after the router; keep nothing beyond the layer.
+- lru (mixtral-offloading): per-layer LRU, no prediction, loads at the hot tier.
+- eap (MoE-Infinity's Expert Activation Path): the current request's partial activation matrix is
+  matched to past requests' by cosine similarity; the match ranks the remaining layers' experts to
+  prefetch, and activation counts decide what to evict.
+- resident: every expert on the device at the hot tier, the ceiling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.eviction import ARC, LRU, ByPriority
+from predictors.activation_path import ActivationPathPredictor
+from predictors.cross_layer import by_popularity, predict_next
+
+POLICIES = ("fate", "ondemand", "lru", "eap", "resident")
+FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    layer: int
+    expert: int
+    tier: str
+
+
+@dataclass
+class PolicyContext:
+    moe_layers: list[int]
+    num_layers: int
+    num_experts: int
+    top_k: int
+    routers: dict[int, torch.Tensor]  # MoE layer -> router weight [experts, hidden], on the compute device
+
+    def next_moe(self, layer: int) -> int | None:
+        later = [m for m in self.moe_layers if m > layer]
+        return later[0] if later else None
+
+
+class Policy:
+    name = ""
+    split = "uniform"  # how the planner shares slots between layers
+    keep_after_layer = True
+    tiers: tuple[str, ...] = ("hot",)  # the tiers its transfers use (the host tier holds these)
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+        self.predicted: dict[int, set[int]] = {}  # layer -> experts predicted for its next step
+
+    def eviction(self, layer: int, capacity: int):  # noqa: ANN201 - LRU | ARC | ByPriority
+        return LRU(capacity)
+
+    def miss_tier(self) -> str:
+        return "hot"
+
+    def begin_request(self) -> None:
+        pass
+
+    def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
+        return []
+
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
+        pass
+
+
+class OnDemand(Policy):
+    name = "ondemand"
+    keep_after_layer = False
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+
+class Resident(Policy):
+    name = "resident"
+
+
+class Fate(Policy):
+    name = "fate"
+    split = "shallow"
+    tiers = ("hot", "cold")
+
+    def eviction(self, layer: int, capacity: int) -> ARC:
+        return ARC(capacity)
+
+    def miss_tier(self) -> str:
+        return "cold"
+
+    def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
+        nxt = self.ctx.next_moe(layer)
+        if nxt is None:
+            return []
+        picks = predict_next(hidden, self.ctx.routers[nxt], self.ctx.top_k + 1)
+        ranked = by_popularity(picks, self.ctx.num_experts)
+        self.predicted[nxt] = {e for e, _ in ranked}
+        cold_from = len(ranked) if hidden.shape[0] == 1 else len(ranked) - int(FATE_COLD_FRACTION * len(ranked))
+        return [Prefetch(nxt, e, "hot" if i < cold_from else "cold") for i, (e, _) in enumerate(ranked)]
+
+
+class EAP(Policy):
+    name = "eap"
+
+    def __init__(self, ctx: PolicyContext):
+        super().__init__(ctx)
+        self.paths = ActivationPathPredictor(ctx.num_layers, ctx.num_experts)
+
+    def eviction(self, layer: int, capacity: int) -> ByPriority:
+        return ByPriority(capacity, lambda e, layer=layer: self.paths.priority(layer, e))
+
+    def begin_request(self) -> None:
+        self.paths.begin_request()
+
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
+        self.paths.observe(layer, experts, counts)
+
+    def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
+        out = []
+        seen = max((m for m in self.ctx.moe_layers if m < layer), default=None)
+        if seen is None:
+            return out
+        for later in (m for m in self.ctx.moe_layers if m >= layer):
+            experts = self.paths.predict(later, seen, self.ctx.top_k)
+            if later == layer or later == self.ctx.next_moe(layer):
+                self.predicted[later] = set(experts)
+            out += [Prefetch(later, e, "hot") for e in experts]
+        return out
+
+
+def make_policy(name: str, ctx: PolicyContext) -> Policy:
+    table = {"fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "resident": Resident}
+    return table[name](ctx)

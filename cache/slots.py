@@ -1,0 +1,56 @@
+"""GPU expert slots: one device buffer cut into fixed-size slots, filled by a dedicated copy stream.
+
+Each slot has two CUDA events: `ready` (its copy finished) and `free` (the compute that read it
+finished). Compute waits only for the slots it needs (stream.wait_event, no host synchronisation);
+a copy into a slot waits only for the last compute that read it. On a CPU the "device" is just
+another memory pool and copies are synchronous.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotPool:
+    def __init__(self, device: torch.device, slot_nbytes: int, slots_per_layer: dict[int, int]):
+        self.device = device
+        self.slot_nbytes = slot_nbytes
+        self.first: dict[int, int] = {}
+        total = 0
+        for layer, n in slots_per_layer.items():
+            self.first[layer] = total
+            total += n
+        self.buf = torch.empty((total, slot_nbytes), dtype=torch.uint8, device=device)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(total)]
+            self.free = [torch.cuda.Event() for _ in range(total)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+    def view(self, layer: int, slot: int, nbytes: int) -> torch.Tensor:
+        return self.buf[self.first[layer] + slot, :nbytes]
+
+    def load(self, layer: int, slot: int, host: torch.Tensor) -> None:
+        """Copy one expert's buffer into a slot: one copy, asynchronous on CUDA."""
+        row = self.first[layer] + slot
+        dest = self.buf[row, : host.numel()]
+        if not self.cuda:
+            dest.copy_(host)
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(self.free[row])
+            dest.copy_(host, non_blocking=True)
+            self.ready[row].record(self.copy_stream)
+
+    def wait_ready(self, layer: int, slot: int) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.ready[self.first[layer] + slot])
+
+    def release(self, layer: int, slot: int) -> None:
+        """The compute stream is done reading this slot (once the work queued so far completes)."""
+        if self.cuda:
+            self.free[self.first[layer] + slot].record(torch.cuda.current_stream(self.device))

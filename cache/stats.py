@@ -1,0 +1,90 @@
+"""What every policy reports: hits and misses, prediction precision and recall, bytes moved, stalls."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    predicted: int = 0  # experts predicted for this layer
+    predicted_used: int = 0  # ... that the router then picked
+    used: int = 0  # experts the router picked, on steps with a prediction
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    @property
+    def precision(self) -> float | None:
+        return self.predicted_used / self.predicted if self.predicted else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.predicted_used / self.used if self.used else None
+
+
+@dataclass
+class CacheStats:
+    layers: dict[int, LayerStats] = field(default_factory=lambda: defaultdict(LayerStats))
+    bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    loads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    prefetches: int = 0
+    stall_seconds: float = 0.0  # host time spent waiting for copies the compute needed (CPU, or sync points)
+
+    def hit(self, layer: int) -> None:
+        self.layers[layer].hits += 1
+
+    def miss(self, layer: int) -> None:
+        self.layers[layer].misses += 1
+
+    def moved(self, tier: str, nbytes: int) -> None:
+        self.bytes_moved[tier] += nbytes
+        self.loads[tier] += 1
+
+    def prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
+        s = self.layers[layer]
+        s.predicted += len(predicted)
+        s.predicted_used += len(predicted & used)
+        s.used += len(used)
+
+    @property
+    def hits(self) -> int:
+        return sum(s.hits for s in self.layers.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(s.misses for s in self.layers.values())
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 1.0
+
+    def _mean(self, attr: str) -> float | None:
+        values = [getattr(s, attr) for s in self.layers.values() if getattr(s, attr) is not None]
+        return sum(values) / len(values) if values else None
+
+    def as_dict(self) -> dict:
+        return {
+            "hit_rate": self.hit_rate,
+            "hits": self.hits,
+            "misses": self.misses,
+            "prediction_precision": self._mean("precision"),
+            "prediction_recall": self._mean("recall"),
+            "bytes_moved": dict(self.bytes_moved),
+            "loads": dict(self.loads),
+            "prefetches": self.prefetches,
+            "stall_seconds": self.stall_seconds,
+            "per_layer": {
+                str(layer): {
+                    "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
+                    "precision": s.precision, "recall": s.recall,
+                }
+                for layer, s in sorted(self.layers.items())
+            },
+        }
