@@ -1,0 +1,117 @@
+"""Planner, sizes and eviction policies, against results worked out by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from cache.budget import parse_size
+from cache.eviction import ARC, LRU, ByPriority
+from cache.planner import Footprint, default_shallow_layers, make_plan, minimum_budget
+from fate_cli.errors import ResourceError, UsageError
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("8GB", 8 * 10**9), ("8GiB", 8 * 2**30), ("7.5G", 75 * 10**8), ("800MB", 800 * 10**6), ("512", 512)],
+)
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8XB", "-1", "0", "", "GB", "1.2.3GB"])
+def test_parse_size_refuses_nonsense(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def run_steps(policy, steps):
+    """Feed per-step expert lists through an eviction policy as the cache does; count hits and misses."""
+    hits = misses = 0
+    resident = set(policy.resident())
+    for step in steps:
+        pinned = set(step)
+        for e in step:
+            if e in policy:
+                hits += 1
+                policy.touch(e)
+        for e in step:
+            if e not in policy:
+                misses += 1
+                victim = policy.victim(pinned, e) if len(resident) >= policy.capacity else None
+                policy.admit(e, victim)
+                resident.discard(victim)
+                resident.add(e)
+        assert set(policy.resident()) == resident
+    return hits, misses
+
+
+def test_lru_by_hand():
+    # capacity 2: [A,B] 2 misses; [A,C] A hit, C evicts B; [B,C] B evicts A, C hit; [A,B] A evicts C, B hit
+    assert run_steps(LRU(2), [[0, 1], [0, 2], [1, 2], [0, 1]]) == (3, 5)
+
+
+def test_lru_never_evicts_this_steps_experts():
+    lru = LRU(3)
+    run_steps(lru, [[0, 1, 2]])
+    lru.touch(0)
+    lru.touch(1)
+    assert lru.victim(pinned={2}) == 0  # 2 is least recent but pinned
+
+
+def test_arc_keeps_frequent_experts_through_a_scan():
+    # capacity 3. Experts 0 and 1 are used twice (T2). A scan of new experts 2..6 must churn only T1.
+    arc = ARC(3)
+    hits, misses = run_steps(arc, [[0], [1], [0], [1], [2], [3], [4], [5], [6], [0], [1]])
+    assert (hits, misses) == (4, 7)  # 0 and 1 hit twice each; LRU would have lost them in the scan
+    lru_hits, _ = run_steps(LRU(3), [[0], [1], [0], [1], [2], [3], [4], [5], [6], [0], [1]])
+    assert lru_hits == 2
+
+
+def test_arc_ghost_hit_grows_recency_target():
+    arc = ARC(2)
+    run_steps(arc, [[0], [1], [2]])  # 0 evicted from T1 into B1
+    assert 0 in arc.b1 and arc.p == 0
+    run_steps(arc, [[0]])  # a B1 ghost hit: recency was undervalued
+    assert arc.p == 1 and 0 in arc.t2
+
+
+def test_priority_evicts_lowest_count():
+    counts = {0: 5, 1: 1, 2: 3, 3: 9}
+    cache = ByPriority(2, counts.__getitem__)
+    run_steps(cache, [[0, 1], [2]])
+    assert set(cache.resident()) == {0, 2}  # 1 had the lowest count
+
+
+def fp(layers=8, experts=32, k=4, hot=10_000, full=40_000):
+    return Footprint(tuple(range(layers)), experts, k, non_expert=2_000_000, expert_hot=hot, expert_full=full,
+                     kv_cache=500_000, workspace=100_000)
+
+
+def test_plan_refuses_below_minimum_and_names_it():
+    f = fp()
+    assert minimum_budget(f) == 2_600_000 + 8 * 4 * 10_000
+    with pytest.raises(ResourceError, match="minimum of 2.92 MB"):
+        make_plan(f, 2_919_999)
+    plan = make_plan(f, 2_920_000)
+    assert plan.slots == {layer: 4 for layer in range(8)} and plan.device_bytes == 2_920_000
+
+
+def test_plan_everything_fits():
+    plan = make_plan(fp(), 10**8)
+    assert not plan.offloaded and plan.full_layers == (0,)
+    assert all(n == 32 for n in plan.slots.values())
+
+
+def test_plan_shallow_favoring_split():
+    f = fp()
+    # room for layer 0 whole (1.28 MB) and 194 slots over layers 1-7
+    plan = make_plan(f, 2_600_000 + 1_280_000 + 194 * 10_000)
+    assert plan.full_layers == (0,)
+    assert default_shallow_layers(8) == 2
+    assert plan.slots[1] == 32  # the shallow layers after layer 0 are cached whole
+    deep = [plan.slots[layer] for layer in range(2, 8)]
+    assert sum(deep) == 194 - 32 and max(deep) - min(deep) <= 1 and deep == sorted(deep, reverse=True)
+    assert plan.device_bytes <= plan.budget
+    uniform = make_plan(f, plan.budget, split="uniform")
+    assert max(uniform.slots.values()) - min(uniform.slots.values()) <= 1
+    assert uniform.total_slots == plan.total_slots
