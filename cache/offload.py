@@ -89,7 +89,9 @@ class OffloadedExperts:
         for p in self.policy.on_gate_input(layer, hidden):
             self._prefetch(p)
 
-    def experts(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Iterator[ExpertFn]:
+    def experts(
+        self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
+    ) -> Iterator[tuple[int, ExpertFn]]:
         ids, counts = list(ids), list(token_counts)
         self.policy.on_route(layer, ids, counts)
         predicted = self.policy.predicted.pop(layer, None)
@@ -97,30 +99,31 @@ class OffloadedExperts:
             self.stats.prediction(layer, predicted, set(ids))
         if layer in self.full:
             table = self.full[layer]
-            return iter([table[e] for e in ids])
+            return iter([(e, table[e]) for e in ids])
         return self._serve(layer, ids, counts)
 
     # ---- slots ------------------------------------------------------------------------------------
 
-    def _serve(self, layer: int, ids: list[int], counts: list[int]) -> Iterator[ExpertFn]:
+    def _serve(self, layer: int, ids: list[int], counts: list[int]) -> Iterator[tuple[int, ExpertFn]]:
+        """Resident experts first (no wait), then misses, most tokens first, loaded in waves if need be."""
         state = self.layers[layer]
+        hits = [e for e in ids if e in state.slot_of]
+        misses = [e for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]) if e not in state.slot_of]
+        for e in hits:
+            self.stats.hit(layer)
+            state.eviction.touch(e)
         pinned = set(ids)
-        for e in ids:
-            if e in state.slot_of:
-                self.stats.hit(layer)
-                state.eviction.touch(e)
-            else:
-                self.stats.miss(layer)
-        # misses first, most tokens first, as far as the layer has room without evicting this step's experts
-        for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]):
-            if e not in state.slot_of and self._room(state, pinned):
-                self._load(layer, e, self.transfer_tier or self.policy.miss_tier(), pinned)
-        for e in ids:
-            if e not in state.slot_of:  # more experts than slots (a long prompt): load in waves
-                self._load(layer, e, self.transfer_tier or self.policy.miss_tier(), pinned)
+        tier = self.transfer_tier or self.policy.miss_tier()
+        for e in misses:
+            self.stats.miss(layer)
+            if self._room(state, pinned):  # as far as the layer has room without evicting this step's experts
+                self._load(layer, e, tier, pinned)
+        for e in hits + misses:
+            if e not in state.slot_of:  # more experts than slots (a long prompt): this one waits for a slot
+                self._load(layer, e, tier, pinned)
             slot = state.slot_of[e]
             self.pool.wait_ready(layer, slot)
-            yield self._expert_fn(layer, slot, state.tier_of[e])
+            yield e, self._expert_fn(layer, slot, state.tier_of[e])
             self.pool.release(layer, slot)
             pinned.discard(e)
         if not self.policy.keep_after_layer:

@@ -97,8 +97,12 @@ def minimum_budget(fp: Footprint) -> int:
     return fp.fixed + len(fp.moe_layers) * fp.top_k * fp.expert_hot
 
 
-def make_plan(fp: Footprint, budget: int, split: str = "shallow", shallow_layers: int | None = None) -> Plan:
-    """Slots per MoE layer for `budget` bytes. split: "shallow" (Fate) or "uniform" (the peers)."""
+def make_plan(
+    fp: Footprint, budget: int, split: str = "shallow", shallow_layers: int | None = None, whole_first: bool = True
+) -> Plan:
+    """Slots per MoE layer for `budget` bytes. split: "shallow" (Fate) or "uniform" (the peers).
+
+    whole_first=False serves the first layer from slots too (one tier for every expert)."""
     if split not in ("shallow", "uniform"):
         raise ValueError(f"unknown split {split!r}")
     minimum = minimum_budget(fp)
@@ -113,10 +117,10 @@ def make_plan(fp: Footprint, budget: int, split: str = "shallow", shallow_layers
     shallow = default_shallow_layers(len(layers)) if shallow_layers is None else max(0, shallow_layers)
 
     first, rest = layers[0], layers[1:]
-    whole_first = experts * fp.expert_full
+    first_bytes = experts * fp.expert_full
     full_layers: tuple[int, ...] = ()
-    if available - whole_first >= len(rest) * k * fp.expert_hot:
-        full_layers, available, layers = (first,), available - whole_first, rest
+    if whole_first and available - first_bytes >= len(rest) * k * fp.expert_hot:
+        full_layers, available, layers = (first,), available - first_bytes, rest
     plan = Plan(budget, fp, {}, full_layers, shallow)
     if not layers:
         return plan

@@ -15,6 +15,8 @@ app = typer.Typer(
     help="Run Mixture-of-Experts language models on one memory-constrained GPU, or a CPU.",
 )
 
+VRAM_HELP = "expert memory budget on the device, e.g. 8GB, 8GiB, 7.5G, 800MB [default: free memory less a margin]"
+POLICY_HELP = "expert cache policy: fate, ondemand, lru, eap or resident"
 MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a local model folder"
 
 
@@ -31,11 +33,15 @@ def run(
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16 [default: bfloat16 on cuda, float32 on cpu]"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of streaming text"),
+    vram: str = typer.Option(None, help=VRAM_HELP),
+    policy: str = typer.Option("fate", help=POLICY_HELP),
+    transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
 ) -> None:
     """Generate text from PROMPT."""
     from fate_cli.run import run_command
 
-    run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json)
+    run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
+                vram, policy, transfer_bits)
 
 
 @app.command()

@@ -108,6 +108,7 @@ def generate(
         stats.stop_reason = "length"
         return GenerationResult(out, stats)
     eos = set(eos_ids)
+    model.begin_request()
 
     _sync(device)
     t0 = time.perf_counter()

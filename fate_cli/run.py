@@ -44,11 +44,16 @@ def run_command(
     device: str | None,
     dtype: str | None,
     as_json: bool,
+    vram: str | None = None,
+    policy: str | None = "fate",
+    transfer_bits: int | None = None,
 ) -> None:
     err = Console(stderr=True, highlight=False)
-    runtime = open_model(model, device, dtype)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
     if not as_json:
         err.print(f"[dim]{runtime.describe()}[/dim]")
+        if runtime.plan_line():
+            err.print(f"[dim]{runtime.plan_line()}[/dim]")
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     ids = prompt_ids(runtime, prompt, raw)
     stream = StreamDecoder(runtime.tokenizer)
@@ -70,6 +75,11 @@ def run_command(
     text = runtime.tokenizer.decode(result.token_ids)
     stats = result.stats.as_dict() | {"temperature": params.temperature, "top_p": params.top_p,
                                       "top_k": params.top_k, "seed": params.seed}
+    if runtime.setup is not None:
+        stats["policy"] = runtime.setup.policy
+        stats["plan"] = runtime.plan_line()
+    if runtime.offload is not None:
+        stats["cache"] = runtime.offload.stats.as_dict()
     if as_json:
         payload = {
             "model": runtime.resolved.name,

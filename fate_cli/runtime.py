@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from fate_cli.errors import UsageError
-from fate_cli.model.loader import LoadedModel, load_model
+from fate_cli.model.experts import ResidentExperts
+from fate_cli.model.loader import LoadedModel, load_args, load_model
 from fate_cli.registry import ResolvedModel, resolve
 from fate_cli.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from cache.offload import OffloadedExperts
+    from cache.setup import OffloadSetup
+    from quant.store import TierStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,11 +46,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+DEFAULT_CONTEXT = 4096  # tokens of KV cache the plan reserves, capped at the model's own limit
+
+
 @dataclass
 class Runtime:
     resolved: ResolvedModel
     loaded: LoadedModel
     tokenizer: Tokenizer
+    setup: OffloadSetup | None = None  # None: plain resident model, no planner
+    offload: OffloadedExperts | None = None  # None: every expert resident at 16 bits
 
     @property
     def model(self):  # noqa: ANN201 - the Transformer
@@ -52,17 +64,71 @@ class Runtime:
     def describe(self) -> str:
         a, d = self.loaded.args, self.loaded.device
         where = torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU"
-        return (
+        head = (
             f"{self.resolved.name} ({a.family}, {a.num_layers} layers, {a.num_experts} experts, top-{a.top_k}) "
-            f"on {d.type} [{where}], {dtype_name(self.loaded.dtype)}, experts resident, backend torch eager"
+            f"on {d.type} [{where}], {dtype_name(self.loaded.dtype)}"
         )
+        if self.offload is None:
+            return f"{head}; experts resident at 16 bits, backend torch eager"
+        backends = ", ".join(sorted(set(self.offload.backends.values())))
+        return f"{head}; policy {self.setup.policy}, backend {backends}"
+
+    def plan_line(self) -> str:
+        if self.setup is None:
+            return ""
+        plan = self.setup.plan
+        return "; ".join([plan.summary(), *plan.notes, *(self.offload.host.notes if self.offload else [])])
 
 
-def open_model(name: str | None, device: str | None = None, dtype: str | None = None) -> Runtime:
+def _open_store(resolved: ResolvedModel, build: bool) -> TierStore | None:
+    from fate_cli.errors import ModelNotFound
+    from quant.store import TierStore, default_store_dir
+
+    store_dir = default_store_dir(resolved.path, resolved.name)
+    try:
+        return TierStore.open(store_dir, resolved.path, name=resolved.name)
+    except ModelNotFound:
+        if not build:
+            return None
+    from fate_cli.quantize import quantize_model_for
+    from quant.store import QuantParams
+
+    quantize_model_for(resolved, QuantParams())
+    return TierStore.open(store_dir, resolved.path, name=resolved.name)
+
+
+def open_model(
+    name: str | None,
+    device: str | None = None,
+    dtype: str | None = None,
+    policy: str | None = None,
+    vram: str | None = None,
+    transfer_bits: int | None = None,
+    context: int | None = None,
+) -> Runtime:
+    """Load a model for a command. With a policy, plan its experts against the VRAM budget first."""
     resolved = resolve(name)
     dev = pick_device(device)
     # Trained weights produce denormal activations, which slow CPU float math ~80x; they round to zero.
     torch.set_flush_denormal(True)
     tokenizer = Tokenizer(resolved.path)
-    loaded = load_model(resolved.path, dev, pick_dtype(dtype, dev))
-    return Runtime(resolved, loaded, tokenizer)
+    dt = pick_dtype(dtype, dev)
+    if policy is None:
+        return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer)
+
+    from cache.budget import auto_budget, parse_size
+    from cache.setup import build_offloaded, plan_for
+    from quant.store import QuantParams
+
+    args = load_args(resolved.path)
+    budget = parse_size(vram) if vram else auto_budget(dev)
+    ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
+    store = _open_store(resolved, build=False)
+    params = QuantParams(**{k: v for k, v in store.manifest["params"].items()}) if store else QuantParams()
+    setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
+    if setup.full_precision:
+        return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer, setup)
+    store = store or _open_store(resolved, build=True)
+    loaded = load_model(resolved.path, dev, dt, provider=lambda _a, _c: ResidentExperts({}))
+    offload = build_offloaded(loaded.model, store, setup, dev, dt, transfer_bits)
+    return Runtime(resolved, loaded, tokenizer, setup, offload)

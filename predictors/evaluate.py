@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +26,9 @@ class GateInputRecorder:
         self.inputs[layer].append(hidden.detach().float().cpu())
         self.inner.gate_input(layer, hidden)
 
-    def experts(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Sequence[ExpertFn]:
+    def experts(
+        self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
+    ) -> Iterable[tuple[int, ExpertFn]]:
         return self.inner.experts(layer, ids, token_counts)
 
 

@@ -7,7 +7,7 @@ providers: the model code never knows which one runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 import torch
@@ -20,8 +20,11 @@ class ExpertProvider(Protocol):
     def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
         """Layer `layer`'s router input ([tokens, hidden]), seen before routing: a predictor's hook."""
 
-    def experts(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Sequence[ExpertFn]:
-        """FFN callables for experts `ids` of `layer`; token_counts[i] tokens route to ids[i]."""
+    def experts(
+        self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
+    ) -> Iterable[tuple[int, ExpertFn]]:
+        """(expert, FFN callable) for each of `ids` of `layer`, in the order the provider wants them run;
+        token_counts[i] tokens route to ids[i]."""
 
 
 class DenseExpert:
@@ -47,9 +50,11 @@ class ResidentExperts:
     def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
         pass
 
-    def experts(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Sequence[ExpertFn]:
+    def experts(
+        self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
+    ) -> Iterable[tuple[int, ExpertFn]]:
         table = self.layers[layer]
-        return [table[e] for e in ids]
+        return [(e, table[e]) for e in ids]
 
     @property
     def nbytes(self) -> int:

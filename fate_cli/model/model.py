@@ -48,6 +48,13 @@ class Transformer(nn.Module):
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.provider = provider
 
+    def begin_request(self) -> None:
+        """Tell the expert provider a new request starts (per-request predictors keep state across steps)."""
+        provider = next((layer.mlp.provider for layer in self.layers if isinstance(layer.mlp, MoEBlock)), None)
+        hook = getattr(provider, "begin_request", None)
+        if hook is not None:
+            hook()
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a, w = self.args, self.embed_tokens.weight
         if self.rope is None or self.rope.cos.shape[0] < max_len:

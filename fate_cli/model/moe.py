@@ -52,11 +52,10 @@ class MoEBlock(nn.Module):
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         used = [e for e, c in enumerate(counts) if c]
-        fns = self.provider.experts(self.layer, used, [counts[e] for e in used])
         flat_weights = weights.flatten()
         out = torch.zeros_like(x)
         starts = [0, *itertools.accumulate(counts)]
-        for e, fn in zip(used, fns):
+        for e, fn in self.provider.experts(self.layer, used, [counts[e] for e in used]):
             picks = order[starts[e] : starts[e] + counts[e]]
             tokens = picks // self.top_k
             y = fn(x[tokens]).float() * flat_weights[picks, None]

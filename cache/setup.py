@@ -1,0 +1,107 @@
+"""From a model, a policy and a budget to a plan and a running OffloadedExperts.
+
+The plan is made from the model's shapes before any weight is loaded, so a budget too small to run is
+refused at once, naming the minimum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cache.budget import format_size
+from cache.offload import OffloadedExperts
+from cache.planner import Footprint, Plan, make_plan
+from cache.policies import POLICIES, Policy, PolicyContext, make_policy
+from fate_cli.errors import UsageError
+from fate_cli.model.args import ModelArgs
+from fate_cli.model.experts import ResidentExperts
+from fate_cli.model.model import Transformer
+from fate_cli.model.moe import MoEBlock
+from quant.layout import ExpertLayout
+from quant.store import QuantParams, TierStore
+
+PREFILL_CHUNK = 512  # tokens whose activations the workspace estimate covers
+CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
+
+
+@dataclass
+class OffloadSetup:
+    plan: Plan
+    policy: str
+    budget: int
+    full_precision: bool  # every expert fits at 16 bits: nothing is quantized or offloaded
+
+
+def non_expert_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
+    with torch.device("meta"):
+        model = Transformer(args, ResidentExperts({}))
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+
+
+def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool) -> Footprint:
+    size = torch.finfo(dtype).bits // 8
+    kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * context * size
+    h, i, k = args.hidden_size, args.moe_intermediate_size, args.top_k
+    activations = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i) + 3 * h * i * 4  # float32 upper bound + dequant scratch
+    hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size).nbytes
+    return Footprint(
+        moe_layers=tuple(args.moe_layer_ids),
+        num_experts=args.num_experts,
+        top_k=k,
+        non_expert=non_expert_bytes(args, dtype),
+        expert_hot=hot,
+        expert_full=3 * h * i * 2,
+        kv_cache=kv,
+        workspace=(CUDA_WORKSPACE if cuda else 0) + activations,
+    )
+
+
+def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, context: int, params: QuantParams,
+             cuda: bool, one_tier: bool = False, shallow_layers: int | None = None) -> OffloadSetup:
+    """one_tier: every expert at one tier (--transfer-bits), so no layer is held whole at 16 bits."""
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICIES)}")
+    fp = footprint(args, dtype, context, params, cuda)
+    all_full = fp.fixed + len(fp.moe_layers) * fp.num_experts * fp.expert_full
+    if policy != "resident" and not one_tier and budget >= all_full:
+        plan = Plan(budget, fp, {}, tuple(fp.moe_layers))
+        plan.notes.append(f"every expert fits at 16 bits ({format_size(all_full)}): nothing offloaded")
+        return OffloadSetup(plan, policy, budget, full_precision=True)
+    if policy == "resident":  # the ceiling: every expert on the device at the hot tier, whatever the budget
+        plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
+    else:
+        split = make_policy(policy, PolicyContext([], 0, 0, 0, {})).split
+        plan = make_plan(fp, budget, split, shallow_layers, whole_first=not one_tier)
+    return OffloadSetup(plan, policy, budget, full_precision=False)
+
+
+def routers(model: Transformer) -> dict[int, torch.Tensor]:
+    return {i: layer.mlp.gate.weight for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)}
+
+
+def build_offloaded(
+    model: Transformer,
+    store: TierStore,
+    setup: OffloadSetup,
+    device: torch.device,
+    dtype: torch.dtype,
+    transfer_bits: int | None = None,
+    backend: str | None = None,
+) -> OffloadedExperts:
+    args = model.args
+    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+    policy: Policy = make_policy(setup.policy, ctx)
+    transfer_tier = None
+    if transfer_bits is not None:
+        by_bits = {info.layout.bits: name for name, info in store.tiers.items() if info.layout.kind == "quantized"}
+        if transfer_bits not in by_bits:
+            raise UsageError(
+                f"--transfer-bits {transfer_bits} matches no tier of the store (tiers: "
+                f"{', '.join(f'INT{b}' for b in sorted(by_bits))})"
+            )
+        transfer_tier = by_bits[transfer_bits]
+    provider = OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend)
+    model.set_provider(provider)
+    return provider

@@ -1,0 +1,88 @@
+"""Expert FFN callables computed straight from a tier's packed buffer: down(silu(gate x) * up x).
+
+Backends, chosen per device and tier (`select_backend`, overridable with FATE_QUANT_BACKEND=torch|triton):
+- "cpu dequant+matmul": on a CPU, dequantize gate_up and down with the plain-torch reference
+  (quant.packing.dequantize: float32 (q - zero) * scale, cast to the compute dtype) at every call, then
+  three F.linear, exactly as DenseExpert would on those weights. Nothing is cached: memory holds only
+  the packed tier. Bitwise equal to a DenseExpert built from the dequantized weights.
+- "triton-fused" (quant/triton_kernels.py): on a CUDA GPU with Triton, for INT2/INT4/INT8 tiers whose
+  group size is a multiple of the codes per word and divides both matrix widths. One launch computes
+  gate and up together with the dequantization fused into the product (a GEMV at batch 1, a tiled
+  tl.dot GEMM at batch > 1), a second computes down with silu(gate) * up fused into its input load.
+- "torch dequant+matmul": the CPU path on a GPU, where Triton is missing or the tier does not fit it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from quant.layout import ExpertLayout
+from quant.packing import codes_per_word, dequantize
+
+CPU = "cpu dequant+matmul"
+TORCH = "torch dequant+matmul"
+TRITON = "triton-fused"
+
+
+def triton_fits(layout: ExpertLayout) -> bool:
+    if layout.kind != "quantized" or layout.bits == 3:
+        return False
+    g = layout.group_size
+    return g % codes_per_word(layout.bits) == 0 and layout.hidden % g == 0 and layout.intermediate % g == 0
+
+
+def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU
+    forced = os.environ.get("FATE_QUANT_BACKEND", "")
+    if forced == "torch":
+        return TORCH
+    from quant import triton_kernels
+
+    if triton_kernels.available() and triton_fits(layout):
+        return TRITON
+    if forced == "triton":
+        raise RuntimeError("FATE_QUANT_BACKEND=triton but Triton is missing or this tier does not fit its kernels")
+    return TORCH
+
+
+class QuantExpert:
+    """One expert of a quantized tier, on the device its buffer is on (same call as DenseExpert)."""
+
+    def __init__(self, buf: torch.Tensor, layout: ExpertLayout, backend: str | None = None):
+        self.buf, self.layout = buf, layout
+        self.gate_up, self.down = layout.packed(buf)
+        self.backend = backend or select_backend(buf.device, layout)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == TRITON:
+            from quant.triton_kernels import expert_ffn
+
+            return expert_ffn(x, self.gate_up, self.down)
+        i = self.layout.intermediate
+        w = dequantize(self.gate_up, x.dtype)
+        return F.linear(F.silu(F.linear(x, w[:i])) * F.linear(x, w[i:]), dequantize(self.down, x.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.nbytes
+
+
+def dequantized_weights(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(gate, up, down) as plain matrices: the reference a QuantExpert must match."""
+    gate_up, down = layout.packed(buf)
+    w = dequantize(gate_up, dtype)
+    i = layout.intermediate
+    return w[:i], w[i:], dequantize(down, dtype)
+
+
+def dense_weights(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """A dense tier's buffer -> (gate, up, down) in `dtype` (copies only when the dtype changes)."""
+    v = layout.views(buf)
+    i = layout.intermediate
+    gate_up, down = v["gate_up"].to(dtype), v["down"].to(dtype)
+    return gate_up[:i], gate_up[i:], down

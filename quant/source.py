@@ -1,0 +1,126 @@
+"""The source checkpoint as `fate quantize` reads it: tensors by name with plain reads, and file hashes.
+
+Why not fate_cli.model.loader.Checkpoint: safetensors' safe_open memory-maps each file, and the pages of
+every tensor read stay mapped (and counted in the process's resident set) until the handle closes.
+Quantization reads every expert once, so through safe_open the resident set would grow to the size
+of the checkpoint. Here each tensor is read with pread into a fresh buffer that is freed after use,
+so peak memory stays near the largest tensor whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fate_cli.errors import BadModel, ModelNotFound
+
+ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
+INDEX = "model.safetensors.index.json"
+HASH_CHUNK = 8 << 20
+
+
+def weight_files(model_dir: Path) -> list[str]:
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise BadModel(f"{index} is malformed (no weight_map); re-download the model") from None
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ModelNotFound(f"{model_dir} has no model.safetensors or {INDEX}; pull the model again with `fate pull`")
+
+
+def source_files(model_dir: Path) -> list[str]:
+    """The files a tier store depends on: config, weight index (if any) and weights."""
+    names = ["config.json", *weight_files(model_dir)]
+    if (model_dir / INDEX).is_file():
+        names.insert(1, INDEX)
+    return names
+
+
+def sha256_file(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+            if on_bytes:
+                on_bytes(n)
+    return h.hexdigest()
+
+
+def file_record(path: Path, on_bytes: Callable[[int], None] | None = None) -> dict:
+    st = path.stat()
+    return {"sha256": sha256_file(path, on_bytes), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+class SourceReader:
+    """Tensor names, dtypes and shapes from the safetensors headers; reads by pread, no memory map."""
+
+    def __init__(self, model_dir: Path):
+        self.dir = model_dir
+        self.entries: dict[str, tuple[str, torch.dtype, tuple[int, ...], int, int]] = {}
+        for name in weight_files(model_dir):
+            path = model_dir / name
+            if not path.is_file():
+                raise ModelNotFound(f"checkpoint shard {path} is missing; run `fate pull` again to fetch it")
+            try:
+                with open(path, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if n > 100 << 20:
+                        raise ValueError("header too large")
+                    header = json.loads(f.read(n))
+                start = 8 + n
+                for key, info in header.items():
+                    if key == "__metadata__":
+                        continue
+                    begin, end = info["data_offsets"]
+                    dtype = ST_DTYPES[info["dtype"]]
+                    self.entries[key] = (name, dtype, tuple(info["shape"]), start + begin, end - begin)
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+                raise BadModel(f"{path} is corrupt or truncated ({err}); delete it and run `fate pull` again") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][1]
+
+    def get(self, name: str) -> torch.Tensor:
+        file, dtype, shape, offset, nbytes = self.entries[name]
+        path = self.dir / file
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset)
+                view = memoryview(buf.numpy())
+                got = 0
+                while got < nbytes:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        raise OSError("unexpected end of file")
+                    got += n
+        except OSError as err:
+            raise BadModel(
+                f"{path}: cannot read tensor {name} ({err}); the file is damaged, run `fate pull` again"
+            ) from None
+        return buf.view(dtype).reshape(shape)

@@ -1,0 +1,53 @@
+"""The Triton kernels against dequantize-then-matmul in float32 (runs only where CUDA and Triton are)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quant import triton_kernels as tk
+from quant.hqq_quant import quantize_expert, quantize_matrix
+from quant.kernels import TRITON, QuantExpert, dequantized_weights, select_backend
+from quant.packing import dequantize
+
+pytestmark = pytest.mark.skipif(not (tk.HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32), (8, 64), (4, 128)])
+def test_gemv_gemm_dequant_against_the_reference(bits, group):
+    w = torch.randn(384, 1024, device="cuda") * 0.02
+    m = quantize_matrix(w, bits, group, method="minmax")
+    ref_w = dequantize(m, torch.float32)
+    assert torch.equal(tk.dequant(m, torch.bfloat16), dequantize(m, torch.bfloat16))
+    for rows in (1, 3):
+        x = torch.randn(rows, 1024, device="cuda").bfloat16()
+        ref = x.float() @ ref_w.T
+        for split in (1, 4):
+            cfg = {"BLOCK_N": 32, "BLOCK_K": max(256, group), "SPLIT_K": split, "num_warps": 4}
+            assert _rel(tk.gemv(x, m, out_dtype=torch.float32, config=cfg), ref) < 1e-5
+        assert _rel(tk.gemv(x, m).float(), ref) < 1e-2
+    for rows in (5, 77, 512):
+        x = torch.randn(rows, 1024, device="cuda").bfloat16()
+        assert _rel(tk.gemm(x, m).float(), x.float() @ ref_w.T) < 2e-2
+
+
+@pytest.mark.parametrize("hidden,inter", [(2048, 768), (512, 1408)])
+def test_expert_ffn(hidden, inter):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate, up, down = (torch.randn(s, device="cuda", generator=g).bfloat16() * 0.02
+                      for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
+    for bits, group in ((4, 64), (2, 32)):
+        layout, buf = quantize_expert(gate, up, down, bits, group, method="minmax")
+        assert select_backend("cuda", layout) == TRITON
+        expert = QuantExpert(buf, layout)
+        gw, uw, dw = dequantized_weights(buf, layout, torch.float32)
+        for rows in (1, 2, 64, 300):
+            x = torch.randn(rows, hidden, device="cuda").bfloat16()
+            ref = F.linear(F.silu(F.linear(x.float(), gw)) * F.linear(x.float(), uw), dw)
+            assert _rel(expert(x).float(), ref) < 2e-2
