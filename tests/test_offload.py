@@ -1,0 +1,124 @@
+"""The offload runtime on CPU: identical tokens across policies, and hit/miss bookkeeping worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cache.offload import OffloadedExperts
+from cache.planner import Footprint, Plan
+from cache.policies import PolicyContext, make_policy
+from cache.setup import routers
+from fate_cli.model.loader import load_model
+from quant.store import QuantParams, TierStore, quantize_model
+from tests.tiny_models import make_tiny_model
+
+POLICIES = ["fate", "ondemand", "lru", "eap", "resident"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random qwen3_moe with 8 experts in 3 layers, and its tier store."""
+    root = tmp_path_factory.mktemp("offload")
+    model = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3)
+    store_dir = root / "home" / "tiers" / "model"
+    quantize_model(model, store_dir, QuantParams(iters=2))
+    return model, store_dir, root / "home"
+
+
+def fate(home, *args):
+    env = dict(os.environ, FATE_HOME=str(home))
+    result = subprocess.run([sys.executable, "-m", "fate_cli", *args], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_offloading_never_changes_tokens(tiny):
+    model, _, home = tiny
+    runs = {}
+    for policy in POLICIES:
+        out = fate(home, "run", str(model), "hello there", "-n", "16", "--raw", "--temperature", "0", "--json",
+                   "--vram", "1MB", "--policy", policy, "--transfer-bits", "4")
+        runs[policy] = out
+    tokens = {p: r["token_ids"] for p, r in runs.items()}
+    assert all(t == tokens["resident"] for t in tokens.values()), tokens
+    stats = {p: r["stats"]["cache"] for p, r in runs.items()}
+    assert stats["resident"]["misses"] == 0 and stats["resident"]["hit_rate"] == 1.0
+    assert stats["ondemand"]["hits"] == 0  # it keeps nothing beyond the layer
+    assert stats["fate"]["prediction_recall"] is not None
+    assert all(set(s["bytes_moved"]) == {"hot"} for s in stats.values())  # one tier, as asked
+
+
+@pytest.fixture(scope="module")
+def model_and_store(tiny):
+    path, store_dir, _ = tiny
+    model = load_model(path, "cpu", torch.float32).model
+    return model, TierStore.open(store_dir, path)
+
+
+def provider_for(model, store, policy_name, slots):
+    args = model.args
+    hot, cold = store.tiers["hot"].layout.nbytes, store.tiers["cold"].layout.nbytes
+    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
+    plan = Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids})
+    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+    return OffloadedExperts(store, plan, make_policy(policy_name, ctx), torch.device("cpu"), torch.float32), hot, cold
+
+
+# capacity 3, one expert per step: two experts used twice, then a scan of five new ones, then the two again
+SCAN = [[0], [1], [0], [1], [2], [3], [4], [5], [6], [0], [1]]
+
+
+@pytest.mark.parametrize(
+    "policy,hits,misses,tier",
+    [
+        ("lru", 2, 9, "hot"),  # the scan pushes 0 and 1 out
+        ("fate", 4, 7, "cold"),  # ARC keeps 0 and 1 (used twice) in T2; misses move at the cold tier
+        ("eap", 4, 7, "hot"),  # activation counts keep 0 and 1 (count 2) over the scan's count-1 experts
+        ("ondemand", 0, 11, "hot"),  # nothing kept beyond the layer
+    ],
+)
+def test_scripted_routing_counts(model_and_store, policy, hits, misses, tier):
+    model, store = model_and_store
+    provider, hot, cold = provider_for(model, store, policy, slots=3)
+    layer = model.args.moe_layer_ids[1]
+    x = torch.randn(1, model.args.hidden_size)
+    for step in SCAN:
+        for e, fn in provider.experts(layer, step, [1] * len(step)):
+            assert e in step and fn(x).shape == x.shape
+    s = provider.stats
+    assert (s.hits, s.misses) == (hits, misses)
+    assert dict(s.bytes_moved) == {tier: misses * (hot if tier == "hot" else cold)}
+
+
+def test_waves_when_a_step_needs_more_experts_than_slots(model_and_store):
+    model, store = model_and_store
+    provider, hot, _ = provider_for(model, store, "lru", slots=2)
+    layer = model.args.moe_layer_ids[0]
+    served = [e for e, _ in provider.experts(layer, [0, 1, 2, 3, 4], [5, 1, 4, 2, 3])]
+    assert sorted(served) == [0, 1, 2, 3, 4] and served[:2] == [0, 2]  # most tokens first
+    assert provider.stats.misses == 5 and provider.stats.bytes_moved["hot"] == 5 * hot
+
+
+def test_fate_prefetches_the_predicted_experts(model_and_store):
+    model, store = model_and_store
+    provider, _, _ = provider_for(model, store, "fate", slots=3)
+    first, second = model.args.moe_layer_ids[:2]
+    hidden = torch.randn(1, model.args.hidden_size)
+    provider.gate_input(first, hidden)
+    predicted = provider.policy.predicted[second]
+    assert len(predicted) == model.args.top_k + 1  # one token: its top k+1 under the next router
+    resident = set(provider.layers[second].slot_of)
+    assert resident == predicted  # three free slots: every prediction was copied ahead
+    assert all(provider.layers[second].tier_of[e] == "hot" for e in resident)  # decode: popular, hot tier
+    used = sorted(resident)[:2]
+    list(provider.experts(second, used, [1] * len(used)))
+    assert provider.stats.hits == 2 and provider.stats.misses == 0
+    s = provider.stats.layers[second]
+    assert s.predicted == len(predicted) and s.predicted_used == 2 and s.used == 2
