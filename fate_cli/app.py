@@ -48,11 +48,12 @@ def run(
 def pull(
     model: str = typer.Argument(..., help="alias from models.toml or a Hub repo id (org/name)"),
     revision: str = typer.Option(None, help="branch, tag or commit [default: main]"),
+    quantize: bool = typer.Option(True, "--quantize/--no-quantize", help="requantize the experts into tiers"),
 ) -> None:
-    """Download a model from the Hugging Face Hub into $FATE_HOME/models."""
+    """Download a model from the Hugging Face Hub into $FATE_HOME/models, then requantize its experts."""
     from fate_cli.hub import pull_command
 
-    pull_command(model, revision)
+    pull_command(model, revision, quantize)
 
 
 @app.command("list")

@@ -13,7 +13,7 @@ A pull, step by step:
    folder, with a rich progress bar.
 6. Verify every file is present with the size the Hub lists, then write PULL_MARKER last, atomically.
    Only a folder holding the marker is taken as a usable model (`registry.resolve`).
-7. `after_pull`: the single call site for what follows a pull (`fate quantize`, not implemented yet).
+7. `after_pull`: the single call site for what follows a pull: `fate quantize` (skipped by --no-quantize).
 
 A folder holding an older complete revision stays usable through steps 1-5 (its small files are
 checked in a staging folder); the marker is removed right before the new files start landing, so a
@@ -439,12 +439,25 @@ def _write_marker(model_dir: Path, record: dict[str, Any]) -> None:
     os.replace(tmp, model_dir / PULL_MARKER)
 
 
-def after_pull(name: str, model_dir: Path, record: dict[str, Any]) -> None:
-    """The one place where work on a complete pulled checkpoint starts.
+def after_pull(name: str, model_dir: Path, record: dict[str, Any], quantize: bool = True) -> None:
+    """The one place where work on a complete pulled checkpoint starts: requantize its experts into tiers.
 
-    `fate quantize` (requantizing the experts into the INT4/INT2 tiers) will be called from here, on a
-    folder that holds PULL_MARKER; it is a separate issue and not implemented yet, so this does nothing.
+    Runs on a folder that holds PULL_MARKER, still under the model's lock. An interrupted quantization
+    leaves the download usable and no store that looks complete; `fate quantize` finishes it.
     """
+    if not quantize:
+        return
+    import torch
+
+    from fate_cli.quantize import quantize_model_for
+    from fate_cli.registry import ResolvedModel
+    from quant.store import QuantParams
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    Console(stderr=True, highlight=False).print(f"requantizing experts into tiers on {device} (fate quantize)")
+    result = quantize_model_for(ResolvedModel(name, model_dir, repo=record.get("repo")), QuantParams(device=device))
+    state = "up to date" if result.up_to_date else f"built in {result.seconds:.0f} s"
+    Console(highlight=False).print(f"tier store {state}: {result.store_dir}")
 
 
 @contextlib.contextmanager
@@ -504,12 +517,12 @@ def _check_tree(repo: str, sha: str, tree: dict[str, RemoteFile]) -> list[str]:
     return [n for n in (*SMALL_FILES, INDEX_FILE) if n in tree]
 
 
-def pull_command(name: str, revision: str | None) -> None:
+def pull_command(name: str, revision: str | None, quantize: bool = True) -> None:
     repo, alias_family = alias_for_pull(name)
     with model_lock(repo, "pull"):
         with exit_on_interrupt(name):
             model_dir, record = _pull(name, repo, alias_family, revision or "main")
-        after_pull(name, model_dir, record)  # the one call site for what follows a pull (`fate quantize`)
+        after_pull(name, model_dir, record, quantize)  # the one call site for what follows a pull
 
 
 def _pull(name: str, repo: str, alias_family: str | None, requested: str) -> tuple[Path, dict[str, Any]]:

@@ -151,6 +151,10 @@ def perplexity_command(
     ids = Tokenizer(resolved.path).encode(text, add_special_tokens=False)
     if len(ids) < 2:
         raise UsageError(f"{path} holds fewer than two tokens; perplexity needs more text")
+    if any(c != "bf16" for c in choices):  # refuse a missing, damaged or stale store before any work
+        from quant.store import check_store
+
+        check_store(_store_dir(resolved), resolved.path, deep=False, name=resolved.name)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     rows = []
     for choice in choices:

@@ -42,7 +42,7 @@ METHODS = ("hqq", "minmax")
 
 def hqq_available() -> bool:
     try:
-        import hqq.core.quantize  # noqa: F401
+        import hqq.core.optimize  # noqa: F401 - the part we call (hqq.core.quantize pulls in torch.compile)
     except Exception:  # an hqq build without its optional parts can fail in many ways
         return False
     return True

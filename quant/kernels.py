@@ -6,9 +6,10 @@ Backends, chosen per device and tier (`select_backend`, overridable with FATE_QU
   three F.linear, exactly as DenseExpert would on those weights. Nothing is cached: memory holds only
   the packed tier. Bitwise equal to a DenseExpert built from the dequantized weights.
 - "triton-fused" (quant/triton_kernels.py): on a CUDA GPU with Triton, for INT2/INT4/INT8 tiers whose
-  group size is a multiple of the codes per word and divides both matrix widths. One launch computes
-  gate and up together with the dequantization fused into the product (a GEMV at batch 1, a tiled
-  tl.dot GEMM at batch > 1), a second computes down with silu(gate) * up fused into its input load.
+  group size is a multiple of the codes per word and divides both matrix widths. At batch 1 a GEMV with
+  the dequantization fused into the product computes gate and up in one launch, then down (silu(gate) *
+  up applied while laying out its input); at more rows, the Triton dequant kernel and cuBLAS (measured
+  faster than the fused GEMMs we tried, quant/README.md).
 - "torch dequant+matmul": the CPU path on a GPU, where Triton is missing or the tier does not fit it.
 """
 

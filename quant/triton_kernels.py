@@ -7,16 +7,16 @@ codes plane by plane: plane j holds code j of every word, i.e. input columns wor
 group is a whole number of words, scale and zero are loaded per word, never per weight. Requirements
 (kernels.triton_fits): bits 2, 4 or 8, group a multiple of cpw, K a multiple of group.
 
-- `_gemv_kernel` (decode, a few rows of x): per x row and BLOCK_N output rows, walks its share of K
-  (split-K with fp32 atomics when N alone gives too few programs). It never forms W: per word,
+- `_planes_kernel`: the GEMV's input in plane order, float32 [M, cpw, K / cpw] (xp[j, w] = x[w * cpw + j]),
+  so that a plane's inputs are contiguous; with ACT it also applies silu(gate) * up to a gate|up output.
+- `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when
+  N alone gives too few programs; tiles autotuned per shape on first use). It never forms W: per word,
   part = sum_j q_j x_j and xs = sum_j x_j, then y += scale * (part - zero * xs); per weight that is a
-  shift, a mask, a convert and a multiply-add. With ACT its input is the fp32 gate|up output of the
-  previous GEMV and it applies silu(gate) * up while loading: an expert's FFN at batch 1 is two launches
-  (plus a memset for split-K).
-- `_gemm_kernel` (prefill): a tiled GEMM; per plane it dequantizes a [BLOCK_N, BLOCK_K / cpw] slice of W
-  to the activation dtype in registers (fp32 (q - zero) * scale, then cast, as the reference does) and
-  feeds tl.dot with the matching strided columns of x.
-- `_dequant_kernel`: W to the activation dtype, for dequantize-then-cuBLAS at large batch.
+  shift, a mask, an or, a subtract (int to float by the 2^23 trick, not the quarter-rate convert) and a
+  multiply-add. An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus
+  memsets for split-K).
+- `_dequant_kernel`: W to the activation dtype. At more than GEMV_MAX_ROWS rows an expert runs as
+  dequantize + cuBLAS: measured faster than two fused tl.dot GEMMs we tried (quant/README.md).
 
 Importing this module needs neither Triton nor a GPU; `available()` says whether the kernels can run.
 """
@@ -38,8 +38,7 @@ try:
 except Exception:  # no triton, or a broken install: the CPU path does not need it
     HAVE_TRITON = False
 
-GEMV_MAX_ROWS = 4  # rows of x up to which the GEMV kernel runs (each row re-reads W, mostly from L2)
-DEQUANT_MIN_ROWS = 1 << 30  # rows from which dequantize + cuBLAS replaces the fused GEMM (set by measurement)
+GEMV_MAX_ROWS = 1  # more rows: dequantize + cuBLAS (each GEMV row re-reads W; measured in quant/README.md)
 
 
 def available() -> bool:
@@ -50,11 +49,25 @@ def available() -> bool:
 if HAVE_TRITON:
 
     @triton.jit
+    def _planes_kernel(h_ptr, out_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr, BLOCK: tl.constexpr):
+        """out[row, j, w] = v[row, w * CPW + j], v = h (or silu(h[:, :K]) * h[:, K:] with ACT), float32."""
+        row = tl.program_id(1)
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = k < K
+        if ACT:
+            g = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(h_ptr + row * stride_hm + K + k, mask=ok, other=0.0).to(tl.float32)
+            v = g * tl.sigmoid(g) * u
+        else:
+            v = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * K + (k % CPW) * (K // CPW) + k // CPW, v, mask=ok)
+
+    @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-        N, K, k_span, stride_xm, stride_wn, stride_sn, stride_ym,
-        ACT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+        xp_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, stride_wn, stride_sn, stride_ym,
+        BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -65,7 +78,8 @@ if HAVE_TRITON:
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
         words_k = K // CPW
-        x_row = x_ptr + row * stride_xm
+        xp_row = xp_ptr + row * K  # x in plane order (see _planes_kernel): plane j is contiguous
+        k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's share of K
         acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
         for step in range(0, k_span, BLOCK_K):
             wc = (pid_k * k_span + step) // CPW + tl.arange(0, BLOCK_W)
@@ -78,15 +92,11 @@ if HAVE_TRITON:
             part = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             xs = tl.zeros([BLOCK_W], dtype=tl.float32)
             for j in tl.static_range(CPW):  # plane j: code j of every word, input column word * CPW + j
-                kx = wc * CPW + j
-                if ACT:
-                    g = tl.load(x_row + kx, mask=w_ok, other=0.0).to(tl.float32)
-                    u = tl.load(x_row + K + kx, mask=w_ok, other=0.0).to(tl.float32)
-                    xj = g * tl.sigmoid(g) * u
-                else:
-                    xj = tl.load(x_row + kx, mask=w_ok, other=0.0).to(tl.float32)
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                part += q * xj[None, :]
+                xj = tl.load(xp_row + j * words_k + wc, mask=w_ok, other=0.0)
+                q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                # exact int -> float without the quarter-rate convert: 2^23 + q has q in its mantissa
+                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                part += qf * xj[None, :]
                 xs += xj
             acc += s * (part - z * xs[None, :])
         y = tl.sum(acc, axis=1)
@@ -96,45 +106,16 @@ if HAVE_TRITON:
         else:
             tl.atomic_add(out, y, mask=n_ok)
 
-    @triton.jit
-    def _gemm_kernel(
-        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-        BITS: tl.constexpr, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        width = GROUP_M * num_n  # programs ordered in bands of GROUP_M row blocks, for L2 reuse of W
-        first_m = (pid // width) * GROUP_M
-        band = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % band
-        pid_n = (pid % width) // band
-        CPW: tl.constexpr = 32 // BITS
-        WPG: tl.constexpr = GROUP // CPW
-        BLOCK_W: tl.constexpr = BLOCK_K // CPW
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        m_ok = m < M
-        n_ok = n < N
-        words_k = K // CPW
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for w0 in range(0, words_k, BLOCK_W):
-            wc = w0 + tl.arange(0, BLOCK_W)
-            w_ok = wc < words_k
-            tile_ok = n_ok[:, None] & w_ok[None, :]
-            words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=tile_ok, other=0)
-            s = tl.load(s_ptr + n[:, None] * stride_sn + (wc // WPG)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + n[:, None] * stride_sn + (wc // WPG)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            for j in tl.static_range(CPW):  # one product per plane: K-slice of BLOCK_W columns, stride CPW
-                q = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
-                w = ((q - z) * s).to(x_ptr.dtype.element_ty)
-                a = tl.load(x_ptr + m[:, None] * stride_xm + (wc * CPW + j)[None, :],
-                            mask=m_ok[:, None] & w_ok[None, :], other=0.0)
-                acc = tl.dot(a, tl.trans(w), acc)
-        tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+    # Tiles chosen by measurement on first use of each (N, K, bits, group), as the H100 sweep found no
+    # single best (quant/README.md). Warm up before capturing a CUDA graph: tuning cannot run in a capture.
+    _gemv_tuned = triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+            for bn, bk, w in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 4), (32, 1024, 8), (64, 512, 8))
+        ],
+        key=["N", "K", "BITS", "GROUP", "SPLIT_K"],
+        reset_to_zero=["y_ptr"],
+    )(_gemv_kernel)
 
     @triton.jit
     def _dequant_kernel(
@@ -174,18 +155,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[index]
 
 
-def gemv_config(n: int, k: int, group: int, device: torch.device) -> dict:
-    """Tile and split-K for the GEMV: enough programs to fill the GPU about four times over."""
-    block_n = 16
-    block_k = 512
-    n_blocks = -(-n // block_n)
-    split = max(1, min(k // block_k, (4 * _sm_count(device)) // n_blocks))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": 4}
-
-
-def gemm_config(m: int, n: int, k: int, group: int) -> dict:
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 256, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+def split_k(n: int, k: int, device: torch.device) -> int:
+    """Split K only when the rows alone (16 a program) cannot fill half the GPU: on Mixtral and Qwen3
+    experts the extra launches of split-K (an fp32 memset, atomics, a cast) cost more than they gain."""
+    n_blocks = -(-n // 16)
+    sms = _sm_count(device)
+    return 1 if 2 * n_blocks >= sms else max(1, min(k // 512, sms // n_blocks))
 
 
 def _check(x: torch.Tensor, w: PackedMatrix) -> None:
@@ -197,43 +172,45 @@ def _check(x: torch.Tensor, w: PackedMatrix) -> None:
         raise ValueError("packed tensors must be contiguous")
 
 
+def planes(h: torch.Tensor, bits: int, act: bool = False) -> torch.Tensor:
+    """h [M, K] (or [M, 2K] gate|up with act) -> float32 [M, cpw, K / cpw], the GEMV's input order."""
+    cpw = codes_per_word(bits)
+    rows, k = h.shape[0], h.shape[1] // 2 if act else h.shape[1]
+    out = torch.empty(rows, cpw, k // cpw, device=h.device, dtype=torch.float32)
+    _planes_kernel[(triton.cdiv(k, 1024), rows)](h, out, k, h.stride(0), ACT=act, CPW=cpw, BLOCK=1024)
+    return out
+
+
 def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.dtype | None = None,
          config: dict | None = None) -> torch.Tensor:
-    """x [M, K] (or [M, 2K] gate|up with act=True: silu(gate) * up is the input) -> [M, N]."""
+    """x [M, K] (or [M, 2K] gate|up with act=True: silu(gate) * up is the input) -> [M, N].
+
+    config: {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps"} to bypass the autotuner (sweeps, tests).
+    """
     _check(x, w)
     n, k = w.shape
     x = x.contiguous()
     rows = x.shape[0]
-    cfg = dict(config or gemv_config(n, k, w.group_size, x.device))
-    split = cfg.pop("SPLIT_K")
+    xp = planes(x, w.bits, act)
+    cfg = dict(config) if config else {}
+    if not cfg and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs
+        cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+    split = cfg.pop("SPLIT_K", None) or split_k(n, k, x.device)
     out_dtype = out_dtype or x.dtype
     if split > 1:
         y = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(rows, n, device=x.device, dtype=out_dtype)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]), split, rows)
-    k_span = triton.cdiv(k, split * cfg["BLOCK_K"]) * cfg["BLOCK_K"]  # each split's share of K
-    _gemv_kernel[grid](
-        x, w.codes, w.scale, w.zero, y, n, k, k_span, x.stride(0), w.codes.stride(0), w.scale.stride(0), y.stride(0),
-        ACT=act, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split, **cfg,
-    )
+    args = (xp, w.codes, w.scale, w.zero, y, n, k, w.codes.stride(0), w.scale.stride(0), y.stride(0))
+    if cfg:
+        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split, rows)](
+            *args, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split, **cfg
+        )
+    else:
+        _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split, rows)](
+            *args, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split
+        )
     return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-def gemm(x: torch.Tensor, w: PackedMatrix, config: dict | None = None) -> torch.Tensor:
-    """x [M, K] -> x @ W.T [M, N] in x's dtype, W dequantized tile by tile."""
-    _check(x, w)
-    n, k = w.shape
-    x = x.contiguous()
-    rows = x.shape[0]
-    cfg = dict(config or gemm_config(rows, n, k, w.group_size))
-    y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
-    _gemm_kernel[grid](
-        x, w.codes, w.scale, w.zero, y, rows, n, k, x.stride(0), w.codes.stride(0), w.scale.stride(0), y.stride(0),
-        BITS=w.bits, GROUP=w.group_size, **cfg,
-    )
-    return y
 
 
 def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -250,13 +227,9 @@ def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16) -> torch.Tenso
 
 def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [M, H], from packed gate_up [2I, H] and down [H, I]."""
-    rows = x.shape[0]
-    inter = down.shape[1]
-    if rows <= GEMV_MAX_ROWS:
+    if x.shape[0] <= GEMV_MAX_ROWS:
         h = gemv(x, gate_up, out_dtype=torch.float32)
         return gemv(h, down, act=True, out_dtype=x.dtype)
-    if rows >= DEQUANT_MIN_ROWS:
-        h = F.linear(x, dequant(gate_up, x.dtype))
-        return F.linear(F.silu(h[:, :inter]) * h[:, inter:], dequant(down, x.dtype))
-    h = gemm(x, gate_up)
-    return gemm(F.silu(h[:, :inter]) * h[:, inter:], down)
+    inter = down.shape[1]
+    h = F.linear(x, dequant(gate_up, x.dtype))
+    return F.linear(F.silu(h[:, :inter]) * h[:, inter:], dequant(down, x.dtype))

@@ -8,17 +8,18 @@ Qwen3-30B-A3B 2048x768), on random bf16 weights (N(0, 0.02)) and fresh random bf
 
 1. Correctness: every kernel against a float32 reference (dequantize with quant.packing.dequantize, then
    float32 matmuls), as ||y - ref|| / ||ref||. Bands: the GEMV (fp32 dequant and accumulation, bf16
-   output) < 1e-2; the GEMM (W tile cast to bf16 before tl.dot) < 2e-2; the dequant kernel bitwise equal
-   to the reference. Outputs are checked for NaN.
+   output) < 1e-2; dequantize + cuBLAS (W cast to bf16) < 2e-2; the dequant kernel bitwise equal to the
+   reference. Outputs are checked for NaN.
 2. Time per expert FFN (down(silu(gate x) * up x)), median of triton.testing.do_bench (L2 flushed before
    each call), at batch 1 (decode) and 512 (prefill):
-   - eager: one FFN call as the runtime makes it;
+   - eager: one FFN call as the runtime makes it (quant.triton_kernels.expert_ffn: fused GEMVs at batch 1,
+     dequantize + cuBLAS above GEMV_MAX_ROWS rows);
    - graph: a CUDA graph that runs the FFN of R different experts (R chosen so their weights exceed the
      L2 twice over, so no expert is timed from cache), replay time / R.
-   Variants: bf16 (three cuBLAS linears, as DenseExpert), and for INT4 g64 / INT2 g32: triton (our fused
-   kernels: GEMV at batch 1, tiled GEMM at 512), deq+cublas (our dequant kernel, then cuBLAS), and
+   Variants: bf16 (three cuBLAS linears, as DenseExpert), and for INT4 g64 / INT2 g32: triton (what
+   expert_ffn runs), deq+cublas (our dequant kernel, then cuBLAS, at every batch), and
    torch-deq (the plain-torch reference dequantization, then cuBLAS: the "torch dequant+matmul" backend).
-3. --sweep also times a few tile configurations of the GEMV and GEMM kernels and prints the best.
+3. --sweep also times a few tile configurations of the GEMV kernel and prints the best.
 Prints a markdown table and the issue's targets (INT4 batch 1 within 1.5x of bf16; INT2 no slower than
 INT4; INT4 prefill of 512 within 1.3x of bf16), judged on graph times.
 """
@@ -169,9 +170,9 @@ def sweep(name: str, qe: Quantized, label: str, hidden: int) -> list[str]:
         n, k = m.shape
         xin = x1 if what == "gate_up" else torch.randn(1, k, device="cuda").bfloat16()
         best = None
-        auto = tk.gemv_config(n, k, m.group_size, xin.device)["SPLIT_K"]
+        auto = tk.split_k(n, k, xin.device)
         for bn in (16, 32, 64):
-            for bk in (256, 512):
+            for bk in (256, 512, 1024):
                 for split in sorted({1, max(1, auto // 2), auto, 2 * auto}):
                     if k // bk < split:
                         continue
@@ -180,28 +181,10 @@ def sweep(name: str, qe: Quantized, label: str, hidden: int) -> list[str]:
                                  rep=50, return_mode="median") * 1000
                     if best is None or t < best[0]:
                         best = (t, cfg)
-        default = tk.gemv_config(n, k, m.group_size, xin.device)
         t_def = do_bench(lambda xin=xin, m=m: tk.gemv(xin, m, out_dtype=torch.float32), rep=50,
                          return_mode="median") * 1000
-        lines.append(f"{name} {label} GEMV {what} {n}x{k}: default {default} {t_def:.1f} us; best {best[1]} "
-                     f"{best[0]:.1f} us")
-        xp = torch.randn(512, k, device="cuda").bfloat16()
-        best = None
-        for bm, bn, bk, warps, stages in ((64, 128, 256, 4, 4), (128, 128, 256, 8, 3), (128, 256, 256, 8, 3),
-                                          (64, 64, 256, 4, 4), (128, 128, 512, 8, 3), (128, 64, 256, 4, 4)):
-            bk = max(bk, 16 * (32 // m.bits))  # tl.dot needs 16 columns per plane
-            cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
-                   "num_stages": stages}
-            try:
-                t = do_bench(lambda c=cfg, xp=xp, m=m: tk.gemm(xp, m, config=c), rep=50, return_mode="median") * 1000
-            except Exception as err:  # out of shared memory for this tile: skip it
-                lines.append(f"  gemm {cfg} failed: {type(err).__name__}")
-                continue
-            if best is None or t < best[0]:
-                best = (t, cfg)
-        t_def = do_bench(lambda xp=xp, m=m: tk.gemm(xp, m), rep=50, return_mode="median") * 1000
-        lines.append(f"{name} {label} GEMM512 {what}: default {tk.gemm_config(512, n, k, m.group_size)} "
-                     f"{t_def:.1f} us; best {best[1] if best else None} {best[0] if best else float('nan'):.1f} us")
+        lines.append(f"{name} {label} GEMV {what} {n}x{k}: autotuned (split {auto}) {t_def:.1f} us; swept best "
+                     f"{best[1]} {best[0]:.1f} us")
     return lines
 
 

@@ -415,7 +415,7 @@ def test_killed_pull_is_not_taken_for_complete_and_a_new_pull_holds_the_lock(hub
     config_gets = hub.gets(SYNTH, "config.json")
     hub.stall_on(SYNTH, shard)
     try:
-        killed = _start(tmp_path, hub.url, "pull", SYNTH)
+        killed = _start(tmp_path, hub.url, "pull", SYNTH, "--no-quantize")
         assert hub.stalled.wait(timeout=30), "the pull never reached the weights"
         killed.send_signal(signal.SIGKILL)
         killed.communicate(timeout=30)
@@ -426,10 +426,10 @@ def test_killed_pull_is_not_taken_for_complete_and_a_new_pull_holds_the_lock(hub
         assert orphans, "huggingface_hub should stream into a temporary .incomplete file"
 
         hub.stall_on(SYNTH, shard)  # the next pull stops at the same place, so no marker can appear yet
-        first = _start(tmp_path, hub.url, "pull", SYNTH)
+        first = _start(tmp_path, hub.url, "pull", SYNTH, "--no-quantize")
         refused = _start(tmp_path, hub.url, "run", SYNTH, "hello", "-n", "2", "--raw")
         assert hub.stalled.wait(timeout=30), "the new pull never reached the weights"
-        second = _start(tmp_path, hub.url, "pull", SYNTH)
+        second = _start(tmp_path, hub.url, "pull", SYNTH, "--no-quantize")
         remove = _start(tmp_path, hub.url, "rm", SYNTH, "--yes")
         listing = _start(tmp_path, hub.url, "list")
         _assert_one_line_error(_finish(second), 7, f"another fate process is pulling {SYNTH} (pid {first.pid})")
@@ -464,6 +464,9 @@ def test_fresh_pull_downloads_the_needed_files_and_the_model_runs(pulled, hub, s
     assert record["files"] == expected and record["total_bytes"] == sum(expected.values())
     for name in expected:
         assert (folder / name).read_bytes() == source[name], name
+    manifest = json.loads((folder / "fate-tiers" / "manifest.json").read_text())  # pull ran `fate quantize`
+    assert manifest["complete"] is True and set(manifest["tiers"]) >= {"hot", "cold"}
+    assert "tier store built" in result.stdout
     for decoy in DECOYS:  # never fetched, not even a HEAD
         assert not (folder / decoy).exists()
         assert hub.counts["GET", f"/{REPO}/resolve/{sha}/{decoy}"] == 0

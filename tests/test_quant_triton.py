@@ -20,7 +20,7 @@ def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits,group", [(4, 64), (2, 32), (8, 64), (4, 128)])
-def test_gemv_gemm_dequant_against_the_reference(bits, group):
+def test_gemv_and_dequant_against_the_reference(bits, group):
     w = torch.randn(384, 1024, device="cuda") * 0.02
     m = quantize_matrix(w, bits, group, method="minmax")
     ref_w = dequantize(m, torch.float32)
@@ -32,9 +32,6 @@ def test_gemv_gemm_dequant_against_the_reference(bits, group):
             cfg = {"BLOCK_N": 32, "BLOCK_K": max(256, group), "SPLIT_K": split, "num_warps": 4}
             assert _rel(tk.gemv(x, m, out_dtype=torch.float32, config=cfg), ref) < 1e-5
         assert _rel(tk.gemv(x, m).float(), ref) < 1e-2
-    for rows in (5, 77, 512):
-        x = torch.randn(rows, 1024, device="cuda").bfloat16()
-        assert _rel(tk.gemm(x, m).float(), x.float() @ ref_w.T) < 2e-2
 
 
 @pytest.mark.parametrize("hidden,inter", [(2048, 768), (512, 1408)])
