@@ -70,6 +70,8 @@ class Plan:
     def summary(self) -> str:
         fp = self.footprint
         parts = [f"budget {format_size(self.budget)}, plan uses {format_size(self.device_bytes)}"]
+        if self.full_layers and not self.slots:
+            return f"{parts[0]}; every expert on the device at 16 bits, nothing offloaded"
         if self.full_layers:
             parts.append(f"layer {','.join(map(str, self.full_layers))} whole at 16 bits")
         if not self.offloaded:

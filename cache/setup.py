@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from cache.budget import format_size
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan, make_plan
 from cache.policies import POLICIES, Policy, PolicyContext, make_policy
@@ -67,7 +66,6 @@ def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, cont
     all_full = fp.fixed + len(fp.moe_layers) * fp.num_experts * fp.expert_full
     if policy != "resident" and not one_tier and budget >= all_full:
         plan = Plan(budget, fp, {}, tuple(fp.moe_layers))
-        plan.notes.append(f"every expert fits at 16 bits ({format_size(all_full)}): nothing offloaded")
         return OffloadSetup(plan, policy, budget, full_precision=True)
     if policy == "resident":  # the ceiling: every expert on the device at the hot tier, whatever the budget
         plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)

@@ -85,11 +85,14 @@ def chat(
     seed: int = typer.Option(0, help="random seed of the sampler"),
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
+    vram: str = typer.Option(None, help=VRAM_HELP),
+    policy: str = typer.Option("fate", help=POLICY_HELP),
+    transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
 ) -> None:
     """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
     from fate_cli.chat import chat_command
 
-    chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype)
+    chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits)
 
 
 @app.command()

@@ -25,10 +25,15 @@ def chat_command(
     seed: int | None,
     device: str | None,
     dtype: str | None,
+    vram: str | None = None,
+    policy: str | None = "fate",
+    transfer_bits: int | None = None,
 ) -> None:
     err = Console(stderr=True, highlight=False)
-    runtime = open_model(model, device, dtype)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
     err.print(f"[dim]{runtime.describe()}[/dim]")
+    if runtime.plan_line():
+        err.print(f"[dim]{runtime.plan_line()}[/dim]")
     sampler = Sampler(sampling_from(runtime, temperature, None, None, seed), runtime.loaded.device)
     history = [Message("system", system)] if system else []
     interactive = prompt is None and sys.stdin.isatty()
