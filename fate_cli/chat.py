@@ -31,9 +31,7 @@ def chat_command(
 ) -> None:
     err = Console(stderr=True, highlight=False)
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
-    err.print(f"[dim]{runtime.describe()}[/dim]")
-    if runtime.plan_line():
-        err.print(f"[dim]{runtime.plan_line()}[/dim]")
+    runtime.announce(err)
     sampler = Sampler(sampling_from(runtime, temperature, None, None, seed), runtime.loaded.device)
     history = [Message("system", system)] if system else []
     interactive = prompt is None and sys.stdin.isatty()

@@ -51,9 +51,7 @@ def run_command(
     err = Console(stderr=True, highlight=False)
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
     if not as_json:
-        err.print(f"[dim]{runtime.describe()}[/dim]")
-        if runtime.plan_line():
-            err.print(f"[dim]{runtime.plan_line()}[/dim]")
+        runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     ids = prompt_ids(runtime, prompt, raw)
     stream = StreamDecoder(runtime.tokenizer)

@@ -73,6 +73,12 @@ class Runtime:
         backends = ", ".join(sorted(set(self.offload.backends.values())))
         return f"{head}; policy {self.setup.policy}, backend {backends}"
 
+    def announce(self, console) -> None:  # noqa: ANN001 - a rich Console on stderr
+        """The device/backend/policy line, and the plan's summary when there is a plan."""
+        console.print(f"[dim]{self.describe()}[/dim]")
+        if self.plan_line():
+            console.print(f"[dim]{self.plan_line()}[/dim]")
+
     def plan_line(self) -> str:
         if self.setup is None:
             return ""

@@ -17,6 +17,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
 from fate_cli.errors import BadModel, ModelNotFound
+from fate_cli.model.args import read_json_object
 
 
 def _token_text(value: Any) -> str | None:
@@ -24,18 +25,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadModel(f"{path} is not valid JSON ({err}); re-download the model") from None
-    if not isinstance(data, dict):
-        raise BadModel(f"{path} must hold a JSON object; re-download the model")
-    return data
 
 
 @dataclass
@@ -53,12 +42,12 @@ class Tokenizer:
             self.tok = HFTokenizer.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on parse errors
             raise BadModel(f"{path} cannot be read ({str(err).splitlines()[0]}); re-download the model") from None
-        config = _read_json(model_dir / "tokenizer_config.json")
+        config = read_json_object(model_dir / "tokenizer_config.json")
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = self._find_template(model_dir, config)
-        gen = _read_json(model_dir / "generation_config.json")
-        cfg = _read_json(model_dir / "config.json")
+        gen = read_json_object(model_dir / "generation_config.json")
+        cfg = read_json_object(model_dir / "config.json")
         self.generation_defaults = gen
         self.eos_ids = self._eos_ids(gen, cfg)
 

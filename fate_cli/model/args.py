@@ -136,17 +136,42 @@ class ConfigReader:
         return default
 
 
-def read_config(model_dir: Path) -> dict[str, Any]:
-    path = model_dir / "config.json"
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A model file holding one JSON object (config.json, tokenizer_config.json, ...); {} when absent."""
     if not path.is_file():
-        raise ModelNotFound(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+        return {}
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadModel(f"{path} is not valid JSON ({err}); re-download the model") from None
-    if not isinstance(cfg, dict):
+    if not isinstance(data, dict):
         raise BadModel(f"{path} must hold a JSON object; re-download the model")
-    return cfg
+    return data
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    if not (model_dir / "config.json").is_file():
+        raise ModelNotFound(f"{model_dir} has no config.json; is it a Hugging Face model folder?")
+    return read_json_object(model_dir / "config.json")
+
+
+def common_fields(
+    r: ConfigReader, rope_theta: float, rms_norm_eps: float, max_positions: int
+) -> dict[str, Any]:
+    """The ModelArgs fields every family reads the same way (defaults differ per family)."""
+    hidden, heads = r.int("hidden_size"), r.int("num_attention_heads")
+    return {
+        "vocab_size": r.int("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": r.int("num_hidden_layers"),
+        "num_heads": heads,
+        "num_kv_heads": r.int("num_key_value_heads", heads),
+        "head_dim": r.head_dim(hidden, heads),
+        "rope_theta": r.rope_theta(rope_theta),
+        "rms_norm_eps": r.float("rms_norm_eps", rms_norm_eps),
+        "max_position_embeddings": r.int("max_position_embeddings", max_positions),
+        "tie_word_embeddings": r.bool("tie_word_embeddings", False),
+    }
 
 
 def sparse_layer_pattern(reader: ConfigReader, num_layers: int, num_experts: int) -> tuple[bool, ...]:

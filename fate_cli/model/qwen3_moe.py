@@ -7,25 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fate_cli.model.args import ConfigReader, ModelArgs, sparse_layer_pattern
+from fate_cli.model.args import ConfigReader, ModelArgs, common_fields, sparse_layer_pattern
 
 
 def model_args(cfg: dict[str, Any], path: Path) -> ModelArgs:
     r = ConfigReader(cfg, path)
-    hidden, heads, layers = r.int("hidden_size"), r.int("num_attention_heads"), r.int("num_hidden_layers")
+    fields = common_fields(r, rope_theta=10000.0, rms_norm_eps=1e-6, max_positions=32768)
     experts = r.first_int("num_experts", "num_local_experts")
     return ModelArgs(
         family="qwen3_moe",
-        vocab_size=r.int("vocab_size"),
-        hidden_size=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=r.int("num_key_value_heads", heads),
-        head_dim=r.head_dim(hidden, heads),
-        rope_theta=r.rope_theta(10000.0),
-        rms_norm_eps=r.float("rms_norm_eps", 1e-6),
-        max_position_embeddings=r.int("max_position_embeddings", 32768),
-        tie_word_embeddings=r.bool("tie_word_embeddings", False),
+        **fields,
         num_experts=experts,
         top_k=r.int("num_experts_per_tok", 8),
         moe_intermediate_size=r.int("moe_intermediate_size"),
@@ -33,5 +24,5 @@ def model_args(cfg: dict[str, Any], path: Path) -> ModelArgs:
         attention_bias=r.bool("attention_bias", False),
         qk_norm="head",
         dense_intermediate_size=r.int("intermediate_size", 0, minimum=0),
-        moe_layers=sparse_layer_pattern(r, layers, experts),
+        moe_layers=sparse_layer_pattern(r, fields["num_layers"], experts),
     )
