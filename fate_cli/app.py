@@ -104,11 +104,13 @@ def bench(
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
     output: str = typer.Option("md", "-o", "--output", help="md or json"),
+    vram: str = typer.Option(None, help=VRAM_HELP),
+    policy: str = typer.Option("fate", help=POLICY_HELP),
 ) -> None:
     """Measure prefill and decode speed, llama-bench style (mean ± sd over repetitions)."""
     from fate_cli.bench import bench_command
 
-    bench_command(model, prompt_len, gen_len, reps, device, dtype, output)
+    bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy)
 
 
 @app.command()
