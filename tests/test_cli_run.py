@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_one_line_error
 from tests.tiny_models import make_tiny_model
 
 FATE = [sys.executable, "-m", "fate_cli"]
@@ -59,21 +60,13 @@ def test_sampling_with_seed(tiny):
     assert json.loads(a.stdout)["token_ids"] == json.loads(b.stdout)["token_ids"]
 
 
-def _one_line_error(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for word in words:
-        assert word in lines[0]
-
 
 def test_unknown_alias_suggests_close_match(tmp_path):
-    _one_line_error(fate("run", "mixtrall", "hi", home=tmp_path), 3, "did you mean", "mixtral")
+    assert_one_line_error(fate("run", "mixtrall", "hi", home=tmp_path), 3, "did you mean", "mixtral")
 
 
 def test_alias_not_pulled(tmp_path):
-    _one_line_error(fate("run", "olmoe", "hi", home=tmp_path), 3, "fate pull olmoe")
+    assert_one_line_error(fate("run", "olmoe", "hi", home=tmp_path), 3, "fate pull olmoe")
 
 
 def test_unsupported_model_type(tmp_path, tiny):
@@ -84,7 +77,7 @@ def test_unsupported_model_type(tmp_path, tiny):
     cfg = json.loads((bad / "config.json").read_text())
     cfg["model_type"] = "llama"
     (bad / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(fate("run", str(bad), "hi"), 4, "llama", "qwen3_moe", "mixtral")
+    assert_one_line_error(fate("run", str(bad), "hi"), 4, "llama", "qwen3_moe", "mixtral")
 
 
 def test_unsupported_rope_scaling(tmp_path, tiny):
@@ -93,7 +86,7 @@ def test_unsupported_rope_scaling(tmp_path, tiny):
     cfg.pop("rope_parameters", None)
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
     (bad / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(fate("run", str(bad), "hi"), 4, "yarn")
+    assert_one_line_error(fate("run", str(bad), "hi"), 4, "yarn")
 
 
 def test_missing_and_truncated_safetensors(tmp_path):
@@ -101,16 +94,16 @@ def test_missing_and_truncated_safetensors(tmp_path):
     weights = model / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    _one_line_error(fate("run", str(model), "hi"), 4, "model.safetensors")
+    assert_one_line_error(fate("run", str(model), "hi"), 4, "model.safetensors")
     weights.unlink()
-    _one_line_error(fate("run", str(model), "hi"), 3, "model.safetensors")
+    assert_one_line_error(fate("run", str(model), "hi"), 3, "model.safetensors")
 
 
 def test_missing_shard(tmp_path):
     model = make_tiny_model(tmp_path / "sharded", family="qwen3_moe", shards=2)
     shard = sorted(model.glob("model-*.safetensors"))[0]
     shard.unlink()
-    _one_line_error(fate("run", str(model), "hi"), 3, shard.name)
+    assert_one_line_error(fate("run", str(model), "hi"), 3, shard.name)
 
 
 def test_shape_mismatch(tmp_path):
@@ -118,13 +111,13 @@ def test_shape_mismatch(tmp_path):
     cfg = json.loads((model / "config.json").read_text())
     cfg["moe_intermediate_size"] = 24
     (model / "config.json").write_text(json.dumps(cfg))
-    _one_line_error(fate("run", str(model), "hi"), 4, "shape")
+    assert_one_line_error(fate("run", str(model), "hi"), 4, "shape")
 
 
 def test_malformed_config(tmp_path):
     model = make_tiny_model(tmp_path / "json", family="qwen3_moe")
     (model / "config.json").write_text("{not json")
-    _one_line_error(fate("run", str(model), "hi"), 4, "config.json")
+    assert_one_line_error(fate("run", str(model), "hi"), 4, "config.json")
 
 
 def test_cuda_unavailable_is_clear(tiny):
@@ -132,7 +125,7 @@ def test_cuda_unavailable_is_clear(tiny):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    _one_line_error(fate("run", str(tiny), "hi", "--device", "cuda"), 2, "--device cpu")
+    assert_one_line_error(fate("run", str(tiny), "hi", "--device", "cuda"), 2, "--device cpu")
 
 
 def test_bench_one_policy_at_one_budget(tmp_path):
@@ -146,5 +139,5 @@ def test_bench_one_policy_at_one_budget(tmp_path):
 
 
 def test_budget_below_minimum_is_refused_before_loading(tmp_path):
-    _one_line_error(fate("run", "tiny", "hi", "--vram", "1MB", home=tmp_path), 6, "minimum", "raise --vram")
-    _one_line_error(fate("run", "tiny", "hi", "--vram", "8XB", home=tmp_path), 2, "8XB")
+    assert_one_line_error(fate("run", "tiny", "hi", "--vram", "1MB", home=tmp_path), 6, "minimum", "raise --vram")
+    assert_one_line_error(fate("run", "tiny", "hi", "--vram", "8XB", home=tmp_path), 2, "8XB")

@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from fate_cli.errors import ResourceError
+from tests.helpers import assert_one_line_error
 from tests.tiny_models import make_tiny_model
 
 REPO = "org/tiny"
@@ -328,14 +329,6 @@ def _biggest_shard(source: dict[str, bytes]) -> str:
     return max((n for n in source if n.endswith(".safetensors")), key=lambda n: len(source[n]))
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> None:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-
 
 def _rm_sequence(home: Path, endpoint: str) -> dict:
     """rm without --yes (refused), rm --yes, then list, rm again and rm of a bundled model."""
@@ -398,7 +391,7 @@ def test_errors_are_one_line_with_their_exit_status(hub, tmp_path):
     procs = {name: _start(home, url, *args) for name, (home, url, args, _, _) in cases.items()}
     for name, proc in procs.items():
         _, _, _, code, needles = cases[name]
-        _assert_one_line_error(_finish(proc), code, *needles)
+        assert_one_line_error(_finish(proc), code, *needles)
     assert hub.gets("org/llama", "model.safetensors") == 0  # rejected before the weights
     assert hub.gets("org/llama", "config.json") == 1
     assert not (tmp_path / "c" / "models" / "org--llama" / "model.safetensors").exists()
@@ -432,9 +425,9 @@ def test_killed_pull_is_not_taken_for_complete_and_a_new_pull_holds_the_lock(hub
         second = _start(tmp_path, hub.url, "pull", SYNTH, "--no-quantize")
         remove = _start(tmp_path, hub.url, "rm", SYNTH, "--yes")
         listing = _start(tmp_path, hub.url, "list")
-        _assert_one_line_error(_finish(second), 7, f"another fate process is pulling {SYNTH} (pid {first.pid})")
-        _assert_one_line_error(_finish(remove), 7, f"(pid {first.pid})")
-        _assert_one_line_error(_finish(refused), 3, "did not finish")
+        assert_one_line_error(_finish(second), 7, f"another fate process is pulling {SYNTH} (pid {first.pid})")
+        assert_one_line_error(_finish(remove), 7, f"(pid {first.pid})")
+        assert_one_line_error(_finish(refused), 3, "did not finish")
         row = next(line for line in _finish(listing).stdout.splitlines() if SYNTH in line)
         assert f"incomplete (pulling, pid {first.pid})" in row
         assert not any(o.exists() for o in orphans)  # the killed pull's orphans are cleaned up
@@ -499,15 +492,15 @@ def test_second_pull_is_up_to_date_and_fetches_no_file(pulled):
 def test_rm_removes_the_model_and_list_forgets_it(pulled):
     assert pulled["pull"].returncode == 0
     steps = pulled["rm"]
-    _assert_one_line_error(steps["refused"], 2, "--yes")  # stdin is not a terminal
+    assert_one_line_error(steps["refused"], 2, "--yes")  # stdin is not a terminal
     assert steps["kept"]
     assert steps["rm"].returncode == 0, steps["rm"].stderr
     assert f"removed {REPO}" in steps["rm"].stdout
     assert steps["gone"] and not steps["trash"]
     assert steps["list"].returncode == 0 and REPO not in steps["list"].stdout
     assert "no models pulled yet" in steps["list"].stdout
-    _assert_one_line_error(steps["again"], 3, "not pulled")
-    _assert_one_line_error(steps["bundled"], 2, "bundled")
+    assert_one_line_error(steps["again"], 3, "not pulled")
+    assert_one_line_error(steps["bundled"], 2, "bundled")
 
 
 @pytest.mark.filterwarnings("ignore:Not enough free disk space")

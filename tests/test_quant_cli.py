@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from quant.store import QuantParams, default_store_dir, quantize_model
+from tests.helpers import assert_one_line_error
 from tests.tiny_models import make_tiny_model
 
 SHARD_MB = 0.02
@@ -42,15 +43,6 @@ def cli(capsys, *args: str) -> subprocess.CompletedProcess:
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out, err)
 
-
-def _one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,7 +93,7 @@ def test_kill_quantize_halfway_then_rerun_completes(models, monkeypatch, capsys)
     on_record = json.loads((store / "progress.json").read_text())["shards"]
     kept = {name: ((store / name).stat().st_ino, (store / name).stat().st_mtime_ns) for name in on_record}
     assert kept
-    _one_line_error(cli(capsys, "verify", str(model)), 4, "incomplete", f"fate quantize {model}")
+    assert_one_line_error(cli(capsys, "verify", str(model)), 4, "incomplete", f"fate quantize {model}")
 
     params = QuantParams(max_shard_bytes=int(SHARD_MB * (1 << 20)))  # what the CLI asked for
     result = quantize_model(model, store, params)
@@ -125,7 +117,7 @@ def test_quantize_verify_perplexity_and_a_corrupt_byte(models, monkeypatch, caps
     assert again.returncode == 0 and "up to date" in again.stdout
     ok = cli(capsys, "verify", str(model))
     assert ok.returncode == 0 and ok.stdout.startswith("store OK: "), ok.stderr
-    _one_line_error(cli(capsys, "quantize", str(model), "--hot-bits", "5"), 2, "--hot-bits 5")
+    assert_one_line_error(cli(capsys, "quantize", str(model), "--hot-bits", "5"), 2, "--hot-bits 5")
 
     ppl = cli(capsys, "perplexity", str(model), "--max-windows", "2", "--window", "64")
     assert ppl.returncode == 0, ppl.stderr
@@ -141,6 +133,7 @@ def test_quantize_verify_perplexity_and_a_corrupt_byte(models, monkeypatch, caps
     data = bytearray(victim.read_bytes())
     data[-5] ^= 0x01
     victim.write_bytes(bytes(data))
-    _one_line_error(cli(capsys, "verify", str(model)), 4, "damaged", victim.name, "sha256", f"fate quantize {model}")
+    verify = cli(capsys, "verify", str(model))
+    assert_one_line_error(verify, 4, "damaged", victim.name, "sha256", f"fate quantize {model}")
     bad = cli(capsys, "perplexity", str(model), "--tiers", "hot", "--max-windows", "1")
-    _one_line_error(bad, 4, "damaged", "sha256")
+    assert_one_line_error(bad, 4, "damaged", "sha256")
