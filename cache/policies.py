@@ -21,7 +21,6 @@ from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
 from predictors.cross_layer import by_popularity, predict_next
 
-POLICIES = ("fate", "ondemand", "lru", "eap", "resident")
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
 
 
@@ -135,6 +134,13 @@ class EAP(Policy):
         return out
 
 
+POLICY_TYPES: dict[str, type[Policy]] = {
+    "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "resident": Resident,
+}
+
+
 def make_policy(name: str, ctx: PolicyContext) -> Policy:
-    table = {"fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "resident": Resident}
-    return table[name](ctx)
+    return POLICY_TYPES[name](ctx)
+
+
+POLICIES = tuple(POLICY_TYPES)

@@ -12,7 +12,7 @@ import torch
 
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan, make_plan
-from cache.policies import POLICIES, Policy, PolicyContext, make_policy
+from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_policy
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ResidentExperts
@@ -70,7 +70,7 @@ def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, cont
     if policy == "resident":  # the ceiling: every expert on the device at the hot tier, whatever the budget
         plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
     else:
-        split = make_policy(policy, PolicyContext([], 0, 0, 0, {})).split
+        split = POLICY_TYPES[policy].split
         plan = make_plan(fp, budget, split, shallow_layers, whole_first=not one_tier)
     return OffloadSetup(plan, policy, budget, full_precision=False)
 

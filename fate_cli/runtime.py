@@ -130,7 +130,7 @@ def open_model(
     budget = parse_size(vram) if vram else auto_budget(dev)
     ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
     store = _open_store(resolved, build=False)
-    params = QuantParams(**{k: v for k, v in store.manifest["params"].items()}) if store else QuantParams()
+    params = QuantParams(**store.manifest["params"]) if store else QuantParams()
     setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
     if setup.full_precision:
         return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer, setup)

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one thread beats two (no OpenMP barriers), by far on a busy 2-core machine.
+
+    Import it into a test module to apply it there."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
     """The command failed with `code` and said so in one `error: ...` line naming every needle."""

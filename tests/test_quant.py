@@ -20,17 +20,8 @@ from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize, pack_codes, unpack_codes
 from quant.provider import TieredExperts, mixed_plan, tiered_provider, uniform_plan
 from quant.store import QuantParams, TierStore, check_store, quantize_model
+from tests.helpers import one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread beats two (no OpenMP barriers), by far on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------------------------ packing
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from quant.store import QuantParams, default_store_dir, quantize_model
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model
 
 SHARD_MB = 0.02
@@ -44,16 +44,6 @@ def cli(capsys, *args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, code, out, err)
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread beats two (no OpenMP barriers), by far on a busy 2-core machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
