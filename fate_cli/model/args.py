@@ -63,7 +63,7 @@ class ConfigReader:
     def _fail(self, key: str, why: str) -> BadModel:
         return BadModel(f"{self.path}: field '{key}' {why}; fix config.json or re-download the model")
 
-    def int(self, key: str, default: int | None = None, *, minimum: int = 1) -> int:
+    def int(self, key: str, default: int | None = None, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
         value = self.cfg.get(key, default)
         if value is None:
             raise self._fail(key, "is missing")
@@ -71,6 +71,8 @@ class ConfigReader:
             raise self._fail(key, f"must be an integer, not {value!r}")
         if value < minimum:
             raise self._fail(key, f"must be at least {minimum}, not {value}")
+        if value > maximum:
+            raise self._fail(key, f"must be at most {maximum}, not {value}")
         return value
 
     def float(self, key: str, default: float | None = None) -> float:
@@ -155,6 +157,9 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     return read_json_object(model_dir / "config.json")
 
 
+MAX_LAYERS = 1024  # far above any released MoE; stops a corrupt config from building a billion layers
+
+
 def common_fields(
     r: ConfigReader, rope_theta: float, rms_norm_eps: float, max_positions: int
 ) -> dict[str, Any]:
@@ -163,7 +168,7 @@ def common_fields(
     return {
         "vocab_size": r.int("vocab_size"),
         "hidden_size": hidden,
-        "num_layers": r.int("num_hidden_layers"),
+        "num_layers": r.int("num_hidden_layers", maximum=MAX_LAYERS),
         "num_heads": heads,
         "num_kv_heads": r.int("num_key_value_heads", heads),
         "head_dim": r.head_dim(hidden, heads),

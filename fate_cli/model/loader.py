@@ -7,6 +7,7 @@ model's parameters, so the whole checkpoint is never held in memory twice.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
 def load_args(model_dir: Path) -> ModelArgs:
     cfg = read_config(model_dir)
     family = cfg.get("model_type")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise BadModel(
             f"model_type {family!r} in {model_dir / 'config.json'} is not supported; "
             f"fate runs {', '.join(sorted(FAMILIES))}"
@@ -127,6 +128,19 @@ def expert_shapes(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int], tu
     return (i, h), (i, h), (h, i)
 
 
+LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(args: ModelArgs, ckpt: Checkpoint) -> None:
+    """Checked before the model is built, so a config claiming a huge depth fails fast instead of building it."""
+    found = {int(m.group(1)) for name in ckpt.names() if (m := LAYER_NAME.match(name))}
+    if found != set(range(args.num_layers)):
+        raise BadModel(
+            f"{ckpt.dir}: config.json says num_hidden_layers is {args.num_layers} but the checkpoint holds "
+            f"{len(found)} layers; the weights do not match the config"
+        )
+
+
 def check_checkpoint(args: ModelArgs, ckpt: Checkpoint, model: Transformer) -> None:
     """Every tensor the model needs is present with the shape config.json implies."""
     for param, tensor in model.named_parameters():
@@ -168,6 +182,7 @@ def load_model(
     device = torch.device(device)
     args = load_args(model_dir)
     ckpt = Checkpoint(model_dir)
+    check_layer_count(args, ckpt)
     with torch.device("meta"):
         model = Transformer(args, ResidentExperts({}))
     check_checkpoint(args, ckpt, model)

@@ -9,6 +9,7 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -45,7 +46,25 @@ def fresh_copy(family: str) -> Path:
     return dest
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WRONG_VALUES = [None, [], "x", -1, 10**9, "<removed>"]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_every_config_field_wrong(family):
+    """Each field in turn replaced by a wrong type, a negative, a huge number, or removed."""
+    path = fresh_copy(family)
+    original = json.loads((path / "config.json").read_text())
+    for key in sorted(original):
+        for value in WRONG_VALUES:
+            cfg = {k: v for k, v in original.items() if not (k == key and value == "<removed>")}
+            if value != "<removed>":
+                cfg[key] = value
+            (path / "config.json").write_text(json.dumps(cfg))
+            load_or_clean_error(path)
+    shutil.rmtree(path.parent)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(family=st.sampled_from(["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]), data=st.data())
 def test_mutated_config(family, data):
     path = fresh_copy(family)
@@ -61,7 +80,7 @@ def test_mutated_config(family, data):
     shutil.rmtree(path.parent)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_mutated_safetensors_header(data):
     path = fresh_copy("qwen3_moe")

@@ -31,7 +31,7 @@ def footprints(draw):
     )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True)
 @given(fp=footprints(), budget=st.integers(1, 2 * 10**12), split=st.sampled_from(["shallow", "uniform"]),
        shallow=st.one_of(st.none(), st.integers(0, 70)), whole_first=st.booleans())
 def test_a_plan_fits_or_is_refused_with_the_minimum(fp, budget, split, shallow, whole_first):
