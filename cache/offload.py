@@ -52,7 +52,9 @@ class OffloadedExperts:
         transfer_tier: str | None = None,
         backend: str | None = None,
         ram_limit: int | None = None,
+        host: HostTier | None = None,
     ):
+        """host: a HostTier built earlier for the same store and layers (a benchmark shares one across runs)."""
         self.store, self.plan, self.policy = store, plan, policy
         self.device, self.dtype, self.transfer_tier = device, dtype, transfer_tier
         self.stats = CacheStats()
@@ -64,7 +66,7 @@ class OffloadedExperts:
         }
         cached = [layer for layer in ctx.moe_layers if layer not in plan.full_layers]
         tiers = [transfer_tier] if transfer_tier else list(policy.tiers)
-        self.host = HostTier(store, cached, ctx.num_experts, tiers, pin=device.type == "cuda", ram_limit=ram_limit)
+        self.host = host or HostTier(store, cached, ctx.num_experts, tiers, device.type == "cuda", ram_limit)
         self.full: dict[int, list[ExpertFn]] = {}
         for layer in plan.full_layers:
             lay = self.layouts["dense"]
@@ -75,6 +77,7 @@ class OffloadedExperts:
         slots = {layer: plan.slots[layer] for layer in cached}
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n)) for layer, n in slots.items()}
+        self._stall_base, self._waits_base = 0.0, 0
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -96,7 +99,8 @@ class OffloadedExperts:
         self.policy.on_route(layer, ids, counts)
         predicted = self.policy.predicted.pop(layer, None)
         if predicted is not None:
-            self.stats.prediction(layer, predicted, set(ids))
+            one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
+            self.stats.prediction(layer, predicted, set(ids), one_token)
         if layer in self.full:
             table = self.full[layer]
             return iter([(e, table[e]) for e in ids])
@@ -165,6 +169,18 @@ class OffloadedExperts:
         return QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout, self.backends[tier])
 
     # ---- reporting --------------------------------------------------------------------------------
+
+    def sync_stats(self) -> CacheStats:
+        """The stats with the GPU's stall timings read back (one synchronisation; not for the decode loop)."""
+        if self.pool.cuda:
+            self.stats.stall_seconds = self.pool.stalls.collect() - self._stall_base
+            self.stats.stall_waits = self.pool.stalls.waits - self._waits_base
+        return self.stats
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+        if self.pool.cuda:
+            self._stall_base, self._waits_base = self.pool.stalls.collect(), self.pool.stalls.waits
 
     def occupancy(self) -> dict[int, int]:
         return {layer: len(s.slot_of) for layer, s in self.layers.items()}

@@ -10,6 +10,43 @@ from __future__ import annotations
 
 import torch
 
+STALL_PAIRS = 1024  # timing event pairs kept before they are read back (one host sync per this many stalls)
+
+
+class StallTimer:
+    """GPU time the compute stream spent waiting for copies, from CUDA event pairs around each wait.
+
+    A pair is recorded only when the copy was still running as the host queued the wait; the events
+    are preallocated and read back (one synchronisation) when the ring fills or stats are asked for.
+    """
+
+    def __init__(self) -> None:
+        self.pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(STALL_PAIRS)]
+        self.used = 0
+        self.seconds = 0.0
+        self.waits = 0
+
+    def wait(self, stream: torch.cuda.Stream, ready: torch.cuda.Event) -> None:
+        if ready.query():
+            stream.wait_event(ready)
+            return
+        if self.used == len(self.pairs):
+            self.collect()
+        before, after = self.pairs[self.used]
+        self.used += 1
+        self.waits += 1
+        before.record(stream)
+        stream.wait_event(ready)
+        after.record(stream)
+
+    def collect(self) -> float:
+        if self.used:
+            self.pairs[self.used - 1][1].synchronize()
+            self.seconds += sum(b.elapsed_time(a) for b, a in self.pairs[: self.used]) / 1000
+            self.used = 0
+        return self.seconds
+
 
 class SlotPool:
     def __init__(self, device: torch.device, slot_nbytes: int, slots_per_layer: dict[int, int]):
@@ -26,6 +63,7 @@ class SlotPool:
             self.copy_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(total)]
             self.free = [torch.cuda.Event() for _ in range(total)]
+            self.stalls = StallTimer()
 
     @property
     def nbytes(self) -> int:
@@ -48,7 +86,7 @@ class SlotPool:
 
     def wait_ready(self, layer: int, slot: int) -> None:
         if self.cuda:
-            torch.cuda.current_stream(self.device).wait_event(self.ready[self.first[layer] + slot])
+            self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[self.first[layer] + slot])
 
     def release(self, layer: int, slot: int) -> None:
         """The compute stream is done reading this slot (once the work queued so far completes)."""

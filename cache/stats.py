@@ -31,10 +31,12 @@ class LayerStats:
 @dataclass
 class CacheStats:
     layers: dict[int, LayerStats] = field(default_factory=lambda: defaultdict(LayerStats))
+    decode_layers: dict[int, LayerStats] = field(default_factory=lambda: defaultdict(LayerStats))  # 1-token steps
     bytes_moved: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     loads: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     prefetches: int = 0
-    stall_seconds: float = 0.0  # host time spent waiting for copies the compute needed (CPU, or sync points)
+    stall_seconds: float = 0.0  # time compute waited for copies: CUDA event pairs on a GPU, host time on CPU
+    stall_waits: int = 0  # waits that found their copy still running
 
     def hit(self, layer: int) -> None:
         self.layers[layer].hits += 1
@@ -46,11 +48,11 @@ class CacheStats:
         self.bytes_moved[tier] += nbytes
         self.loads[tier] += 1
 
-    def prediction(self, layer: int, predicted: set[int], used: set[int]) -> None:
-        s = self.layers[layer]
-        s.predicted += len(predicted)
-        s.predicted_used += len(predicted & used)
-        s.used += len(used)
+    def prediction(self, layer: int, predicted: set[int], used: set[int], one_token: bool) -> None:
+        for s in (self.layers[layer], self.decode_layers[layer]) if one_token else (self.layers[layer],):
+            s.predicted += len(predicted)
+            s.predicted_used += len(predicted & used)
+            s.used += len(used)
 
     @property
     def hits(self) -> int:
@@ -65,8 +67,9 @@ class CacheStats:
         total = self.hits + self.misses
         return self.hits / total if total else 1.0
 
-    def _mean(self, attr: str) -> float | None:
-        values = [getattr(s, attr) for s in self.layers.values() if getattr(s, attr) is not None]
+    def _mean(self, attr: str, layers: dict[int, LayerStats] | None = None) -> float | None:
+        layers = self.layers if layers is None else layers
+        values = [getattr(s, attr) for s in layers.values() if getattr(s, attr) is not None]
         return sum(values) / len(values) if values else None
 
     def as_dict(self) -> dict:
@@ -76,14 +79,17 @@ class CacheStats:
             "misses": self.misses,
             "prediction_precision": self._mean("precision"),
             "prediction_recall": self._mean("recall"),
+            "decode_prediction_recall": self._mean("recall", self.decode_layers),
             "bytes_moved": dict(self.bytes_moved),
             "loads": dict(self.loads),
             "prefetches": self.prefetches,
             "stall_seconds": self.stall_seconds,
+            "stall_waits": self.stall_waits,
             "per_layer": {
                 str(layer): {
                     "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
                     "precision": s.precision, "recall": s.recall,
+                    "decode_recall": self.decode_layers[layer].recall if layer in self.decode_layers else None,
                 }
                 for layer, s in sorted(self.layers.items())
             },
