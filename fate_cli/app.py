@@ -97,20 +97,29 @@ def chat(
 
 @app.command()
 def bench(
-    model: str = typer.Argument(None, help=MODEL_HELP + " [default: the bundled model]"),
+    model: str = typer.Argument(
+        None, help=MODEL_HELP + "; or synthetic:mixtral-8x7b | synthetic:qwen3-30b-a3b | synthetic:olmoe-1b-7b "
+        "(real shapes, random weights), replay:mixtral-8x7b (the bundled model's routing at Mixtral's expert "
+        "size); several, comma-separated [default: the bundled model]"),
+    vram: str = typer.Option(None, help="budgets: 8GB, a list 4GB,8GB, a range 4GB-16GB+4GB, or shares of the "
+                             "hot-tier expert bytes 25%,50%,75% [default: free memory less a margin]"),
+    policy: str = typer.Option(None, help="policies, comma-separated [default: resident,fate,lru,eap,ondemand]"),
     prompt_len: int = typer.Option(512, "-p", "--prompt-len", min=1, help="prompt tokens (test ppP)"),
     gen_len: int = typer.Option(128, "-n", "--gen-len", min=2, help="generated tokens (test tgN)"),
     reps: int = typer.Option(3, "-r", "--repetitions", min=1, help="timed repetitions after one warm-up"),
+    prompts: str = typer.Option(None, "--prompts", help="text file, one prompt per paragraph [default: held-out text]"),
+    output: str = typer.Option("md", "-o", "--output", help="md, csv or json"),
+    plot: str = typer.Option(None, "--plot", help="PNG file: decode tokens/s and hit rate against budget"),
+    transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
-    output: str = typer.Option("md", "-o", "--output", help="md or json"),
-    vram: str = typer.Option(None, help=VRAM_HELP),
-    policy: str = typer.Option("fate", help=POLICY_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
 ) -> None:
-    """Measure prefill and decode speed, llama-bench style (mean ± sd over repetitions)."""
+    """Sweep VRAM budgets and policies side by side: prefill and decode speed, hit rate, bytes moved."""
     from fate_cli.bench import bench_command
 
-    bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy)
+    bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
+                  plot, quiet)
 
 
 @app.command()

@@ -1,86 +1,385 @@
-"""`fate bench`: prompt processing (pp) and generation (tg) speed, llama-bench style.
+"""`fate bench`: memory-budget sweeps, policies side by side, llama-bench style (ppP / tgN tests).
 
-This first version measures one policy at one budget (`--policy`, `--vram`); sweeps of budgets and
-policies side by side come with the bench issue.
+For each target (a model, `synthetic:<shape>`, `replay:<shape>`), each budget and each policy: one
+warm-up request, then `reps` timed requests, every row on the same prompts (held-out text of the
+bundled model, or --prompts FILE), so routing is the same across rows. A budget that cannot run is a
+row that says so. Output: a markdown table with ratios against ondemand and resident, CSV or JSON;
+--plot draws decode speed and hit rate against budget, one line per policy.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import statistics
 import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
-from fate_cli.errors import UsageError
-from fate_cli.generate import Sampler, SamplingParams, generate
+from cache.budget import auto_budget, format_size, parse_size
+from cache.policies import POLICIES
+from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
+from fate_cli.errors import FateError, UsageError
 from fate_cli.registry import BUNDLED_ROOT
-from fate_cli.runtime import dtype_name, open_model
+from fate_cli.runtime import dtype_name, pick_device, pick_dtype
+
+BENCH_ORDER = ("resident", "fate", "lru", "eap", "ondemand")
+FIELDS = [
+    "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "test", "status",
+    "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
+    "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
+]
 
 
-def bench_tokens(tokenizer, count: int) -> list[int]:  # noqa: ANN001 - fate_cli.tokenizer.Tokenizer
-    """`count` tokens of the bundled held-out text, the same for every run."""
-    text = (BUNDLED_ROOT / "tiny" / "heldout.txt").read_text(encoding="utf-8")
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    while len(ids) < count:
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+def parse_budgets(text: str | None, footprint) -> list[tuple[str, int | None]]:  # noqa: ANN001 - planner.Footprint
+    """'8GB', '4GB,8GB', '4GB-16GB+4GB', or shares of the hot-tier expert bytes ('25%,50%') -> (label, bytes).
+
+    A share s means the fixed part (non-expert weights, KV cache, workspace) plus s of all experts at the
+    hot tier. None means automatic (free device memory less a margin)."""
+    if text is None:
+        return [("auto", None)]
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item.endswith("%"):
+            try:
+                share = float(item[:-1]) / 100
+            except ValueError:
+                raise UsageError(f"cannot read the share '{item}'; write it like 50%") from None
+            if share <= 0:
+                raise UsageError(f"the share '{item}' must be more than zero")
+            out.append((item, int(footprint.fixed + share * footprint.all_hot)))
+            continue
+        rng = re.fullmatch(r"(.+?)-(.+?)\+(.+)", item)
+        if rng:
+            lo, hi, step = (parse_size(g) for g in rng.groups())
+            if lo > hi:
+                raise UsageError(f"the range '{item}' runs backwards; write it like 4GB-16GB+4GB")
+            value = lo
+            while value <= hi:
+                out.append((format_size(value).replace(" ", ""), value))
+                value += step
+            continue
+        out.append((item, parse_size(item)))
+    if not out:
+        raise UsageError("--vram is empty; give a size like 8GB, a list 4GB,8GB or a range 4GB-16GB+4GB")
+    return out
+
+
+def parse_policies(text: str | None) -> list[str]:
+    if not text:
+        return list(BENCH_ORDER)
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for name in names:
+        if name not in POLICIES:
+            raise UsageError(f"unknown policy '{name}'; use any of {', '.join(POLICIES)}, comma-separated")
+    return names
+
+
+def prompt_set(prompt_len: int, count: int, prompts_file: str | None) -> list[list[int]]:
+    """`count` prompts of prompt_len tokens: consecutive windows of the held-out text, or the file's paragraphs."""
+    from fate_cli.tokenizer import Tokenizer
+
+    tok = Tokenizer(BUNDLED_ROOT / "tiny")
+    if prompts_file:
+        path = Path(prompts_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"cannot read --prompts {path}: {err.strerror or err}") from None
+        paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+        if not paragraphs:
+            raise UsageError(f"--prompts {path} holds no text; write one prompt per paragraph")
+        out = []
+        for i in range(count):
+            ids = tok.encode(paragraphs[i % len(paragraphs)], add_special_tokens=False) or [0]
+            out.append((ids * (prompt_len // len(ids) + 1))[:prompt_len])
+        return out
+    ids = tok.encode((BUNDLED_ROOT / "tiny" / "heldout.txt").read_text(encoding="utf-8"), add_special_tokens=False)
+    while len(ids) < prompt_len * count:
         ids = ids + ids
-    return ids[:count]
+    return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
 
 
-def bench_command(
-    model: str | None,
-    prompt_len: int,
-    gen_len: int,
-    reps: int,
-    device: str | None,
-    dtype: str | None,
-    output: str,
-    vram: str | None = None,
-    policy: str | None = None,
-) -> None:
-    if output not in ("md", "json"):
-        raise UsageError(f"unknown output format '{output}'; use md or json")
-    runtime = open_model(model, device, dtype, policy, vram)
-    limit = runtime.loaded.args.max_position_embeddings
-    if prompt_len + gen_len > limit:
-        raise UsageError(f"-p {prompt_len} plus -n {gen_len} exceeds the model's context of {limit} tokens")
-    ids = bench_tokens(runtime.tokenizer, prompt_len)
-    sampler = Sampler(SamplingParams(temperature=0.0), runtime.loaded.device)
-    pp, tg, hit = [], [], []
-    for rep in range(reps + 1):  # the first run warms up and is not counted
-        before = (runtime.offload.stats.hits, runtime.offload.stats.misses) if runtime.offload else (0, 0)
-        result = generate(runtime.model, ids, gen_len, sampler)
-        if rep:
-            pp.append(result.stats.prefill_tokens_per_s)
-            tg.append(result.stats.decode_tokens_per_s)
-            if runtime.offload:
-                hits, misses = runtime.offload.stats.hits - before[0], runtime.offload.stats.misses - before[1]
-                hit.append(hits / (hits + misses) if hits + misses else 1.0)
-    a = runtime.loaded.args
-    rows = [
-        {
-            "model": runtime.resolved.name,
-            "family": a.family,
-            "device": str(runtime.loaded.device),
-            "dtype": dtype_name(runtime.loaded.dtype),
-            "policy": runtime.setup.policy if runtime.setup else "resident",
-            "plan": runtime.plan_line(),
-            "hit_rate": statistics.mean(hit) if hit else 1.0,
-            "test": test,
-            "tokens_per_s": statistics.mean(values),
-            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "reps": reps,
-        }
-        for test, values in ((f"pp{prompt_len}", pp), (f"tg{gen_len}", tg))
-    ]
-    if output == "json":
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    where = torch.cuda.get_device_name() if runtime.loaded.device.type == "cuda" else "CPU"
-    print(f"| model | device | dtype | policy | test | t/s | hit % |  <!-- {where} -->")
-    print("| --- | --- | --- | --- | --- | ---: | ---: |")
+def open_target(name: str | None, device: torch.device, dtype: torch.dtype, transfer_bits: int | None) -> Target:
+    from fate_cli.replay import is_replay, replay_shape
+    from fate_cli.synthetic import is_synthetic
+
+    if is_replay(name):
+        hidden, inter = replay_shape(name)
+        recorded = _load("tiny", device, torch.float32, resident=True)[0]
+        return ReplayTarget(name, recorded.model, hidden, inter, device, dtype, transfer_bits)
+    if is_synthetic(name):
+        from fate_cli.synthetic import random_model, synthetic_args
+        from quant.synthetic import SyntheticStore
+
+        args = synthetic_args(name)
+        store = SyntheticStore(args.hidden_size, args.moe_intermediate_size, args.moe_layer_ids, args.num_experts,
+                               name=name)
+        return ModelTarget(name, "synthetic", random_model(args, device, dtype), store, device, dtype, transfer_bits)
+    loaded, resolved = _load(name, device, dtype, resident=False)
+    from fate_cli.model.loader import load_resident_experts
+    from fate_cli.runtime import _open_store
+
+    store = _open_store(resolved, build=True)
+    a, ckpt = loaded.args, loaded.checkpoint
+    return ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
+                       lambda: load_resident_experts(a, ckpt, device, dtype))
+
+
+class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's footprint is known
+    fixed = all_hot = 0
+
+
+def check_target_name(name: str) -> None:
+    from fate_cli.registry import resolve
+    from fate_cli.replay import is_replay, replay_shape
+    from fate_cli.synthetic import is_synthetic, synthetic_args
+
+    if is_replay(name):
+        replay_shape(name)
+    elif is_synthetic(name):
+        synthetic_args(name)
+    else:
+        resolve(name)
+
+
+def _load(name: str | None, device: torch.device, dtype: torch.dtype, resident: bool):  # noqa: ANN202
+    from fate_cli.model.experts import ResidentExperts
+    from fate_cli.model.loader import load_model
+    from fate_cli.registry import resolve
+
+    resolved = resolve(name)
+    torch.set_flush_denormal(True)  # trained weights produce denormals that slow CPU math ~80x
+    provider = None if resident else (lambda _a, _c: ResidentExperts({}))
+    return load_model(resolved.path, device, dtype, provider=provider), resolved
+
+
+# ---- the sweep -----------------------------------------------------------------------------------------
+
+
+def measure_row(target: Target, policy: str, label: str, budget: int, prompts: list[list[int]], gen_len: int,
+                reps: int) -> tuple[list[dict], list[int] | None]:
+    """Two rows (ppP, tgN) for one policy at one budget; or two rows that say why it cannot run."""
+    cuda = target.device.type == "cuda"
+    p = len(prompts[0])
+    base = {
+        "model": target.name, "kind": target.kind, "size_bytes": target.size_bytes, "device": _device_name(target),
+        "backend": target.backend(), "policy": policy, "vram": label, "budget_bytes": budget, "reps": reps,
+    }
+    tests = (f"pp{p}", f"tg{gen_len}")
+    try:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        session = target.session(policy, budget)
+    except FateError as err:
+        return [{**base, "test": t, "status": "does not fit", "note": str(err)} for t in tests], None
+    try:
+        session.run(prompts[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
+        if session.offload:
+            session.offload.reset_stats()
+        pp, tg, tokens = [], [], None
+        for prompt in prompts[1 : reps + 1]:
+            timing = session.run(prompt, gen_len)
+            pp.append(timing.prefill_tokens_per_s)
+            tg.append(timing.decode_tokens_per_s)
+            tokens = tokens if tokens is not None else timing.token_ids
+        stats = session.offload.sync_stats().as_dict() if session.offload else {}
+        peak = torch.cuda.max_memory_allocated() if cuda else None
+        plan = session.setup.plan.summary() if session.setup else ""
+    except torch.OutOfMemoryError:
+        session.close()
+        note = f"CUDA ran out of memory at {label}; the plan's estimate was too low, try a larger budget"
+        return [{**base, "test": t, "status": "out of memory", "note": note} for t in tests], None
+    session.close()
+    moved = stats.get("bytes_moved", {})
+    common = {
+        **base, "status": "ok", "hit_rate": stats.get("hit_rate", 1.0),
+        "prediction_recall": stats.get("prediction_recall"),
+        "decode_prediction_recall": stats.get("decode_prediction_recall"),
+        "bytes_moved": moved, "gb_moved": sum(moved.values()) / 1e9 / max(1, reps),
+        "stall_seconds": stats.get("stall_seconds", 0.0) / max(1, reps), "peak_device_bytes": peak, "plan": plan,
+        "per_layer": stats.get("per_layer", {}),
+    }
+    rows = []
+    for test, values in zip(tests, (pp, tg)):
+        rows.append({**common, "test": test, "tokens_per_s": statistics.mean(values),
+                     "stdev": statistics.stdev(values) if len(values) > 1 else 0.0})
+    return rows, tokens
+
+
+def _device_name(target: Target) -> str:
+    return torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else "CPU"
+
+
+def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
+          prompts: list[list[int]], gen_len: int, reps: int, device: torch.device,
+          progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    rows: list[dict] = []
+    for make in targets:
+        target = make()
+        budgets = parse_budgets(budget_text, target.footprint)
+        total, done = len(budgets) * len(policies), 0
+        for label, budget in budgets:
+            budget = budget if budget is not None else auto_budget(device)
+            reference = None
+            for policy in sorted(policies, key=lambda p: p != "resident"):  # resident first: the reference
+                if progress:
+                    progress(f"{target.name} {label} {policy}", done, total)
+                new, tokens = measure_row(target, policy, label, budget, prompts, gen_len, reps)
+                if policy == "resident":
+                    reference = tokens
+                for row in new:
+                    row["same_tokens_as_resident"] = (
+                        None if reference is None or tokens is None or target.kind == "replay" else tokens == reference
+                    )
+                rows += new
+                done += 1
+        if progress:
+            progress(f"{target.name} done", total, total)
+        del target
+    return rows
+
+
+# ---- outputs ---------------------------------------------------------------------------------------
+
+
+def _fmt(value, pattern: str, empty: str = "-") -> str:  # noqa: ANN001
+    return empty if value is None else pattern.format(value)
+
+
+def markdown(rows: list[dict]) -> str:
+    out = io.StringIO()
+    out.write("| model | size | policy | vram | test | t/s | hit % | pred. recall | GB moved |\n")
+    out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n")
     for r in rows:
-        print(
-            f"| {r['model']} | {r['device']} | {r['dtype']} | {r['policy']} | {r['test']} | "
-            f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f} | {100 * r['hit_rate']:.1f} |"
-        )
+        name = r["model"] + ("" if r["kind"] == "model" else f" ({r['kind']})")
+        if r["status"] != "ok":
+            speed = r["status"]
+            hit = recall = moved = "-"
+        else:
+            speed = f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f}"
+            hit = f"{100 * r['hit_rate']:.1f}"
+            recall = _fmt(r["decode_prediction_recall"] if r["test"].startswith("tg") else r["prediction_recall"],
+                          "{:.3f}")
+            moved = f"{r['gb_moved']:.3f}"
+        out.write(f"| {name} | {format_size(r['size_bytes'])} | {r['policy']} | {r['vram']} | {r['test']} | "
+                  f"{speed} | {hit} | {recall} | {moved} |\n")
+    ratio_lines = ratios(rows)
+    if ratio_lines:
+        out.write("\n| model | vram | test | policy | × ondemand | × resident |\n")
+        out.write("| --- | ---: | --- | --- | ---: | ---: |\n")
+        for line in ratio_lines:
+            out.write(f"| {line['model']} | {line['vram']} | {line['test']} | {line['policy']} | "
+                      f"{_fmt(line['vs_ondemand'], '{:.2f}')} | {_fmt(line['vs_resident'], '{:.2f}')} |\n")
+    return out.getvalue()
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Each policy's tokens/s over ondemand's and over resident's, same model, budget and test."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    by_key = {(r["model"], r["vram"], r["test"], r["policy"]): r["tokens_per_s"] for r in ok}
+    lines = []
+    for r in ok:
+        key = (r["model"], r["vram"], r["test"])
+        od, res = by_key.get((*key, "ondemand")), by_key.get((*key, "resident"))
+        if od is None and res is None:
+            continue
+        lines.append({"model": r["model"], "vram": r["vram"], "test": r["test"], "policy": r["policy"],
+                      "vs_ondemand": r["tokens_per_s"] / od if od else None,
+                      "vs_resident": r["tokens_per_s"] / res if res else None})
+    return lines
+
+
+def to_csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Decode tokens/s and hit rate against budget, one line per policy, one pair of panels per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    decode = [r for r in rows if r["status"] == "ok" and r["test"].startswith("tg")]
+    models = list(dict.fromkeys(r["model"] for r in decode)) or [rows[0]["model"]]
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
+    for (ax_speed, ax_hit), model in zip(axes, models):
+        mine = [r for r in decode if r["model"] == model]
+        for policy in dict.fromkeys(r["policy"] for r in mine):
+            pts = sorted((r["budget_bytes"] / 1e9, r["tokens_per_s"], 100 * r["hit_rate"]) for r in mine
+                         if r["policy"] == policy)
+            ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
+            ax_hit.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
+        kind = next((r["kind"] for r in mine), "model")
+        title = model + ("" if kind == "model" else f" ({kind})")
+        ax_speed.set(title=f"{title}: decode", xlabel="VRAM budget (GB)", ylabel="tokens/s")
+        ax_hit.set(title=f"{title}: expert hit rate", xlabel="VRAM budget (GB)", ylabel="hit %")
+        ax_speed.legend()
+        ax_speed.grid(alpha=0.3)
+        ax_hit.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ---- the command -------------------------------------------------------------------------------------
+
+
+def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, device: str | None,
+                  dtype: str | None, output: str, vram: str | None, policy: str | None,
+                  transfer_bits: int | None = None, prompts_file: str | None = None, plot_file: str | None = None,
+                  quiet: bool = False) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if output not in ("md", "csv", "json"):
+        raise UsageError(f"unknown output format '{output}'; use md, csv or json")
+    if plot_file and not plot_file.lower().endswith(".png"):
+        raise UsageError(f"--plot {plot_file}: give a .png file name")
+    policies = parse_policies(policy)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    names = [n.strip() for n in model.split(",")] if model else ["tiny"]
+    for name in names:  # bad names and budgets fail here, before anything is printed or loaded
+        check_target_name(name)
+    parse_budgets(vram, _NO_FOOTPRINT)
+    prompts = prompt_set(prompt_len, reps + 1, prompts_file)
+    console = Console(stderr=True)
+    console.print(f"[dim]fate bench on {dev.type} [{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}],"
+                  f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, {reps} repetitions after a warm-up[/dim]")
+    makers = [lambda n=n: open_target(n, dev, dt, transfer_bits) for n in names]
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=quiet) as bar:
+        task = bar.add_task("loading", total=None)
+
+        def progress(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress)
+    if plot_file:
+        plot(rows, Path(plot_file))
+    if output == "json":
+        sys.stdout.write(json.dumps(rows, indent=1) + "\n")
+    elif output == "csv":
+        sys.stdout.write(to_csv(rows))
+    else:
+        sys.stdout.write(markdown(rows))

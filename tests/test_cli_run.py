@@ -128,16 +128,6 @@ def test_cuda_unavailable_is_clear(tiny):
     assert_one_line_error(fate("run", str(tiny), "hi", "--device", "cuda"), 2, "--device cpu")
 
 
-def test_bench_one_policy_at_one_budget(tmp_path):
-    result = fate("bench", "tiny", "-p", "16", "-n", "4", "-r", "1", "-o", "json", "--vram", "16MB", home=tmp_path)
-    assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout)
-    assert [r["test"] for r in rows] == ["pp16", "tg4"]
-    for row in rows:
-        assert row["policy"] == "fate" and "slots" in row["plan"] and 0.0 <= row["hit_rate"] <= 1.0
-        assert row["tokens_per_s"] > 0
-
-
 def test_budget_below_minimum_is_refused_before_loading(tmp_path):
     assert_one_line_error(fate("run", "tiny", "hi", "--vram", "1MB", home=tmp_path), 6, "minimum", "raise --vram")
     assert_one_line_error(fate("run", "tiny", "hi", "--vram", "8XB", home=tmp_path), 2, "8XB")

@@ -48,10 +48,13 @@ class Transformer(nn.Module):
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.provider = provider
 
+    @property
+    def provider(self) -> ExpertProvider | None:
+        return next((layer.mlp.provider for layer in self.layers if isinstance(layer.mlp, MoEBlock)), None)
+
     def begin_request(self) -> None:
         """Tell the expert provider a new request starts (per-request predictors keep state across steps)."""
-        provider = next((layer.mlp.provider for layer in self.layers if isinstance(layer.mlp, MoEBlock)), None)
-        hook = getattr(provider, "begin_request", None)
+        hook = getattr(self.provider, "begin_request", None)
         if hook is not None:
             hook()
 

@@ -1,0 +1,215 @@
+"""What `fate bench` measures: a model, a synthetic model or a trace replay, opened once, run under many plans.
+
+Each target loads what every row shares once (non-expert weights, the tier store, the pinned host
+tier), then `session(policy, budget)` builds a fresh expert cache for one row, and `Session.run` times
+one request: prefill of the prompt, then greedy decode.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from cache.host_tier import HostTier
+from cache.offload import OffloadedExperts
+from cache.planner import Footprint
+from cache.policies import PolicyContext, make_policy
+from cache.setup import PREFILL_CHUNK, OffloadSetup, footprint, plan_for, routers
+from fate_cli.errors import UsageError
+from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.model.experts import DenseExpert, ResidentExperts
+from fate_cli.model.model import Transformer
+from fate_cli.runtime import DEFAULT_CONTEXT
+from quant.kernels import dense_weights, select_backend
+from quant.store import QuantParams
+
+
+@dataclass
+class RunTiming:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    token_ids: list[int]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Session:
+    """One row's expert cache over a target's shared parts."""
+
+    def __init__(self, target: Target, setup: OffloadSetup, provider, offload: OffloadedExperts | None):  # noqa: ANN001
+        self.target, self.setup, self.provider, self.offload = target, setup, provider, offload
+
+    def run(self, prompt: Sequence[int], gen_len: int) -> RunTiming:
+        return self.target.run(self, prompt, gen_len)
+
+    def close(self) -> None:
+        self.target.release(self)
+
+
+class Target:
+    kind = "model"  # "model" | "synthetic" | "replay"
+
+    def __init__(self, name: str, device: torch.device, dtype: torch.dtype, store, footprint: Footprint,  # noqa: ANN001
+                 ctx: PolicyContext, transfer_bits: int | None):
+        self.name, self.device, self.dtype, self.store = name, device, dtype, store
+        self.footprint, self.ctx, self.transfer_bits = footprint, ctx, transfer_bits
+        self.transfer_tier = self._transfer_tier(transfer_bits)
+        self._hosts: dict[tuple[str, ...], HostTier] = {}
+
+    @property
+    def size_bytes(self) -> int:
+        """Non-expert weights plus every expert at the hot tier: what `resident` holds."""
+        return self.footprint.non_expert + self.footprint.all_hot
+
+    def backend(self) -> str:
+        return select_backend(self.device, self.store.tiers["hot"].layout)
+
+    def _transfer_tier(self, bits: int | None) -> str | None:
+        if bits is None:
+            return None
+        by_bits = {i.layout.bits: t for t, i in self.store.tiers.items() if i.layout.kind == "quantized"}
+        if bits not in by_bits:
+            raise UsageError(f"--transfer-bits {bits} matches no tier (tiers: {', '.join(f'INT{b}' for b in by_bits)})")
+        return by_bits[bits]
+
+    def plan(self, policy: str, budget: int) -> OffloadSetup:
+        raise NotImplementedError
+
+    def host(self, tiers: tuple[str, ...]) -> HostTier:
+        """The pinned host tier, built once per tier set and shared by every row."""
+        if tiers not in self._hosts:
+            self._hosts.clear()  # a different tier set (another --transfer-bits): free the old one first
+            self._hosts[tiers] = HostTier(self.store, self.ctx.moe_layers, self.ctx.num_experts, tiers,
+                                          pin=self.device.type == "cuda")
+        return self._hosts[tiers]
+
+    def session(self, policy: str, budget: int) -> Session:
+        setup = self.plan(policy, budget)
+        if setup.full_precision:
+            provider = self.dense_experts()
+            return Session(self, setup, provider, None)
+        pol = make_policy(policy, self.ctx)
+        tiers = (self.transfer_tier,) if self.transfer_tier else ("hot", "cold")
+        offload = OffloadedExperts(self.store, setup.plan, pol, self.device, self.dtype, self.transfer_tier,
+                                   host=self.host(tiers))
+        return Session(self, setup, offload, offload)
+
+    def dense_experts(self) -> ResidentExperts:
+        lay = self.store.tiers["dense"].layout
+        return ResidentExperts({
+            layer: [DenseExpert(*dense_weights(self.store.read("dense", layer, e).to(self.device), lay, self.dtype))
+                    for e in range(self.ctx.num_experts)]
+            for layer in self.ctx.moe_layers
+        })
+
+    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+        raise NotImplementedError
+
+    def release(self, session: Session) -> None:
+        session.provider = session.offload = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+
+
+class ModelTarget(Target):
+    """A real model (pulled, bundled or local) or a synthetic one: a Transformer and a tier store."""
+
+    def __init__(self, name: str, kind: str, model: Transformer, store, device: torch.device,  # noqa: ANN001
+                 dtype: torch.dtype, transfer_bits: int | None, dense_from_checkpoint=None):  # noqa: ANN001
+        args = model.args
+        params = QuantParams(**store.manifest["params"])
+        self.context = min(DEFAULT_CONTEXT, args.max_position_embeddings)
+        fp = footprint(args, dtype, self.context, params, device.type == "cuda")
+        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+        super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
+        self.kind, self.model, self.params = kind, model, params
+        self._dense_from_checkpoint = dense_from_checkpoint
+
+    def plan(self, policy: str, budget: int) -> OffloadSetup:
+        return plan_for(self.model.args, self.dtype, policy, budget, self.context, self.params,
+                        self.device.type == "cuda", self.transfer_bits is not None)
+
+    def dense_experts(self) -> ResidentExperts:
+        return self._dense_from_checkpoint() if self._dense_from_checkpoint else super().dense_experts()
+
+    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+        self.model.set_provider(session.provider)
+        result = generate(self.model, prompt, gen_len, Sampler(SamplingParams(temperature=0.0), self.device))
+        s = result.stats
+        return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, result.token_ids)
+
+    def release(self, session: Session) -> None:
+        self.model.set_provider(ResidentExperts({}))
+        super().release(session)
+
+
+class ReplayTarget(Target):
+    """The bundled model's recorded traffic through experts of another model's size (see replay.py)."""
+
+    kind = "replay"
+
+    def __init__(self, name: str, recorded_model: Transformer, hidden: int, inter: int, device: torch.device,
+                 dtype: torch.dtype, transfer_bits: int | None):
+        from quant.synthetic import SyntheticStore
+
+        args = recorded_model.args
+        params = QuantParams()
+        store = SyntheticStore(hidden, inter, args.moe_layer_ids, args.num_experts, params, name=name)
+        hot = store.tiers["hot"].layout.nbytes
+        workspace = 4 * PREFILL_CHUNK * (2 * hidden + 3 * args.top_k * inter) + 3 * hidden * inter * 4
+        fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 3 * hidden * inter * 2, 0,
+                       workspace + (64 * 1024**2 if device.type == "cuda" else 0))
+        # the predictors run the bundled model's routers on its recorded router inputs, in float32
+        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
+                            {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()})
+        super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
+        self.recorded, self.hidden = recorded_model, hidden
+        self.traces: dict[tuple[tuple[int, ...], int], list] = {}
+
+    def plan(self, policy: str, budget: int) -> OffloadSetup:
+        from cache.planner import Plan, make_plan
+        from cache.policies import POLICY_TYPES
+
+        fp = self.footprint
+        if policy not in POLICY_TYPES:
+            raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICY_TYPES)}")
+        one_tier = self.transfer_bits is not None
+        if policy == "resident":
+            plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
+        else:
+            plan = make_plan(fp, budget, POLICY_TYPES[policy].split, whole_first=not one_tier)
+        assert isinstance(plan, Plan)
+        return OffloadSetup(plan, policy, budget, full_precision=False)
+
+    def steps(self, prompt: Sequence[int], gen_len: int) -> list:
+        from fate_cli.replay import record
+
+        key = (tuple(prompt), gen_len)
+        if key not in self.traces:
+            self.traces[key] = record(self.recorded, [prompt], gen_len)[0]
+        return self.traces[key]
+
+    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+        from fate_cli.replay import ReplayModel
+
+        steps = self.steps(prompt, gen_len)
+        player = ReplayModel(session.provider, self.hidden, self.device, self.dtype, max(s.tokens for s in steps))
+        steps = player.to_device(steps)
+        session.provider.begin_request()
+        _sync(self.device)
+        t0 = time.perf_counter()
+        player.step(steps[0])
+        _sync(self.device)
+        t1 = time.perf_counter()
+        for step in steps[1:]:
+            player.step(step)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        return RunTiming(steps[0].tokens / (t1 - t0), (len(steps) - 1) / (t2 - t1) if len(steps) > 1 else 0.0, [])

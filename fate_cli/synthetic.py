@@ -1,0 +1,69 @@
+"""Synthetic models: real models' shapes with random weights, made on the fly (`synthetic:mixtral-8x7b`).
+
+The config is the published one (config.json fields of the Hub checkpoint), read by the same family code
+as a downloaded model; non-expert weights are random on the device, experts are random straight into the
+tiers (quant/synthetic.py). Its routing is that of random weights, not of a trained model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fate_cli.errors import UsageError
+from fate_cli.model.args import ModelArgs
+from fate_cli.model.experts import ResidentExperts
+from fate_cli.model.model import Transformer
+
+PREFIX = "synthetic:"
+
+CONFIGS: dict[str, dict] = {
+    "mixtral-8x7b": {  # mistralai/Mixtral-8x7B-v0.1
+        "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768,
+    },
+    "qwen3-30b-a3b": {  # Qwen/Qwen3-30B-A3B
+        "model_type": "qwen3_moe", "vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144,
+        "moe_intermediate_size": 768, "num_hidden_layers": 48, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
+        "decoder_sparse_step": 1, "mlp_only_layers": [],
+    },
+    "olmoe-1b-7b": {  # allenai/OLMoE-1B-7B-0924
+        "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
+        "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+        "num_experts_per_tok": 8, "norm_topk_prob": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+    },
+}
+
+
+def is_synthetic(name: str | None) -> bool:
+    return bool(name) and name.startswith(PREFIX)
+
+
+def synthetic_args(name: str) -> ModelArgs:
+    from fate_cli.model.loader import FAMILIES
+
+    shape = name.removeprefix(PREFIX)
+    if shape not in CONFIGS:
+        raise UsageError(f"unknown synthetic model '{name}'; use one of {', '.join(PREFIX + k for k in CONFIGS)}")
+    cfg = CONFIGS[shape]
+    return FAMILIES[cfg["model_type"]](cfg, Path(f"<{name}>/config.json"))
+
+
+def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+    """Non-expert weights drawn at random on the device (norms at one); experts come from a provider."""
+    with torch.device("meta"):
+        model = Transformer(args, ResidentExperts({}))
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+            else:
+                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
+    return model.eval().requires_grad_(False)

@@ -1,0 +1,131 @@
+"""`fate bench` on CPU with the bundled model: structure and counts of the sweep, never speed."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from fate_cli.bench import FIELDS, parse_budgets
+from fate_cli.bench_targets import ReplayTarget
+from fate_cli.errors import UsageError
+from fate_cli.replay import record
+from predictors.cross_layer import predict_next
+from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - a fixture
+from tests.test_cli_run import fate
+
+POLICIES = ["resident", "fate", "lru", "eap", "ondemand"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    png = home / "sweep.png"
+    result = fate("bench", "--vram", "25%,50%,1KB", "-p", "24", "-n", "6", "-r", "2", "-o", "json",
+                  "--transfer-bits", "4", "--plot", str(png), "-q", home=home)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), png
+
+
+def test_one_row_per_policy_budget_and_test(sweep):
+    rows, _ = sweep
+    keys = [(r["policy"], r["vram"], r["test"]) for r in rows]
+    assert sorted(keys) == sorted((p, v, t) for p in POLICIES for v in ("25%", "50%", "1KB") for t in ("pp24", "tg6"))
+    for r in rows:
+        assert set(FIELDS) - {"note"} <= set(r) or r["status"] != "ok", r
+        assert r["model"] == "tiny" and r["kind"] == "model" and r["reps"] == 2
+
+
+def test_impossible_budget_is_a_row_not_a_crash(sweep):
+    rows, _ = sweep
+    small = [r for r in rows if r["vram"] == "1KB" and r["policy"] != "resident"]
+    assert small and all(r["status"] == "does not fit" and "minimum" in r["note"] for r in small)
+
+
+def test_offloading_never_changes_tokens_in_the_sweep(sweep):
+    rows, _ = sweep
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 2 * (4 * 2 + 3)  # 4 offloading policies at two budgets, resident at all three
+    assert all(r["same_tokens_as_resident"] for r in ok)
+
+
+def test_bookkeeping_is_consistent(sweep):
+    rows, _ = sweep
+    by = {(r["policy"], r["vram"], r["test"]): r for r in rows if r["status"] == "ok"}
+    for v in ("25%", "50%"):
+        assert by[("resident", v, "tg6")]["gb_moved"] == 0 and by[("resident", v, "tg6")]["hit_rate"] == 1.0
+        assert by[("ondemand", v, "tg6")]["hit_rate"] == 0.0  # it keeps nothing
+        assert by[("fate", v, "tg6")]["decode_prediction_recall"] is not None
+        assert by[("lru", v, "tg6")]["prediction_recall"] is None  # no predictor
+    assert by[("lru", "50%", "tg6")]["hit_rate"] >= by[("lru", "25%", "tg6")]["hit_rate"]
+    assert by[("fate", "50%", "tg6")]["gb_moved"] <= by[("ondemand", "50%", "tg6")]["gb_moved"]
+
+
+def test_plot_is_a_real_png(sweep):
+    _, png = sweep
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 500 and height > 300
+
+
+def test_markdown_table_parses(tmp_path):
+    result = fate("bench", "--vram", "50%", "--policy", "fate,ondemand", "-p", "16", "-n", "4", "-r", "1", "-q",
+                  home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    tables = [t.strip().splitlines() for t in result.stdout.strip().split("\n\n")]
+    main, ratio = tables
+    assert main[0].split("|")[1:-1] == [" model ", " size ", " policy ", " vram ", " test ", " t/s ", " hit % ",
+                                        " pred. recall ", " GB moved "]
+    assert len(main) == 2 + 4 and all(line.count("|") == main[0].count("|") for line in main)
+    assert len(ratio) == 2 + 4 and "× ondemand" in ratio[0]
+    csv_out = fate("bench", "--vram", "50%", "--policy", "fate", "-p", "16", "-n", "4", "-r", "1", "-q", "-o", "csv",
+                   home=tmp_path)
+    assert csv_out.stdout.splitlines()[0].split(",") == FIELDS and len(csv_out.stdout.splitlines()) == 3
+
+
+def test_bad_bench_input_is_one_line(tmp_path):
+    assert_one_line_error(fate("bench", "--policy", "fate,nope", home=tmp_path), 2, "nope")
+    assert_one_line_error(fate("bench", "synthetic:gpt-9", home=tmp_path), 2, "synthetic:mixtral-8x7b")
+    assert_one_line_error(fate("bench", "--vram", "16GB-4GB+1GB", home=tmp_path), 2, "backwards")
+    assert_one_line_error(fate("bench", "-o", "xml", home=tmp_path), 2, "md, csv or json")
+
+
+def test_budget_lists_ranges_and_shares():
+    class Fp:
+        fixed, all_hot = 1000, 10_000
+
+    assert parse_budgets("4GB-16GB+4GB", Fp) == [("4.00GB", 4 * 10**9), ("8.00GB", 8 * 10**9),
+                                                 ("12.00GB", 12 * 10**9), ("16.00GB", 16 * 10**9)]
+    assert parse_budgets("25%,2KB", Fp) == [("25%", 3500), ("2KB", 2000)]
+    assert parse_budgets(None, Fp) == [("auto", None)]
+    with pytest.raises(UsageError):
+        parse_budgets("-5%", Fp)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_replay_recall_equals_offline_recall_on_the_same_traffic():
+    """The runtime's Fate predictor, fed the recorded traffic, finds what the offline measure finds."""
+    from fate_cli.bench import _load, prompt_set
+
+    loaded, _ = _load("tiny", torch.device("cpu"), torch.float32, resident=True)
+    target = ReplayTarget("replay:64x96", loaded.model, 64, 96, torch.device("cpu"), torch.float32, None)
+    prompt = prompt_set(24, 1, None)[0]
+    steps = record(loaded.model, [prompt], 12)[0]
+    session = target.session("fate", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
+    session.run(prompt, 12)
+    stats = session.offload.sync_stats()
+    router = target.ctx.routers
+    k = target.ctx.top_k
+    for layer in target.ctx.moe_layers[1:]:
+        found = wanted = 0
+        for step in steps[1:]:  # decode steps: one token each
+            prev = next(t for t in step.layers if t.layer == layer - 1)
+            now = next(t for t in step.layers if t.layer == layer)
+            predicted = set(predict_next(prev.gate_input, router[layer], k + 1).flatten().tolist())
+            found += len(predicted & set(now.ids))
+            wanted += len(now.ids)
+        assert stats.decode_layers[layer].recall == pytest.approx(found / wanted)
+    assert len(steps) == 12 and steps[0].tokens == 24 and all(s.tokens == 1 for s in steps[1:])
