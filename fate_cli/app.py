@@ -114,12 +114,14 @@ def bench(
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    rows_to: str = typer.Option(None, "--rows-to", help="also append each row to this file as a JSON line "
+                                "as soon as it is measured (keeps a long sweep's rows if it is stopped)"),
 ) -> None:
     """Sweep VRAM budgets and policies side by side: prefill and decode speed, hit rate, bytes moved."""
     from fate_cli.bench import bench_command
 
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
-                  plot, quiet)
+                  plot, quiet, rows_to)
 
 
 @app.command()

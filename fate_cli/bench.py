@@ -224,7 +224,8 @@ def _device_name(target: Target) -> str:
 
 def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
           prompts: list[list[int]], gen_len: int, reps: int, device: torch.device,
-          progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+          progress: Callable[[str, int, int], None] | None = None,
+          on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
     rows: list[dict] = []
     for make in targets:
         target = make()
@@ -244,6 +245,8 @@ def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, poli
                         None if reference is None or tokens is None or target.kind == "replay" else tokens == reference
                     )
                 rows += new
+                if on_rows:
+                    on_rows(new)
                 done += 1
         if progress:
             progress(f"{target.name} done", total, total)
@@ -347,7 +350,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, device: str | None,
                   dtype: str | None, output: str, vram: str | None, policy: str | None,
                   transfer_bits: int | None = None, prompts_file: str | None = None, plot_file: str | None = None,
-                  quiet: bool = False) -> None:
+                  quiet: bool = False, rows_to: str | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -355,6 +358,11 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
         raise UsageError(f"unknown output format '{output}'; use md, csv or json")
     if plot_file and not plot_file.lower().endswith(".png"):
         raise UsageError(f"--plot {plot_file}: give a .png file name")
+    if plot_file:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError("--plot needs matplotlib; pip install matplotlib, or leave --plot out") from None
     policies = parse_policies(policy)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -374,7 +382,11 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
         def progress(what: str, done: int, total: int) -> None:
             bar.update(task, description=what, completed=done, total=total)
 
-        rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress)
+        def append_rows(new: list[dict]) -> None:  # a long sweep keeps what it measured if it is stopped
+            with open(rows_to, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
+
+        rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress, append_rows if rows_to else None)
     if plot_file:
         plot(rows, Path(plot_file))
     if output == "json":

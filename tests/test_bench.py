@@ -129,3 +129,26 @@ def test_replay_recall_equals_offline_recall_on_the_same_traffic():
             wanted += len(now.ids)
         assert stats.decode_layers[layer].recall == pytest.approx(found / wanted)
     assert len(steps) == 12 and steps[0].tokens == 24 and all(s.tokens == 1 for s in steps[1:])
+
+
+SMALL_MIXTRAL = {"model_type": "mixtral", "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 96,
+                 "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 8,
+                 "num_experts_per_tok": 2, "rope_theta": 1e6, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_synthetic_model_runs_every_policy(monkeypatch):
+    """A synthetic model (random weights straight into tiers) through the same sweep; 16-bit when it all fits."""
+    from fate_cli import synthetic
+    from fate_cli.bench import open_target, prompt_set, sweep
+
+    monkeypatch.setitem(synthetic.CONFIGS, "small-mixtral", SMALL_MIXTRAL)
+    cpu = torch.device("cpu")
+    rows = sweep([lambda: open_target("synthetic:small-mixtral", cpu, torch.float32, None)], "50%,10GB", POLICIES,
+                 prompt_set(16, 2, None), 4, 1, cpu)
+    assert len(rows) == 2 * 2 * len(POLICIES) and all(r["status"] == "ok" for r in rows)
+    assert all(r["kind"] == "synthetic" for r in rows)
+    roomy = [r for r in rows if r["vram"] == "10GB" and r["policy"] != "resident"]
+    assert all(r["plan"].startswith("every expert") or r["gb_moved"] == 0 for r in roomy), roomy[0]["plan"]
+    half = {r["policy"]: r for r in rows if r["vram"] == "50%" and r["test"] == "tg4"}
+    assert half["ondemand"]["gb_moved"] > 0 and half["ondemand"]["hit_rate"] == 0.0

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The offload benchmark on a lent GPU, all in one run: every policy at 25/50/75% of the hot-tier expert
+# bytes, a 512-token prompt then new tokens, on (b) replay:mixtral-8x7b, (c) synthetic:mixtral-8x7b and
+# (a) the bundled model, plus a token-identity check with --transfer-bits 4. Each part writes its own
+# files to $OUT (JSON rows, markdown table, PNG plot, log), so a part that runs out of time loses only itself.
+#
+#   FATE_HOME=.carry/home bash scripts/gpu_bench.sh      (N=new tokens, R=repetitions; defaults 64 and 1)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+W=/tmp/gpu_bench; rm -rf "$W"; mkdir -p "$W"   # the results, packed into $OUT/gpu_bench.tgz at the end
+N=${N:-64}; R=${R:-1}
+python3 -c "import typer, rich" 2>/dev/null || python3 -m pip install -q --no-index --find-links .whl typer rich
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/device.txt"
+
+part() {  # part NAME SECONDS ARGS...
+  local name=$1 limit=$2; shift 2
+  echo "== $name: fate bench $*" | tee -a "$W/device.txt"
+  local start=$SECONDS
+  local plot=(); python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$W/$name.png")
+  timeout "$limit" python3 -m fate_cli bench "$@" -q -o md "${plot[@]}" --rows-to "$W/$name.jsonl" \
+    >"$W/$name.md" 2>"$W/$name.log"
+  echo "   exit $? after $((SECONDS - start)) s" | tee -a "$W/device.txt"
+  tail -3 "$W/$name.log"
+}
+
+part replay 150 replay:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
+part synthetic 150 synthetic:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
+part bundled 100 tiny --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
+part identity 50 tiny --vram 25%,50% --transfer-bits 4 --dtype float32 -p 256 -n 32 -r 1
+tar czf "$OUT/gpu_bench.tgz" -C /tmp gpu_bench && cat "$W/device.txt"
