@@ -121,7 +121,9 @@ def make_plan(
     first, rest = layers[0], layers[1:]
     first_bytes = experts * fp.expert_full
     full_layers: tuple[int, ...] = ()
-    if whole_first and available - first_bytes >= len(rest) * k * fp.expert_hot:
+    # The first layer at 16 bits costs 4x its hot-tier bytes: only worth it once it takes no slot from the
+    # others (every other layer whole at the hot tier), so more budget never means fewer slots anywhere.
+    if whole_first and available - first_bytes >= len(rest) * experts * fp.expert_hot:
         full_layers, available, layers = (first,), available - first_bytes, rest
     plan = Plan(budget, fp, {}, full_layers, shallow)
     if not layers:

@@ -104,14 +104,16 @@ def test_plan_everything_fits():
 
 def test_plan_shallow_favoring_split():
     f = fp()
-    # room for layer 0 whole (1.28 MB) and 194 slots over layers 1-7
-    plan = make_plan(f, 2_600_000 + 1_280_000 + 194 * 10_000)
-    assert plan.full_layers == (0,)
+    plan = make_plan(f, 2_600_000 + 150 * 10_000)  # 150 slots of 256
+    assert plan.full_layers == ()  # layer 0 at 16 bits would take slots from the others
     assert default_shallow_layers(8) == 2
-    assert plan.slots[1] == 32  # the shallow layers after layer 0 are cached whole
+    assert plan.slots[0] == plan.slots[1] == 32  # the shallow layers are cached whole
     deep = [plan.slots[layer] for layer in range(2, 8)]
-    assert sum(deep) == 194 - 32 and max(deep) - min(deep) <= 1 and deep == sorted(deep, reverse=True)
+    assert sum(deep) == 150 - 64 and max(deep) - min(deep) <= 1 and deep == sorted(deep, reverse=True)
     assert plan.device_bytes <= plan.budget
+    # layer 0 goes to 16 bits only once every other layer is whole at the hot tier
+    assert make_plan(f, 2_600_000 + 32 * 40_000 + 7 * 32 * 10_000).full_layers == (0,)
+    assert make_plan(f, 2_600_000 + 32 * 40_000 + 7 * 32 * 10_000 - 1).full_layers == ()
     uniform = make_plan(f, plan.budget, split="uniform")
     assert max(uniform.slots.values()) - min(uniform.slots.values()) <= 1
     assert uniform.total_slots == plan.total_slots

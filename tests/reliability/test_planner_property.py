@@ -47,3 +47,5 @@ def test_a_plan_fits_or_is_refused_with_the_minimum(fp, budget, split, shallow, 
         assert fp.top_k <= slots <= fp.num_experts
     if not whole_first:
         assert plan.full_layers == ()
+    richer = make_plan(fp, budget * 3 // 2, split, shallow, whole_first)  # more budget never means fewer slots
+    assert all(richer.slots_for(layer) >= plan.slots_for(layer) for layer in fp.moe_layers)
