@@ -88,11 +88,15 @@ def chat(
     vram: str = typer.Option(None, help=VRAM_HELP),
     policy: str = typer.Option("fate", help=POLICY_HELP),
     transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
+    top_p: float = typer.Option(None, min=0.0, max=1.0, help="nucleus sampling mass"),
+    top_k: int = typer.Option(None, min=0, help="sample among the k likeliest tokens (0: all)"),
+    panel: bool = typer.Option(True, "--panel/--no-panel", help="the live panel of speed, cache and memory"),
 ) -> None:
     """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
     from fate_cli.chat import chat_command
 
-    chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits)
+    chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
+                 top_p, top_k, panel)
 
 
 @app.command()

@@ -1,19 +1,115 @@
-"""`fate chat`: a multi-turn conversation through the model's chat template, streamed.
+"""`fate chat`: a multi-turn conversation through the model's chat template, streamed, with a live panel.
 
-The first version: every turn re-renders the whole conversation and prefills it. The live panel,
-slash commands and KV-cache reuse across turns come with the chat issue.
+The KV cache lives across turns: each turn renders the whole conversation, keeps the cached tokens that
+still match its start, and prefills only the rest. When the conversation outgrows the context, the
+oldest turns are dropped (the system message stays) and the user is told.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from rich.console import Console
+from rich.live import Live
 
-from fate_cli.generate import Sampler, generate
+from fate_cli.errors import FateError
+from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
-from fate_cli.runtime import open_model
+from fate_cli.runtime import DEFAULT_CONTEXT, Runtime, open_model
 from fate_cli.tokenizer import Message, StreamDecoder
+
+HELP = """commands:
+  /help                 this list
+  /reset                forget the conversation (keeps the system message)
+  /stats                expert cache statistics of the session
+  /set NAME VALUE       sampling: temperature, top_p, top_k, seed, max_tokens
+  /system TEXT          set the system message (and reset)
+  /exit                 leave (also Ctrl-D); Ctrl-C stops an answer"""
+
+SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_tokens": int}
+
+
+class SessionCounters:
+    """Hit/miss counts at the start of the current answer, so the panel can show this answer's rate."""
+
+    def __init__(self) -> None:
+        self.hits = self.misses = 0
+
+    def start_answer(self, stats) -> None:  # noqa: ANN001 - CacheStats
+        self.hits, self.misses = stats.hits, stats.misses
+
+    def answer_counts(self, stats) -> tuple[int, int]:  # noqa: ANN001
+        hits = stats.hits - self.hits
+        return hits, hits + stats.misses - self.misses
+
+
+class ChatSession:
+    def __init__(self, runtime: Runtime, system: str | None, params: SamplingParams, max_tokens: int):
+        self.runtime, self.params, self.max_tokens = runtime, params, max_tokens
+        self.system = system
+        self.history: list[Message] = []
+        model = runtime.model
+        self.context = min(DEFAULT_CONTEXT, model.args.max_position_embeddings)  # what the plan reserved
+        self.cache = model.new_cache(1, self.context)
+        self.cached_ids: list[int] = []  # tokens whose keys and values are in self.cache, in order
+        self.counters = SessionCounters()
+        self.notes: list[str] = []
+
+    def messages(self) -> list[Message]:
+        return ([Message("system", self.system)] if self.system else []) + self.history
+
+    def reset(self) -> None:
+        self.history, self.cached_ids = [], []
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation's tokens, dropping the oldest turns while it and an answer overflow the context."""
+        while True:
+            ids = self.runtime.tokenizer.encode_chat(self.messages())
+            if len(ids) + min(self.max_tokens, 64) < self.context or len(self.history) <= 1:
+                break
+            self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
+            self.notes.append("the context is full: dropped the oldest turn")
+        if len(ids) >= self.context:
+            raise FateError(f"the message is {len(ids)} tokens but the context is {self.context}; shorten it")
+        return ids
+
+    def ask(self, text: str, on_token) -> tuple[str, object]:  # noqa: ANN001
+        """Answer `text`; returns (answer, generation stats). Ctrl-C propagates after the state is made safe."""
+        self.history.append(Message("user", text))
+        try:
+            ids = self.prompt_ids()
+        except FateError:
+            self.history.pop()
+            raise
+        reuse = 0
+        while reuse < min(len(ids) - 1, len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
+            reuse += 1  # keep at least one token to prefill: its logits start the answer
+        self.cached_ids = ids[:reuse]
+        offload = self.runtime.offload
+        if offload is not None:
+            self.counters.start_answer(offload.stats)
+        sampler = Sampler(self.params, self.runtime.loaded.device)
+        produced: list[int] = []
+
+        def collect(token_id: int) -> bool | None:
+            produced.append(token_id)
+            return on_token(token_id)
+
+        try:
+            result = generate(self.runtime.model, ids[reuse:], self.max_tokens, sampler,
+                              self.runtime.tokenizer.eos_ids, on_token=collect, cache=self.cache, start_pos=reuse)
+        except KeyboardInterrupt:
+            self.cached_ids = []  # the cache holds a partial step: rebuild it next turn
+            self.history.append(Message("assistant", self.runtime.tokenizer.decode(produced)))
+            raise
+        answer_ids = [t for t in result.token_ids if t not in self.runtime.tokenizer.eos_ids]
+        # every produced token but the last went through the model: its keys are cached
+        self.cached_ids = ids + result.token_ids[:-1]
+        answer = self.runtime.tokenizer.decode(answer_ids)
+        self.history.append(Message("assistant", answer))
+        return answer, result.stats
 
 
 def chat_command(
@@ -28,42 +124,129 @@ def chat_command(
     vram: str | None = None,
     policy: str | None = "fate",
     transfer_bits: int | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    panel: bool = True,
 ) -> None:
     err = Console(stderr=True, highlight=False)
-    runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
+    with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
+        runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
     runtime.announce(err)
-    sampler = Sampler(sampling_from(runtime, temperature, None, None, seed), runtime.loaded.device)
-    history = [Message("system", system)] if system else []
-    interactive = prompt is None and sys.stdin.isatty()
-    inputs = [prompt] if prompt is not None else None
+    params = sampling_from(runtime, temperature, top_p, top_k, seed)
+    session = ChatSession(runtime, system, params, max_tokens)
+    if prompt is not None or not sys.stdin.isatty():
+        text = prompt if prompt is not None else sys.stdin.read()
+        if text.strip():
+            answer_plain(session, text)
+        return
+    interactive_loop(session, err, panel and sys.stdout.isatty())
 
+
+def answer_plain(session: ChatSession, text: str) -> None:
+    """Non-interactive: the answer streamed to stdout as plain text, nothing else there."""
+    stream = StreamDecoder(session.runtime.tokenizer)
+
+    def on_token(token_id: int) -> None:
+        sys.stdout.write(stream.push(token_id))
+        sys.stdout.flush()
+
+    session.ask(text, on_token)
+    sys.stdout.write("\n")
+
+
+def interactive_loop(session: ChatSession, err: Console, with_panel: bool) -> None:
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    out = Console(highlight=False)
+    out.print("[dim]/help for commands, Ctrl-D or /exit to leave[/dim]")
     while True:
-        if inputs is not None:
-            if not inputs:
-                return
-            text = inputs.pop(0)
-        elif interactive:
-            try:
-                text = input(">>> ")
-            except EOFError:
-                return
-            if text.strip() in ("/exit", "/bye"):
-                return
-        else:
-            text = sys.stdin.read()
-            inputs = []
+        try:
+            text = input(">>> ")
+        except EOFError:
+            out.print()
+            return
+        except KeyboardInterrupt:
+            out.print("^C")
+            continue
         if not text.strip():
             continue
-        history.append(Message("user", text))
-        ids = runtime.tokenizer.encode_chat(history)
-        stream = StreamDecoder(runtime.tokenizer)
+        if text.startswith("/"):
+            if slash_command(session, text.strip(), out) == "exit":
+                return
+            continue
+        try:
+            if with_panel:
+                answer_with_panel(session, text, out)
+            else:
+                answer_plain(session, text)
+        except KeyboardInterrupt:
+            out.print("\n[dim](stopped)[/dim]")
+        except FateError as error:
+            out.print(f"[red]error:[/red] {error}")
+        for note in session.notes:
+            out.print(f"[yellow]{note}[/yellow]")
+        session.notes.clear()
 
-        def on_token(token_id: int, stream: StreamDecoder = stream) -> None:
-            sys.stdout.write(stream.push(token_id))
-            sys.stdout.flush()
 
-        result = generate(
-            runtime.model, ids, max_tokens, sampler, runtime.tokenizer.eos_ids, on_token=on_token
-        )
-        sys.stdout.write("\n")
-        history.append(Message("assistant", runtime.tokenizer.decode(result.token_ids)))
+def answer_with_panel(session: ChatSession, text: str, out: Console) -> None:
+    view = ChatPanel(session.runtime, session.counters)
+    stream = StreamDecoder(session.runtime.tokenizer)
+    ids = session.runtime.tokenizer.encode_chat([*session.messages(), Message("user", text)])
+    view.meter.prompt_tokens = len(ids)
+
+    def on_token(token_id: int) -> None:
+        view.answer.append(stream.push(token_id))
+        view.meter.token()
+
+    with Live(view, console=out, refresh_per_second=8, transient=False):
+        session.ask(text, on_token)
+
+
+def slash_command(session: ChatSession, line: str, out: Console) -> str | None:
+    name, _, rest = line.partition(" ")
+    rest = rest.strip()
+    if name in ("/exit", "/bye", "/quit"):
+        return "exit"
+    if name == "/help":
+        out.print(HELP, markup=False)
+    elif name == "/reset":
+        session.reset()
+        out.print("[dim]conversation cleared[/dim]")
+    elif name == "/system":
+        session.system = rest or None
+        session.reset()
+        out.print(f"[dim]system message {'set' if rest else 'removed'}; conversation cleared[/dim]")
+    elif name == "/stats":
+        off = session.runtime.offload
+        if off is None:
+            out.print("every expert is resident at 16 bits: no cache statistics")
+        else:
+            s = off.sync_stats().as_dict()
+            recall = s["decode_prediction_recall"]
+            out.print(f"hit rate {100 * s['hit_rate']:.1f}% ({s['hits']} hits, {s['misses']} misses), "
+                      f"prediction recall {'-' if recall is None else f'{recall:.3f}'}, moved "
+                      f"{', '.join(f'{t} {v / 1e6:.1f} MB' for t, v in s['bytes_moved'].items()) or 'nothing'}, "
+                      f"waited on copies {s['stall_seconds']:.3f} s")
+    elif name == "/set":
+        key, _, value = rest.partition(" ")
+        if key not in SETTABLE:
+            out.print(f"[red]error:[/red] /set takes one of {', '.join(SETTABLE)}; e.g. /set temperature 0.7")
+            return None
+        try:
+            parsed = SETTABLE[key](value.strip())
+        except ValueError:
+            out.print(f"[red]error:[/red] /set {key} needs a {SETTABLE[key].__name__}, not {value.strip()!r}")
+            return None
+        if parsed < 0 or (key == "max_tokens" and parsed < 1):
+            out.print(f"[red]error:[/red] /set {key} must be positive")
+            return None
+        if key == "max_tokens":
+            session.max_tokens = parsed
+        else:
+            session.params = replace(session.params, **{key: parsed})
+        out.print(f"[dim]{key} = {parsed}[/dim]")
+    else:
+        out.print(f"[red]error:[/red] unknown command {name}; /help lists them")
+    return None

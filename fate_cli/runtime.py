@@ -75,9 +75,9 @@ class Runtime:
 
     def announce(self, console) -> None:  # noqa: ANN001 - a rich Console on stderr
         """The device/backend/policy line, and the plan's summary when there is a plan."""
-        console.print(f"[dim]{self.describe()}[/dim]")
+        console.print(f"[dim]{self.describe()}[/dim]", soft_wrap=True)
         if self.plan_line():
-            console.print(f"[dim]{self.plan_line()}[/dim]")
+            console.print(f"[dim]{self.plan_line()}[/dim]", soft_wrap=True)
 
     def plan_line(self) -> str:
         if self.setup is None:
