@@ -14,7 +14,7 @@ import statistics
 from rich.console import Console
 from rich.live import Live
 
-from fate_cli.chat import ChatSession
+from fate_cli.chat import PANEL_REFRESH_PER_S, ChatSession
 from fate_cli.generate import SamplingParams
 from fate_cli.panel import ChatPanel
 from fate_cli.runtime import open_model
@@ -42,14 +42,15 @@ def main() -> None:
 
             if with_panel:
                 console = Console(file=io.StringIO(), force_terminal=True, width=120)
-                with Live(view, console=console, refresh_per_second=8):
+                with Live(view, console=console, refresh_per_second=PANEL_REFRESH_PER_S):
                     _, stats = session.ask("Tell me a long story about hackers.", on_token)
             else:
                 _, stats = session.ask("Tell me a long story about hackers.", on_token)
             speeds[with_panel].append(stats.decode_tokens_per_s)
     off, on = statistics.median(speeds[False]), statistics.median(speeds[True])
     print(f"{runtime.describe()}")
-    print(f"decode tokens/s, median of {a.rounds}: no panel {off:.2f}, panel {on:.2f}; cost {100 * (1 - on / off):.1f}%")
+    print(f"decode tokens/s, median of {a.rounds}: no panel {off:.2f}, panel {on:.2f}; "
+          f"cost {100 * (1 - on / off):.1f}%")
 
 
 if __name__ == "__main__":
