@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from fate_cli.errors import FateError
+from fate_cli.errors import EXIT_RESOURCES, FateError
 
 app = typer.Typer(
     add_completion=False,
@@ -182,3 +182,28 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as err:  # the file system refused: unwritable FATE_HOME, a full disk, a read-only mount
+        typer.echo(f"error: {os_error_line(err)}", err=True)
+        sys.exit(EXIT_RESOURCES)
+    except RuntimeError as err:
+        if "out of memory" not in str(err):  # torch.OutOfMemoryError is a RuntimeError
+            raise
+        typer.echo(f"error: {oom_line()}", err=True)
+        sys.exit(EXIT_RESOURCES)
+
+
+def os_error_line(err: OSError) -> str:
+    import errno
+
+    where = f" {err.filename}" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return f"the disk is full{' writing' + where if where else ''}; free some space, or set FATE_HOME to a " \
+            "folder on another disk"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return f"cannot write{where} ({err.strerror}); set FATE_HOME to a writable folder"
+    return f"{err.strerror or err}{where}"
+
+
+def oom_line() -> str:
+    return ("the GPU ran out of memory: other programs may hold some of it, or the plan underestimated a "
+            "workspace; run again with a lower --vram (e.g. 80% of what you gave), or close other GPU programs")

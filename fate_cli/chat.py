@@ -13,7 +13,7 @@ from dataclasses import replace
 from rich.console import Console
 from rich.live import Live
 
-from fate_cli.errors import FateError
+from fate_cli.errors import FateError, ResourceError
 from fate_cli.generate import Sampler, SamplingParams, generate
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
@@ -74,7 +74,7 @@ class ChatSession:
             self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
             self.notes.append("the context is full: dropped the oldest turn")
         if len(ids) >= self.context:
-            raise FateError(f"the message is {len(ids)} tokens but the context is {self.context}; shorten it")
+            raise ResourceError(f"the message is {len(ids)} tokens but the context is {self.context}; shorten it")
         return ids
 
     def ask(self, text: str, on_token) -> tuple[str, object]:  # noqa: ANN001
@@ -105,6 +105,10 @@ class ChatSession:
         except KeyboardInterrupt:
             self.cached_ids = []  # the cache holds a partial step: rebuild it next turn
             self.history.append(Message("assistant", self.runtime.tokenizer.decode(produced)))
+            raise
+        except Exception:  # CUDA out of memory, say: forget this turn, keep the session
+            self.cached_ids = []
+            self.history.pop()
             raise
         answer_ids = [t for t in result.token_ids if t not in self.runtime.tokenizer.eos_ids]
         # every produced token but the last went through the model: its keys are cached
@@ -187,6 +191,16 @@ def interactive_loop(session: ChatSession, err: Console, with_panel: bool) -> No
             out.print("\n[dim](stopped)[/dim]")
         except FateError as error:
             out.print(f"[red]error:[/red] {error}")
+        except RuntimeError as error:  # torch.OutOfMemoryError: the session survives, the turn is dropped
+            if "out of memory" not in str(error):
+                raise
+            from fate_cli.app import oom_line
+
+            if session.runtime.loaded.device.type == "cuda":
+                import torch
+
+                torch.cuda.empty_cache()
+            out.print(f"[red]error:[/red] {oom_line()}; the session goes on, ask again or /reset")
         for note in session.notes:
             out.print(f"[yellow]{note}[/yellow]")
         session.notes.clear()

@@ -28,3 +28,16 @@ def assert_one_line_error(result: subprocess.CompletedProcess, code: int, *needl
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def assert_error_after_progress(result: subprocess.CompletedProcess, code: int, *needles: str) -> str:
+    """Like assert_one_line_error for failures after loading began: the status lines printed before it
+    (the model line, a progress line) stay, and the error is one `error: ...` line, the last."""
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
