@@ -103,6 +103,22 @@ def _open_store(resolved: ResolvedModel, build: bool) -> TierStore | None:
     return TierStore.open(store_dir, resolved.path, name=resolved.name)
 
 
+def check_device_free(device: torch.device, budget: int, asked: str | None) -> None:
+    """A budget above the GPU's free memory would end in an out-of-memory mid-run: refuse it before loading."""
+    if device.type != "cuda" or asked is None:
+        return
+    from cache.budget import format_size
+
+    free, _ = torch.cuda.mem_get_info(device)
+    if budget > free:
+        from fate_cli.errors import ResourceError
+
+        raise ResourceError(
+            f"--vram {asked} is more than the GPU's free memory ({format_size(free)}); lower --vram, "
+            "or close the programs holding GPU memory"
+        )
+
+
 def open_model(
     name: str | None,
     device: str | None = None,
@@ -128,6 +144,7 @@ def open_model(
 
     args = load_args(resolved.path)
     budget = parse_size(vram) if vram else auto_budget(dev)
+    check_device_free(dev, budget, vram)
     ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
     store = _open_store(resolved, build=False)
     params = QuantParams(**store.manifest["params"]) if store else QuantParams()
