@@ -8,6 +8,9 @@
 - eap (MoE-Infinity's Expert Activation Path): the current request's partial activation matrix is
   matched to past requests' by cosine similarity; the match ranks the remaining layers' experts to
   prefetch, and activation counts decide what to evict.
+- fmoe (fMoE): expert maps of past iterations (layers x experts router probabilities) matched by the
+  prompt's semantic key before the first layer and by the trajectory as layers are seen; the next layer's
+  experts prefetched by probability until their mass reaches 1 - similarity (at least top-k); LRU.
 - resident: every expert on the device at the hot tier, the ceiling.
 """
 
@@ -20,6 +23,7 @@ import torch
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
 from predictors.cross_layer import by_popularity, predict_next
+from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
 
@@ -134,8 +138,50 @@ class EAP(Policy):
         return out
 
 
+class FMoE(Policy):
+    name = "fmoe"
+
+    def __init__(self, ctx: PolicyContext):
+        super().__init__(ctx)
+        self.store = ExpertMapStore(ctx.num_layers, ctx.num_experts)
+        self.key: torch.Tensor | None = None
+        self.observed: dict[int, torch.Tensor] = {}
+
+    def begin_request(self) -> None:
+        self.key = None
+
+    def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
+        probs = torch.softmax((hidden @ self.ctx.routers[layer].t()).float(), dim=-1).mean(0)
+        if layer == self.ctx.moe_layers[0]:
+            self.observed = {}
+            if self.key is None:  # the request's first step: its prompt
+                self.key = hidden.float().mean(0).cpu()
+        self.observed[layer] = probs
+        nxt = self.ctx.next_moe(layer)
+        if nxt is None:
+            return []
+        match = self.store.trajectory_match(self.observed)
+        if match is None:
+            return []
+        expert_map, similarity = match
+        experts = experts_by_mass(expert_map[nxt], similarity, self.ctx.top_k)
+        self.predicted[nxt] = set(experts)
+        return [Prefetch(nxt, e, "hot") for e in experts]
+
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
+        if layer == self.ctx.moe_layers[0] and len(self.observed) == 1:
+            match = self.store.semantic_match(self.key)  # before layer 0 is computed: the prompt's key
+            if match is not None:
+                self.predicted.setdefault(layer, set(experts_by_mass(match[0][layer], match[1], self.ctx.top_k)))
+        if layer == self.ctx.moe_layers[-1] and self.key is not None:
+            expert_map = torch.zeros(self.ctx.num_layers, self.ctx.num_experts)
+            for seen, probs in self.observed.items():
+                expert_map[seen] = probs.cpu()
+            self.store.add(self.key, expert_map)
+
+
 POLICY_TYPES: dict[str, type[Policy]] = {
-    "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "resident": Resident,
+    "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "fmoe": FMoE, "resident": Resident,
 }
 
 

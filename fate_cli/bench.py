@@ -27,7 +27,7 @@ from fate_cli.errors import FateError, UsageError
 from fate_cli.registry import BUNDLED_ROOT
 from fate_cli.runtime import dtype_name, pick_device, pick_dtype
 
-BENCH_ORDER = ("resident", "fate", "lru", "eap", "ondemand")
+BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "ondemand")
 FIELDS = [
     "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cache.budget import parse_size
 from cache.eviction import ARC, LRU, ByPriority
@@ -117,3 +118,26 @@ def test_plan_shallow_favoring_split():
     uniform = make_plan(f, plan.budget, split="uniform")
     assert max(uniform.slots.values()) - min(uniform.slots.values()) <= 1
     assert uniform.total_slots == plan.total_slots
+
+
+def test_experts_by_mass():
+    from predictors.expert_map import experts_by_mass
+
+    probs = torch.tensor([0.05, 0.4, 0.1, 0.3, 0.15])
+    assert experts_by_mass(probs, similarity=1.0, top_k=2) == [1, 3]  # a perfect match: top-k only
+    assert experts_by_mass(probs, similarity=0.2, top_k=1) == [1, 3, 4]  # 0.85 >= 0.8
+    assert experts_by_mass(probs, similarity=0.0, top_k=1) == [1, 3, 4, 2, 0]
+
+
+def test_expert_map_store_matches_and_is_bounded():
+    from predictors.expert_map import ExpertMapStore
+
+    store = ExpertMapStore(num_layers=2, num_experts=3, capacity=2)
+    a, b = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([[0, 0, 1.0], [1.0, 0, 0]])
+    store.add(torch.tensor([1.0, 0.0]), a)
+    store.add(torch.tensor([0.0, 1.0]), b)
+    assert torch.equal(store.semantic_match(torch.tensor([0.1, 2.0]))[0], b)
+    got, sim = store.trajectory_match({0: torch.tensor([0.9, 0.1, 0.0])})
+    assert torch.equal(got, a) and 0.9 < sim <= 1.0
+    store.add(torch.tensor([1.0, 1.0]), a)
+    assert len(store) == 2 and torch.equal(store.maps[0], b)  # the oldest went

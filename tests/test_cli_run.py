@@ -16,11 +16,11 @@ from tests.tiny_models import make_tiny_model
 FATE = [sys.executable, "-m", "fate_cli"]
 
 
-def fate(*args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+def fate(*args: str, home: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if home is not None:
         env["FATE_HOME"] = str(home)
-    return subprocess.run([*FATE, *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([*FATE, *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

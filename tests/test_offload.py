@@ -18,7 +18,7 @@ from fate_cli.model.loader import load_model
 from quant.store import QuantParams, TierStore, quantize_model
 from tests.tiny_models import make_tiny_model
 
-POLICIES = ["fate", "ondemand", "lru", "eap", "resident"]
+POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "resident"]
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,7 @@ SCAN = [[0], [1], [0], [1], [2], [3], [4], [5], [6], [0], [1]]
         ("fate", 4, 7, "cold"),  # ARC keeps 0 and 1 (used twice) in T2; misses move at the cold tier
         ("eap", 4, 7, "hot"),  # activation counts keep 0 and 1 (count 2) over the scan's count-1 experts
         ("ondemand", 0, 11, "hot"),  # nothing kept beyond the layer
+        ("fmoe", 2, 9, "hot"),  # no gate inputs here, so no maps and no prefetch: its LRU alone
     ],
 )
 def test_scripted_routing_counts(model_and_store, policy, hits, misses, tier):
@@ -122,3 +123,24 @@ def test_fate_prefetches_the_predicted_experts(model_and_store):
     assert provider.stats.hits == 2 and provider.stats.misses == 0
     s = provider.stats.layers[second]
     assert s.predicted == len(predicted) and s.predicted_used == 2 and s.used == 2
+
+
+def test_fmoe_finds_a_repeated_step_in_its_expert_maps(model_and_store):
+    """The second time the same router inputs come, the stored map predicts every layer's experts exactly."""
+    model, store = model_and_store
+    provider, _, _ = provider_for(model, store, "fmoe", slots=8)
+    layers = list(model.args.moe_layer_ids)
+    hidden = {layer: torch.randn(1, model.args.hidden_size) for layer in layers}
+    routed = {layer: torch.topk(hidden[layer] @ provider.policy.ctx.routers[layer].t(), model.args.top_k).indices[0]
+              for layer in layers}
+    for _ in range(2):
+        provider.begin_request()
+        for layer in layers:
+            provider.gate_input(layer, hidden[layer])
+            ids = routed[layer].tolist()
+            list(provider.experts(layer, ids, [1] * len(ids)))
+    assert len(provider.policy.store) == 2
+    for layer in layers[1:]:
+        s = provider.stats.layers[layer]
+        assert s.recall == 1.0 and s.predicted == model.args.top_k  # similarity 1: exactly top-k, all used
+        assert s.hits >= model.args.top_k  # the second pass found them prefetched
