@@ -106,30 +106,17 @@ class ARC:
         return [*self.t1, *self.t2]
 
 
-class ByPriority:
-    """Evict the resident expert with the lowest score (MoE-Infinity: activation counts)."""
+class ByPriority(LRU):
+    """Evict the resident expert with the lowest score (MoE-Infinity: activation counts).
+
+    LRU's bookkeeping, without its recency: residents stay in arrival order, which breaks ties."""
 
     def __init__(self, capacity: int, score: Callable[[int], float]):
-        self.capacity = capacity
+        super().__init__(capacity)
         self.score = score
-        self.members: dict[int, None] = {}
-
-    def __contains__(self, expert: int) -> bool:
-        return expert in self.members
 
     def touch(self, expert: int) -> None:
         pass
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        return min((e for e in self.members if e not in pinned), key=self.score)
-
-    def admit(self, expert: int, victim: int | None) -> None:
-        if victim is not None:
-            del self.members[victim]
-        self.members[expert] = None
-
-    def remove(self, expert: int) -> None:
-        del self.members[expert]
-
-    def resident(self) -> list[int]:
-        return list(self.members)
+        return min((e for e in self.order if e not in pinned), key=self.score)

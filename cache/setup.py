@@ -60,19 +60,40 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
 def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, context: int, params: QuantParams,
              cuda: bool, one_tier: bool = False, shallow_layers: int | None = None) -> OffloadSetup:
     """one_tier: every expert at one tier (--transfer-bits), so no layer is held whole at 16 bits."""
-    if policy not in POLICIES:
-        raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICIES)}")
+    check_policy(policy)
     fp = footprint(args, dtype, context, params, cuda)
     all_full = fp.fixed + len(fp.moe_layers) * fp.num_experts * fp.expert_full
     if policy != "resident" and not one_tier and budget >= all_full:
         plan = Plan(budget, fp, {}, tuple(fp.moe_layers))
         return OffloadSetup(plan, policy, budget, full_precision=True)
-    if policy == "resident":  # the ceiling: every expert on the device at the hot tier, whatever the budget
-        plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
-    else:
-        split = POLICY_TYPES[policy].split
-        plan = make_plan(fp, budget, split, shallow_layers, whole_first=not one_tier)
+    plan = plan_slots(fp, policy, budget, one_tier, shallow_layers)
     return OffloadSetup(plan, policy, budget, full_precision=False)
+
+
+def check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICIES)}")
+
+
+def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_layers: int | None = None) -> Plan:
+    """Expert slots for a policy: `resident` holds every expert at the hot tier whatever the budget (the
+    ceiling); the others split the budget the policy's way."""
+    if policy == "resident":
+        return make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
+    return make_plan(fp, budget, POLICY_TYPES[policy].split, shallow_layers, whole_first=not one_tier)
+
+
+def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:
+    """The quantized tier of that bit width (--transfer-bits), or None when not forced."""
+    if bits is None:
+        return None
+    by_bits = {info.layout.bits: name for name, info in store.tiers.items() if info.layout.kind == "quantized"}
+    if bits not in by_bits:
+        raise UsageError(
+            f"--transfer-bits {bits} matches no tier of the store (tiers: "
+            f"{', '.join(f'INT{b}' for b in sorted(by_bits))})"
+        )
+    return by_bits[bits]
 
 
 def routers(model: Transformer) -> dict[int, torch.Tensor]:
@@ -91,15 +112,7 @@ def build_offloaded(
     args = model.args
     ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
     policy: Policy = make_policy(setup.policy, ctx)
-    transfer_tier = None
-    if transfer_bits is not None:
-        by_bits = {info.layout.bits: name for name, info in store.tiers.items() if info.layout.kind == "quantized"}
-        if transfer_bits not in by_bits:
-            raise UsageError(
-                f"--transfer-bits {transfer_bits} matches no tier of the store (tiers: "
-                f"{', '.join(f'INT{b}' for b in sorted(by_bits))})"
-            )
-        transfer_tier = by_bits[transfer_bits]
+    transfer_tier = transfer_tier_for(store, transfer_bits)
     provider = OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend)
     model.set_provider(provider)
     return provider

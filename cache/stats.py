@@ -72,6 +72,11 @@ class CacheStats:
         values = [getattr(s, attr) for s in layers.values() if getattr(s, attr) is not None]
         return sum(values) / len(values) if values else None
 
+    @property
+    def decode_recall(self) -> float | None:
+        """Mean over layers of the prediction recall on one-token steps (comparable with per-token recall)."""
+        return self._mean("recall", self.decode_layers)
+
     def as_dict(self) -> dict:
         return {
             "hit_rate": self.hit_rate,
@@ -79,7 +84,7 @@ class CacheStats:
             "misses": self.misses,
             "prediction_precision": self._mean("precision"),
             "prediction_recall": self._mean("recall"),
-            "decode_prediction_recall": self._mean("recall", self.decode_layers),
+            "decode_prediction_recall": self.decode_recall,
             "bytes_moved": dict(self.bytes_moved),
             "loads": dict(self.loads),
             "prefetches": self.prefetches,

@@ -25,7 +25,7 @@ from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.errors import FateError, UsageError
 from fate_cli.registry import BUNDLED_ROOT
-from fate_cli.runtime import dtype_name, pick_device, pick_dtype
+from fate_cli.runtime import device_label, dtype_name, pick_device, pick_dtype
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "ondemand")
 FIELDS = [
@@ -172,8 +172,9 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
     cuda = target.device.type == "cuda"
     p = len(prompts[0])
     base = {
-        "model": target.name, "kind": target.kind, "size_bytes": target.size_bytes, "device": _device_name(target),
-        "backend": target.backend(), "policy": policy, "vram": label, "budget_bytes": budget, "reps": reps,
+        "model": target.name, "kind": target.kind, "size_bytes": target.size_bytes,
+        "device": device_label(target.device), "backend": target.backend(), "policy": policy, "vram": label,
+        "budget_bytes": budget, "reps": reps,
     }
     tests = (f"pp{p}", f"tg{gen_len}")
     try:
@@ -196,7 +197,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
             tokens = tokens if tokens is not None else timing.token_ids
         stats = session.offload.sync_stats().as_dict() if session.offload else {}
         peak = torch.cuda.max_memory_allocated() if cuda else None
-        plan = session.setup.plan.summary() if session.setup else ""
+        plan = session.setup.plan.summary()
     except torch.OutOfMemoryError:
         session.close()
         note = f"CUDA ran out of memory at {label}; the plan's estimate was too low, try a larger budget"
@@ -216,10 +217,6 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         rows.append({**common, "test": test, "tokens_per_s": statistics.mean(values),
                      "stdev": statistics.stdev(values) if len(values) > 1 else 0.0})
     return rows, tokens
-
-
-def _device_name(target: Target) -> str:
-    return torch.cuda.get_device_name(target.device) if target.device.type == "cuda" else "CPU"
 
 
 def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
@@ -372,7 +369,7 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     parse_budgets(vram, _NO_FOOTPRINT)
     prompts = prompt_set(prompt_len, reps + 1, prompts_file)
     console = Console(stderr=True)
-    console.print(f"[dim]fate bench on {dev.type} [{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'CPU'}],"
+    console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
                   f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, {reps} repetitions after a warm-up[/dim]")
     makers = [lambda n=n: open_target(n, dev, dt, transfer_bits) for n in names]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -17,9 +17,17 @@ from cache.host_tier import HostTier
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint
 from cache.policies import PolicyContext, make_policy
-from cache.setup import PREFILL_CHUNK, OffloadSetup, footprint, plan_for, routers
-from fate_cli.errors import UsageError
-from fate_cli.generate import Sampler, SamplingParams, generate
+from cache.setup import (
+    PREFILL_CHUNK,
+    OffloadSetup,
+    check_policy,
+    footprint,
+    plan_for,
+    plan_slots,
+    routers,
+    transfer_tier_for,
+)
+from fate_cli.generate import Sampler, SamplingParams, generate, synchronize
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.model import Transformer
 from fate_cli.runtime import DEFAULT_CONTEXT
@@ -32,11 +40,6 @@ class RunTiming:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     token_ids: list[int]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Session:
@@ -59,7 +62,7 @@ class Target:
                  ctx: PolicyContext, transfer_bits: int | None):
         self.name, self.device, self.dtype, self.store = name, device, dtype, store
         self.footprint, self.ctx, self.transfer_bits = footprint, ctx, transfer_bits
-        self.transfer_tier = self._transfer_tier(transfer_bits)
+        self.transfer_tier = transfer_tier_for(store, transfer_bits)
         self._hosts: dict[tuple[str, ...], HostTier] = {}
 
     @property
@@ -69,14 +72,6 @@ class Target:
 
     def backend(self) -> str:
         return select_backend(self.device, self.store.tiers["hot"].layout)
-
-    def _transfer_tier(self, bits: int | None) -> str | None:
-        if bits is None:
-            return None
-        by_bits = {i.layout.bits: t for t, i in self.store.tiers.items() if i.layout.kind == "quantized"}
-        if bits not in by_bits:
-            raise UsageError(f"--transfer-bits {bits} matches no tier (tiers: {', '.join(f'INT{b}' for b in by_bits)})")
-        return by_bits[bits]
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         raise NotImplementedError
@@ -174,18 +169,8 @@ class ReplayTarget(Target):
         self.traces: dict[tuple[tuple[int, ...], int], list] = {}
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
-        from cache.planner import Plan, make_plan
-        from cache.policies import POLICY_TYPES
-
-        fp = self.footprint
-        if policy not in POLICY_TYPES:
-            raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICY_TYPES)}")
-        one_tier = self.transfer_bits is not None
-        if policy == "resident":
-            plan = make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
-        else:
-            plan = make_plan(fp, budget, POLICY_TYPES[policy].split, whole_first=not one_tier)
-        assert isinstance(plan, Plan)
+        check_policy(policy)  # never 16-bit experts: the replay's topology has no checkpoint to hold them
+        plan = plan_slots(self.footprint, policy, budget, self.transfer_bits is not None)
         return OffloadSetup(plan, policy, budget, full_precision=False)
 
     def steps(self, prompt: Sequence[int], gen_len: int) -> list:
@@ -203,13 +188,13 @@ class ReplayTarget(Target):
         player = ReplayModel(session.provider, self.hidden, self.device, self.dtype, max(s.tokens for s in steps))
         steps = player.to_device(steps)
         session.provider.begin_request()
-        _sync(self.device)
+        synchronize(self.device)
         t0 = time.perf_counter()
         player.step(steps[0])
-        _sync(self.device)
+        synchronize(self.device)
         t1 = time.perf_counter()
         for step in steps[1:]:
             player.step(step)
-        _sync(self.device)
+        synchronize(self.device)
         t2 = time.perf_counter()
         return RunTiming(steps[0].tokens / (t1 - t0), (len(steps) - 1) / (t2 - t1) if len(steps) > 1 else 0.0, [])

@@ -77,8 +77,10 @@ class ChatSession:
             raise ResourceError(f"the message is {len(ids)} tokens but the context is {self.context}; shorten it")
         return ids
 
-    def ask(self, text: str, on_token) -> tuple[str, object]:  # noqa: ANN001
-        """Answer `text`; returns (answer, generation stats). Ctrl-C propagates after the state is made safe."""
+    def ask(self, text: str, on_token, on_prefill=None) -> tuple[str, object]:  # noqa: ANN001
+        """Answer `text`; returns (answer, generation stats). Ctrl-C propagates after the state is made safe.
+
+        on_prefill(n), if given, is called with the number of tokens about to be prefilled (after KV reuse)."""
         self.history.append(Message("user", text))
         try:
             ids = self.prompt_ids()
@@ -94,6 +96,8 @@ class ChatSession:
             self.counters.start_answer(offload.stats)
         sampler = Sampler(self.params, self.runtime.loaded.device)
         produced: list[int] = []
+        if on_prefill is not None:
+            on_prefill(len(ids) - reuse)
 
         def collect(token_id: int) -> bool | None:
             produced.append(token_id)
@@ -209,15 +213,13 @@ def interactive_loop(session: ChatSession, err: Console, with_panel: bool) -> No
 def answer_with_panel(session: ChatSession, text: str, out: Console) -> None:
     view = ChatPanel(session.runtime, session.counters)
     stream = StreamDecoder(session.runtime.tokenizer)
-    ids = session.runtime.tokenizer.encode_chat([*session.messages(), Message("user", text)])
-    view.meter.prompt_tokens = len(ids)
 
     def on_token(token_id: int) -> None:
         view.answer.append(stream.push(token_id))
         view.meter.token()
 
     with Live(view, console=out, refresh_per_second=PANEL_REFRESH_PER_S, transient=False):
-        session.ask(text, on_token)
+        session.ask(text, on_token, view.meter.prefill)
 
 
 def slash_command(session: ChatSession, line: str, out: Console) -> str | None:

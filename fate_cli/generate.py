@@ -72,7 +72,8 @@ class GenerationResult:
     stats: GenerationStats
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so host clocks time it (no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -110,7 +111,7 @@ def generate(
     eos = set(eos_ids)
     model.begin_request()
 
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     tokens = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
     logits = model(tokens, cache, start_pos, last_only=True)[:, -1]
@@ -135,7 +136,7 @@ def generate(
         pos += 1
         token = sampler(logits)
         next_id = int(token.item())
-    _sync(device)
+    synchronize(device)
     stats.decode_seconds = time.perf_counter() - t1
     stats.generated_tokens = len(out)
     stats.prefill_tokens_per_s = len(prompt_ids) / stats.prefill_seconds if stats.prefill_seconds else 0.0

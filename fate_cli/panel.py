@@ -25,6 +25,10 @@ class AnswerMeter:
     first_token_at: float | None = None
     decode_tokens_per_s: float = 0.0
 
+    def prefill(self, tokens: int) -> None:
+        """The prefill starts now, over `tokens` tokens (only the new ones when the KV cache is reused)."""
+        self.prompt_tokens, self.started = tokens, time.perf_counter()
+
     def token(self) -> None:
         now = time.perf_counter()
         if self.first_token_at is None:
@@ -57,7 +61,7 @@ class ChatPanel:
         if off is not None:
             answer_hits, answer_total = self.session.answer_counts(off.stats)
             session_rate = off.stats.hit_rate
-            recall = off.stats.as_dict()["decode_prediction_recall"]
+            recall = off.stats.decode_recall
             lines.add_row("experts", f"hit {_pct(answer_hits, answer_total)} this answer · "
                           f"{100 * session_rate:.1f}% session · prediction recall "
                           f"{'-' if recall is None else f'{recall:.2f}'} · moved "

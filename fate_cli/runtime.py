@@ -34,6 +34,11 @@ def pick_device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
+def device_label(device: torch.device) -> str:
+    """The GPU's name, or CPU: what a report says it ran on."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name is None:
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -63,7 +68,7 @@ class Runtime:
 
     def describe(self) -> str:
         a, d = self.loaded.args, self.loaded.device
-        where = torch.cuda.get_device_name(d) if d.type == "cuda" else "CPU"
+        where = device_label(d)
         head = (
             f"{self.resolved.name} ({a.family}, {a.num_layers} layers, {a.num_experts} experts, top-{a.top_k}) "
             f"on {d.type} [{where}], {dtype_name(self.loaded.dtype)}"

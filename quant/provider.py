@@ -16,14 +16,14 @@ anyway), then moved to the compute device in one copy each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from fate_cli.errors import BadModel, UsageError
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import DenseExpert, ExpertFn
+from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import Checkpoint
 from quant.kernels import QuantExpert, dense_weights, select_backend
 from quant.store import TierStore
@@ -72,7 +72,9 @@ def check_matches(store: TierStore, args: ModelArgs) -> None:
             )
 
 
-class TieredExperts:
+class TieredExperts(ResidentExperts):
+    """Every expert resident on the device at the tier the plan gives it (dense or quantized)."""
+
     def __init__(
         self,
         store: TierStore,
@@ -85,7 +87,7 @@ class TieredExperts:
         check_matches(store, args)
         self.store, self.plan = store, plan
         self.device = torch.device(device)
-        self.layers: dict[int, list[ExpertFn]] = {}
+        super().__init__({})
         self.backends: set[str] = set()
         self.bytes = 0
         for layer in args.moe_layer_ids:
@@ -105,17 +107,9 @@ class TieredExperts:
                     table.append(expert)
             self.layers[layer] = table
 
-    def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
-        pass
-
-    def experts(
-        self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
-    ) -> Sequence[tuple[int, ExpertFn]]:
-        table = self.layers[layer]
-        return [(e, table[e]) for e in ids]
-
     @property
     def nbytes(self) -> int:
+        """The tier buffers read (a dense tier converted to another dtype counts as stored)."""
         return self.bytes
 
     def describe(self) -> str:

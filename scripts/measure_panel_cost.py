@@ -43,9 +43,9 @@ def main() -> None:
             if with_panel:
                 console = Console(file=io.StringIO(), force_terminal=True, width=120)
                 with Live(view, console=console, refresh_per_second=PANEL_REFRESH_PER_S):
-                    _, stats = session.ask("Tell me a long story about hackers.", on_token)
+                    _, stats = session.ask("Tell me a long story about hackers.", on_token, view.meter.prefill)
             else:
-                _, stats = session.ask("Tell me a long story about hackers.", on_token)
+                _, stats = session.ask("Tell me a long story about hackers.", on_token, view.meter.prefill)
             speeds[with_panel].append(stats.decode_tokens_per_s)
     off, on = statistics.median(speeds[False]), statistics.median(speeds[True])
     print(f"{runtime.describe()}")
