@@ -1,8 +1,9 @@
 """OffloadedExperts: the ExpertProvider that runs a policy over the host tier and the GPU slots.
 
 One step through MoE layer l:
-    gate_input(l, x)       -> policy predicts layer l+1's experts -> prefetch copies on the copy stream
-    experts(l, ids, counts) -> hits served from slots; misses loaded now (most tokens first);
+    gate_input(l, x)       -> policy predicts layer l+1's experts (held until layer l's misses are queued)
+    experts(l, ids, counts) -> hits served from slots; misses loaded now (most tokens first), then the
+                              prefetch copies for l+1 behind them on the same copy stream;
                               compute waits only for the slots it reads
 Layers the plan holds whole (layer 0, at 16 bits) are on the device from the start.
 """
@@ -78,6 +79,7 @@ class OffloadedExperts:
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n)) for layer, n in slots.items()}
         self._stall_base, self._waits_base = 0.0, 0
+        self._pending: list[Prefetch] = []
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -89,8 +91,15 @@ class OffloadedExperts:
         self.policy.begin_request()
 
     def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
-        for p in self.policy.on_gate_input(layer, hidden):
-            self._prefetch(p)
+        # Queued after this layer's misses: the copy stream runs in order, and a guess for the next
+        # layer must not delay an expert this layer needs now.
+        self._pending = self.policy.on_gate_input(layer, hidden)
+
+    def _issue_prefetches(self, routed_layer: int) -> None:
+        pending, self._pending = self._pending, []
+        for p in pending:
+            if p.layer != routed_layer:  # a guess for the layer just routed comes too late to help
+                self._prefetch(p)
 
     def experts(
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
@@ -102,14 +111,17 @@ class OffloadedExperts:
             one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
             self.stats.prediction(layer, predicted, set(ids), one_token)
         if layer in self.full:
+            self._issue_prefetches(layer)
             table = self.full[layer]
             return iter([(e, table[e]) for e in ids])
-        return self._serve(layer, ids, counts)
+        order, pinned, tier = self._admit(layer, ids, counts)
+        self._issue_prefetches(layer)
+        return self._serve(layer, order, pinned, tier)
 
     # ---- slots ------------------------------------------------------------------------------------
 
-    def _serve(self, layer: int, ids: list[int], counts: list[int]) -> Iterator[tuple[int, ExpertFn]]:
-        """Resident experts first (no wait), then misses, most tokens first, loaded in waves if need be."""
+    def _admit(self, layer: int, ids: list[int], counts: list[int]) -> tuple[list[int], set[int], str]:
+        """Count hits and misses and queue the misses' copies (most tokens first) as far as the layer has room."""
         state = self.layers[layer]
         hits = [e for e in ids if e in state.slot_of]
         misses = [e for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]) if e not in state.slot_of]
@@ -122,7 +134,12 @@ class OffloadedExperts:
             self.stats.miss(layer)
             if self._room(state, pinned):  # as far as the layer has room without evicting this step's experts
                 self._load(layer, e, tier, pinned)
-        for e in hits + misses:
+        return hits + misses, pinned, tier
+
+    def _serve(self, layer: int, order: list[int], pinned: set[int], tier: str) -> Iterator[tuple[int, ExpertFn]]:
+        """Resident experts first (no wait), then misses; those without a slot yet loaded in waves."""
+        state = self.layers[layer]
+        for e in order:
             if e not in state.slot_of:  # more experts than slots (a long prompt): this one waits for a slot
                 self._load(layer, e, tier, pinned)
             slot = state.slot_of[e]

@@ -3,6 +3,8 @@
 - fate: cross-layer gate prediction (layer i's gate input through layer i+1's router, top k+1 per
   token, loaded in order of popularity), shallow-favoring slots, per-layer ARC, mixed tiers:
   popular predictions at the hot tier, the least popular 30% (prefill) and every miss at the cold tier.
+  A one-token (decode) step has no popularity to rank by, so the router probability does: confident
+  predictions at the hot tier, weaker ones at the cold tier, the weakest not fetched ahead.
 - ondemand (Load-on-Demand): no prediction; load after the router; keep nothing beyond the layer.
 - lru (mixtral-offloading): per-layer LRU, no prediction, loads at the hot tier.
 - eap (MoE-Infinity's Expert Activation Path): the current request's partial activation matrix is
@@ -22,10 +24,17 @@ import torch
 
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
-from predictors.cross_layer import by_popularity, predict_next
+from predictors.cross_layer import by_popularity, next_layer_probs
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
+# Decode: a prediction's probability times top_k (1.0 = an average routed expert's share) picks its tier.
+# Below DECODE_COLD_SHARE a guess is not fetched: when copies cannot hide behind compute a wrong guess
+# costs a whole transfer and a later miss costs a cold one. Chosen by measurement on the bundled model's
+# traces, where it moves fewer bytes than lru and eap at every budget with a higher hit rate
+# (docs/bench-results.md, "decode prefetch thresholds").
+DECODE_HOT_SHARE = 0.6
+DECODE_COLD_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,20 @@ class Fate(Policy):
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
             return []
-        picks = predict_next(hidden, self.ctx.routers[nxt], self.ctx.top_k + 1)
-        ranked = by_popularity(picks, self.ctx.num_experts)
+        k = self.ctx.top_k
+        probs = next_layer_probs(hidden, self.ctx.routers[nxt])
+        top = torch.topk(probs, k + 1, dim=-1)
+        if hidden.shape[0] == 1:
+            ranked = list(zip(top.indices[0].tolist(), (top.values[0] * k).tolist()))
+            self.predicted[nxt] = {e for e, _ in ranked}
+            return [
+                Prefetch(nxt, e, "hot" if share >= DECODE_HOT_SHARE else "cold")
+                for e, share in ranked
+                if share >= DECODE_COLD_SHARE
+            ]
+        ranked = by_popularity(top.indices, self.ctx.num_experts)
         self.predicted[nxt] = {e for e, _ in ranked}
-        cold_from = len(ranked) if hidden.shape[0] == 1 else len(ranked) - int(FATE_COLD_FRACTION * len(ranked))
+        cold_from = len(ranked) - int(FATE_COLD_FRACTION * len(ranked))
         return [Prefetch(nxt, e, "hot" if i < cold_from else "cold") for i, (e, _) in enumerate(ranked)]
 
 

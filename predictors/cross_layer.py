@@ -9,10 +9,14 @@ from __future__ import annotations
 import torch
 
 
+def next_layer_probs(gate_input: torch.Tensor, next_router: torch.Tensor) -> torch.Tensor:
+    """softmax(gate_input @ next_router.T): the next router's probabilities per token [tokens, experts]."""
+    return torch.softmax((gate_input @ next_router.t()).float(), dim=-1)
+
+
 def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
-    """Top-n experts per token of the next layer: softmax(gate_input @ next_router.T) -> top-n ids [tokens, n]."""
-    probs = torch.softmax((gate_input @ next_router.t()).float(), dim=-1)
-    return torch.topk(probs, n, dim=-1).indices
+    """Top-n experts per token of the next layer [tokens, n]."""
+    return torch.topk(next_layer_probs(gate_input, next_router), n, dim=-1).indices
 
 
 def by_popularity(predicted: torch.Tensor, num_experts: int) -> list[tuple[int, int]]:

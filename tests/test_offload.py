@@ -12,9 +12,10 @@ import torch
 
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan
-from cache.policies import PolicyContext, make_policy
+from cache.policies import DECODE_COLD_SHARE, DECODE_HOT_SHARE, PolicyContext, make_policy
 from cache.setup import routers
 from fate_cli.model.loader import load_model
+from predictors.cross_layer import next_layer_probs
 from quant.store import QuantParams, TierStore, quantize_model
 from tests.tiny_models import make_tiny_model
 
@@ -109,20 +110,43 @@ def test_waves_when_a_step_needs_more_experts_than_slots(model_and_store):
 
 def test_fate_prefetches_the_predicted_experts(model_and_store):
     model, store = model_and_store
-    provider, _, _ = provider_for(model, store, "fate", slots=3)
+    provider, _, _ = provider_for(model, store, "fate", slots=5)
     first, second = model.args.moe_layer_ids[:2]
-    hidden = torch.randn(1, model.args.hidden_size)
+    k = model.args.top_k
+    router = provider.policy.ctx.routers[second]
+    # a gate input pointing at expert 3 of the next router, with some of expert 5's direction
+    hidden = (4 * router[3] / router[3].norm() ** 2 + 1.5 * router[5] / router[5].norm() ** 2).unsqueeze(0)
     provider.gate_input(first, hidden)
     predicted = provider.policy.predicted[second]
-    assert len(predicted) == model.args.top_k + 1  # one token: its top k+1 under the next router
-    resident = set(provider.layers[second].slot_of)
-    assert resident == predicted  # three free slots: every prediction was copied ahead
-    assert all(provider.layers[second].tier_of[e] == "hot" for e in resident)  # decode: popular, hot tier
-    used = sorted(resident)[:2]
-    list(provider.experts(second, used, [1] * len(used)))
-    assert provider.stats.hits == 2 and provider.stats.misses == 0
+    assert len(predicted) == k + 1  # one token: its top k+1 under the next router
+    assert not provider.layers[second].slot_of  # held until the routed layer's misses are queued
+    list(provider.experts(first, [0], [1]))
+    share = {e: float(p) * k for e, p in enumerate(next_layer_probs(hidden, router)[0])}
+    resident = provider.layers[second].tier_of
+    assert 3 in resident and set(resident) <= predicted
+    for e in predicted:  # decode: the router's confidence picks the tier, the weakest guesses stay on the host
+        expected = "hot" if share[e] >= DECODE_HOT_SHARE else "cold" if share[e] >= DECODE_COLD_SHARE else None
+        assert resident.get(e) == expected
+    used = sorted(resident)[:1]
+    list(provider.experts(second, used, [1]))
+    assert provider.stats.hits == 1 and provider.stats.misses == 1  # the first layer's expert 0 was a miss
     s = provider.stats.layers[second]
-    assert s.predicted == len(predicted) and s.predicted_used == 2 and s.used == 2
+    assert s.predicted == len(predicted) and s.predicted_used == 1 and s.used == 1
+
+
+def test_misses_are_copied_before_the_next_layers_prefetches(model_and_store):
+    """The copy stream runs in order: the routed layer's misses must not queue behind guesses."""
+    model, store = model_and_store
+    provider, _, _ = provider_for(model, store, "fate", slots=5)
+    first, second = model.args.moe_layer_ids[:2]
+    router = provider.policy.ctx.routers[second]
+    copies = []
+    load = provider.pool.load
+    provider.pool.load = lambda layer, slot, host: (copies.append(layer), load(layer, slot, host))
+    provider.gate_input(first, (8 * router[2] / router[2].norm() ** 2).unsqueeze(0))
+    served = [e for e, _ in provider.experts(first, [0, 1], [1, 1])]
+    assert served == [0, 1]
+    assert copies[:2] == [first, first] and second in copies[2:]
 
 
 def test_fmoe_finds_a_repeated_step_in_its_expert_maps(model_and_store):
