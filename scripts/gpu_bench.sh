@@ -5,6 +5,8 @@
 # files to $OUT (JSON rows, markdown table, PNG plot, log), so a part that runs out of time loses only itself.
 #
 #   FATE_HOME=.carry/home bash scripts/gpu_bench.sh      (N=new tokens, R=repetitions; defaults 64 and 1)
+#   PARTS="replay bundled" ... runs only those parts (one lent-machine call has 10 minutes);
+#   LIMIT_<part>=SECONDS overrides a part's time limit, N_<part> and R_<part> its lengths.
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/gpu_bench; rm -rf "$W"; mkdir -p "$W"   # the results, packed into $OUT/gpu_bench.tgz at the end
@@ -14,9 +16,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/device.txt"
 
-part() {  # part NAME SECONDS ARGS...
+PARTS=${PARTS:-replay synthetic qwen3 bundled identity}
+part() {  # part NAME SECONDS ARGS...  (skipped unless NAME is in PARTS)
   local name=$1 limit=$2; shift 2
-  echo "== $name: fate bench $*" | tee -a "$W/device.txt"
+  [[ " $PARTS " == *" $name "* ]] || return 0
+  local var=LIMIT_$name; limit=${!var:-$limit}
+  echo "== $name: fate bench $* (limit $limit s)" | tee -a "$W/device.txt"
   local start=$SECONDS
   local plot=(); python3 -c "import matplotlib" 2>/dev/null && plot=(--plot "$W/$name.png")
   timeout "$limit" python3 -m fate_cli bench "$@" -q -o md "${plot[@]}" --rows-to "$W/$name.jsonl" \
@@ -24,9 +29,12 @@ part() {  # part NAME SECONDS ARGS...
   echo "   exit $? after $((SECONDS - start)) s" | tee -a "$W/device.txt"
   tail -3 "$W/$name.log"
 }
+n() { local var=N_$1; echo "${!var:-$N}"; }
+r() { local var=R_$1; echo "${!var:-$R}"; }
 
-part replay 150 replay:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
-part synthetic 150 synthetic:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
-part bundled 100 tiny --vram 25%,50%,75% -p 512 -n "$N" -r "$R"
+part replay 150 replay:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$(n replay)" -r "$(r replay)"
+part synthetic 150 synthetic:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$(n synthetic)" -r "$(r synthetic)"
+part qwen3 150 synthetic:qwen3-30b-a3b --vram 25%,50%,75% -p 512 -n "$(n qwen3)" -r "$(r qwen3)"
+part bundled 100 tiny --vram 25%,50%,75% -p 512 -n "$(n bundled)" -r "$(r bundled)"
 part identity 50 tiny --vram 25%,50% --transfer-bits 4 --dtype float32 -p 256 -n 32 -r 1
 tar czf "$OUT/gpu_bench.tgz" -C /tmp gpu_bench && cat "$W/device.txt"
