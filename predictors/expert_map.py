@@ -20,38 +20,50 @@ DEFAULT_CAPACITY = 1024  # maps kept, oldest dropped first
 
 
 class ExpertMapStore:
+    """A ring of the last `capacity` maps and keys in two preallocated tensors: one matmul per match."""
+
     def __init__(self, num_layers: int, num_experts: int, capacity: int = DEFAULT_CAPACITY):
         self.num_layers, self.num_experts, self.capacity = num_layers, num_experts, capacity
-        self.keys: list[torch.Tensor] = []
-        self.maps: list[torch.Tensor] = []  # [num_layers, num_experts] float32, rows of non-MoE layers zero
+        self._maps = torch.zeros(capacity, num_layers, num_experts)  # rows of non-MoE layers stay zero
+        self._keys: torch.Tensor | None = None  # [capacity, key size], allocated at the first key
+        self._count = 0  # maps ever added; slot i % capacity holds the i-th
 
     def __len__(self) -> int:
-        return len(self.maps)
+        return min(self._count, self.capacity)
+
+    @property
+    def maps(self) -> torch.Tensor:
+        """The stored maps, oldest first [len, layers, experts]."""
+        n, head = len(self), self._count % self.capacity
+        return self._maps[:n] if self._count <= self.capacity else torch.roll(self._maps, -head, dims=0)
 
     def add(self, key: torch.Tensor, expert_map: torch.Tensor) -> None:
-        self.keys.append(F.normalize(key.float().flatten(), dim=0).cpu())
-        self.maps.append(expert_map.float().cpu())
-        if len(self.maps) > self.capacity:
-            self.keys.pop(0)
-            self.maps.pop(0)
+        key = F.normalize(key.float().flatten().cpu(), dim=0)
+        if self._keys is None:
+            self._keys = torch.zeros(self.capacity, key.numel())
+        slot = self._count % self.capacity
+        self._keys[slot] = key
+        self._maps[slot] = expert_map.float().cpu()
+        self._count += 1
 
     def semantic_match(self, key: torch.Tensor) -> tuple[torch.Tensor, float] | None:
-        if not self.maps:
+        if not len(self):
             return None
-        sims = torch.stack(self.keys) @ F.normalize(key.float().flatten().cpu(), dim=0)
-        best = int(sims.argmax())
-        return self.maps[best], float(sims[best].clamp(0, 1))
+        sims = self._keys[: len(self)] @ F.normalize(key.float().flatten().cpu(), dim=0)
+        return self._best(sims)
 
     def trajectory_match(self, observed: dict[int, torch.Tensor]) -> tuple[torch.Tensor, float] | None:
         """observed: layer -> probabilities seen this step; cosine over the concatenated rows."""
-        if not self.maps or not observed:
+        if not len(self) or not observed:
             return None
         layers = sorted(observed)
         seen = F.normalize(torch.cat([observed[layer].float().cpu() for layer in layers]), dim=0)
-        past = F.normalize(torch.stack([m[layers].flatten() for m in self.maps]), dim=1)
-        sims = past @ seen
+        past = F.normalize(self._maps[: len(self), layers].flatten(1), dim=1)
+        return self._best(past @ seen)
+
+    def _best(self, sims: torch.Tensor) -> tuple[torch.Tensor, float]:
         best = int(sims.argmax())
-        return self.maps[best], float(sims[best].clamp(0, 1))
+        return self._maps[best].clone(), float(sims[best].clamp(0, 1))
 
 
 def experts_by_mass(probs: torch.Tensor, similarity: float, top_k: int) -> list[int]:

@@ -6,7 +6,8 @@
 #
 #   FATE_HOME=.carry/home bash scripts/gpu_bench.sh      (N=new tokens, R=repetitions; defaults 64 and 1)
 #   PARTS="replay bundled" ... runs only those parts (one lent-machine call has 10 minutes);
-#   LIMIT_<part>=SECONDS overrides a part's time limit, N_<part> and R_<part> its lengths.
+#   LIMIT_<part>=SECONDS overrides a part's time limit, N_<part> and R_<part> its lengths,
+#   VRAM_<part> its budgets and POLICY_<part> its policies (default: all).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 W=/tmp/gpu_bench; rm -rf "$W"; mkdir -p "$W"   # the results, packed into $OUT/gpu_bench.tgz at the end
@@ -31,10 +32,12 @@ part() {  # part NAME SECONDS ARGS...  (skipped unless NAME is in PARTS)
 }
 n() { local var=N_$1; echo "${!var:-$N}"; }
 r() { local var=R_$1; echo "${!var:-$R}"; }
+v() { local var=VRAM_$1; echo "${!var:-25%,50%,75%}"; }
+p() { local var=POLICY_$1; echo "--policy ${!var:-resident,fate,lru,eap,fmoe,ondemand}"; }
 
-part replay 150 replay:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$(n replay)" -r "$(r replay)"
-part synthetic 150 synthetic:mixtral-8x7b --vram 25%,50%,75% -p 512 -n "$(n synthetic)" -r "$(r synthetic)"
-part qwen3 150 synthetic:qwen3-30b-a3b --vram 25%,50%,75% -p 512 -n "$(n qwen3)" -r "$(r qwen3)"
-part bundled 100 tiny --vram 25%,50%,75% -p 512 -n "$(n bundled)" -r "$(r bundled)"
+part replay 150 replay:mixtral-8x7b --vram "$(v replay)" $(p replay) -p 512 -n "$(n replay)" -r "$(r replay)"
+part synthetic 150 synthetic:mixtral-8x7b --vram "$(v synthetic)" $(p synthetic) -p 512 -n "$(n synthetic)" -r "$(r synthetic)"
+part qwen3 150 synthetic:qwen3-30b-a3b --vram "$(v qwen3)" $(p qwen3) -p 512 -n "$(n qwen3)" -r "$(r qwen3)"
+part bundled 100 tiny --vram "$(v bundled)" $(p bundled) -p 512 -n "$(n bundled)" -r "$(r bundled)"
 part identity 50 tiny --vram 25%,50% --transfer-bits 4 --dtype float32 -p 256 -n 32 -r 1
 tar czf "$OUT/gpu_bench.tgz" -C /tmp gpu_bench && cat "$W/device.txt"
