@@ -23,7 +23,7 @@ MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a loca
 @app.command()
 def run(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    prompt: str = typer.Argument(..., help="the prompt (wrapped in the chat template unless --raw)"),
+    prompt: str = typer.Argument(None, help="the prompt (wrapped in the chat template unless --raw)"),
     max_tokens: int = typer.Option(256, "-n", "--max-tokens", min=1, help="tokens to generate at most"),
     temperature: float = typer.Option(None, min=0.0, help="0 is greedy [default: generation_config.json]"),
     top_p: float = typer.Option(None, min=0.0, max=1.0, help="nucleus sampling mass"),
@@ -36,12 +36,14 @@ def run(
     vram: str = typer.Option(None, help=VRAM_HELP),
     policy: str = typer.Option("fate", help=POLICY_HELP),
     transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
+    prompts: str = typer.Option(None, "--prompts", help="a file of prompts, one per line or per paragraph"),
+    batch: int = typer.Option(1, "--batch", min=1, help="with --prompts: prompts decoded together"),
 ) -> None:
-    """Generate text from PROMPT."""
+    """Generate text from PROMPT, or for every prompt of --prompts FILE."""
     from fate_cli.run import run_command
 
     run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
-                vram, policy, transfer_bits)
+                vram, policy, transfer_bits, prompts, batch)
 
 
 @app.command()

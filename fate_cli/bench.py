@@ -85,19 +85,14 @@ def parse_policies(text: str | None) -> list[str]:
 
 
 def prompt_set(prompt_len: int, count: int, prompts_file: str | None) -> list[list[int]]:
-    """`count` prompts of prompt_len tokens: consecutive windows of the held-out text, or the file's paragraphs."""
+    """`count` prompts of prompt_len tokens: consecutive windows of the held-out text, or the file's prompts."""
     from fate_cli.tokenizer import Tokenizer
 
     tok = Tokenizer(BUNDLED_ROOT / "tiny")
     if prompts_file:
-        path = Path(prompts_file)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise UsageError(f"cannot read --prompts {path}: {err.strerror or err}") from None
-        paragraphs = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-        if not paragraphs:
-            raise UsageError(f"--prompts {path} holds no text; write one prompt per paragraph")
+        from fate_cli.prompts import read_prompts
+
+        paragraphs = read_prompts(prompts_file)
         out = []
         for i in range(count):
             ids = tok.encode(paragraphs[i % len(paragraphs)], add_special_tokens=False) or [0]

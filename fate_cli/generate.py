@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from fate_cli.errors import ResourceError
-from fate_cli.model.kv_cache import KVCache
+from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
 
 
@@ -144,3 +144,71 @@ def generate(
     steps = len(out) - 1
     stats.decode_tokens_per_s = steps / stats.decode_seconds if steps > 0 and stats.decode_seconds else 0.0
     return GenerationResult(out, stats)
+
+
+@dataclass
+class BatchResult:
+    results: list[GenerationResult]  # one per prompt, in order
+    stats: GenerationStats  # the batch's: all prompts' tokens over the batch's prefill and decode time
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: Transformer,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampler: Sampler,
+    eos_ids: Sequence[int] = (),
+) -> BatchResult:
+    """Generate for several prompts at once: each prompt prefilled into its own row of one KV cache, then
+    one decode step for all rows together, each row at its own position. Greedy outputs equal generate()'s
+    for each prompt alone; a row that has finished idles until every row has."""
+    device = model.embed_tokens.weight.device
+    max_len = model.args.max_position_embeddings
+    longest = max(len(p) for p in prompts)
+    if longest >= max_len:
+        raise ResourceError(f"a prompt is {longest} tokens but the model's context is {max_len}; shorten it")
+    cache = model.new_cache(len(prompts), min(longest + max_new_tokens, max_len))
+    limits = [min(max_new_tokens, cache.max_len - len(p)) for p in prompts]
+    eos = set(eos_ids)
+    model.begin_request()
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    first = [model(torch.tensor([list(p)], dtype=torch.long, device=device), cache.rows(i, i + 1), 0,
+                   last_only=True)[:, -1] for i, p in enumerate(prompts)]
+    tokens = sampler(torch.cat(first))
+    ids = tokens.tolist()
+    t1 = time.perf_counter()
+
+    outs: list[list[int]] = [[] for _ in prompts]
+    reasons = [""] * len(prompts)
+    pos = [len(p) for p in prompts]
+    while True:
+        for i, token_id in enumerate(ids):
+            if reasons[i]:
+                continue
+            outs[i].append(token_id)
+            if token_id in eos:
+                reasons[i] = "eos"
+            elif len(outs[i]) >= limits[i]:
+                reasons[i] = "length"
+        if all(reasons):
+            break
+        logits = model(tokens.view(-1, 1), cache, RowPositions.of(pos, device))[:, -1]
+        pos = [p if reasons[i] else p + 1 for i, p in enumerate(pos)]  # a finished row rewrites its last slot
+        tokens = sampler(logits)
+        ids = tokens.tolist()
+    synchronize(device)
+    decode_seconds = time.perf_counter() - t1
+
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), generated_tokens=sum(map(len, outs)),
+                            prefill_seconds=t1 - t0, decode_seconds=decode_seconds, stop_reason="batch")
+    stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_seconds if stats.prefill_seconds else 0.0
+    steps = stats.generated_tokens - len(prompts)  # each prompt's first token comes from its prefill
+    stats.decode_tokens_per_s = steps / decode_seconds if steps > 0 and decode_seconds else 0.0
+    results = [
+        GenerationResult(out, GenerationStats(prompt_tokens=len(p), generated_tokens=len(out), stop_reason=r))
+        for p, out, r in zip(prompts, outs, reasons)
+    ]
+    return BatchResult(results, stats)

@@ -1,4 +1,8 @@
-"""`fate run MODEL PROMPT`: generate a completion, streamed to stdout, or as one JSON object."""
+"""`fate run MODEL PROMPT`: generate a completion, streamed to stdout, or as one JSON object.
+
+`fate run MODEL --prompts FILE --batch B`: a completion for every prompt of the file, B prompts decoded
+together; stdout gets one completion per paragraph (or one JSON object per line), in the file's order.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,11 @@ import sys
 
 from rich.console import Console
 
-from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.errors import UsageError
+from fate_cli.generate import GenerationStats, Sampler, SamplingParams, generate, generate_batch
+from fate_cli.registry import resolve
 from fate_cli.runtime import Runtime, open_model
-from fate_cli.tokenizer import Message, StreamDecoder
+from fate_cli.tokenizer import Message, StreamDecoder, Tokenizer
 
 
 def sampling_from(
@@ -26,15 +32,16 @@ def sampling_from(
     )
 
 
-def prompt_ids(runtime: Runtime, prompt: str, raw: bool) -> list[int]:
+def prompt_ids(runtime: Runtime | Tokenizer, prompt: str, raw: bool) -> list[int]:
+    tok = runtime.tokenizer if isinstance(runtime, Runtime) else runtime
     if raw:
-        return runtime.tokenizer.encode(prompt)
-    return runtime.tokenizer.encode_chat([Message("user", prompt)])
+        return tok.encode(prompt)
+    return tok.encode_chat([Message("user", prompt)])
 
 
 def run_command(
     model: str,
-    prompt: str,
+    prompt: str | None,
     max_tokens: int,
     temperature: float | None,
     top_p: float | None,
@@ -47,8 +54,17 @@ def run_command(
     vram: str | None = None,
     policy: str | None = "fate",
     transfer_bits: int | None = None,
+    prompts_file: str | None = None,
+    batch: int = 1,
 ) -> None:
     err = Console(stderr=True, highlight=False)
+    if prompts_file is not None or batch != 1:
+        if prompt is not None or prompts_file is None:
+            raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
+        return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
+                            dtype, as_json, vram, policy, transfer_bits, err)
+    if prompt is None:
+        raise UsageError("no prompt: give PROMPT, or --prompts FILE for many")
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
     if not as_json:
         runtime.announce(err)
@@ -95,3 +111,51 @@ def run_command(
         f"[dim]prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s | "
         f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/dim]"
     )
+
+
+def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, temperature: float | None,
+                 top_p: float | None, top_k: int | None, seed: int | None, raw: bool, device: str | None,
+                 dtype: str | None, as_json: bool, vram: str | None, policy: str | None, transfer_bits: int | None,
+                 err: Console) -> None:
+    from fate_cli.prompts import read_prompts
+
+    texts = read_prompts(prompts_file)
+    tokenizer = Tokenizer(resolve(model).path)
+    ids = [prompt_ids(tokenizer, t, raw) for t in texts]
+    groups = [list(range(i, min(i + batch, len(ids)))) for i in range(0, len(ids), batch)]
+    # the planner sizes the KV cache for this many tokens: every row of the largest batch, each full length
+    context = max(len(g) * (max(len(ids[i]) for i in g) + max_tokens) for g in groups)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context)
+    if not as_json:
+        runtime.announce(err)
+    params = sampling_from(runtime, temperature, top_p, top_k, seed)
+    sampler = Sampler(params, runtime.loaded.device)
+    total = GenerationStats()
+    for group in groups:
+        done = generate_batch(runtime.model, [ids[i] for i in group], max_tokens, sampler, runtime.tokenizer.eos_ids)
+        s = done.stats
+        for name in ("prompt_tokens", "generated_tokens", "prefill_seconds", "decode_seconds"):
+            setattr(total, name, getattr(total, name) + getattr(s, name))
+        total.extra["decode_steps"] = total.extra.get("decode_steps", 0) + s.generated_tokens - len(group)
+        for i, result in zip(group, done.results):
+            text = runtime.tokenizer.decode(result.token_ids)
+            if as_json:
+                payload = {
+                    "index": i, "model": runtime.resolved.name, "device": str(runtime.loaded.device),
+                    "batch": len(group), "prompt": texts[i], "prompt_token_ids": ids[i],
+                    "token_ids": result.token_ids, "text": text,
+                    "stats": {"generated_tokens": len(result.token_ids), "stop_reason": result.stats.stop_reason,
+                              "batch": s.as_dict()},
+                }
+                sys.stdout.write(json.dumps(payload) + "\n")
+            else:
+                sys.stdout.write(text.strip() + "\n\n")
+            sys.stdout.flush()
+    if not as_json:
+        steps = total.extra["decode_steps"]
+        err.print(
+            f"[dim]{len(ids)} prompts in batches of {batch} | prompts {total.prompt_tokens} tok, "
+            f"{total.prompt_tokens / total.prefill_seconds if total.prefill_seconds else 0:.1f} tok/s | generated "
+            f"{total.generated_tokens} tok, {steps / total.decode_seconds if total.decode_seconds else 0:.1f} tok/s "
+            "decode (all rows)[/dim]"
+        )

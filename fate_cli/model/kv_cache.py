@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class RowPositions:
+    """The position of each row in one decode step of a batch whose rows have different lengths."""
+
+    positions: torch.Tensor  # [batch] long, on the cache's device
+    end: int  # max(positions) + 1: the key range the step attends over
+
+    @classmethod
+    def of(cls, positions: list[int], device: torch.device) -> RowPositions:
+        return cls(torch.tensor(positions, dtype=torch.long, device=device), max(positions) + 1)
 
 
 class KVCache:
@@ -35,3 +49,18 @@ class KVCache:
         self.k[layer, :, :, pos:end] = k
         self.v[layer, :, :, pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def update_rows(
+        self, layer: int, at: RowPositions, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per row (k, v [batch, kv_heads, 1, head_dim]), each written at its row's position."""
+        rows = torch.arange(k.shape[0], device=k.device)
+        self.k[layer, rows, :, at.positions] = k[:, :, 0]
+        self.v[layer, rows, :, at.positions] = v[:, :, 0]
+        return self.k[layer, :, :, : at.end], self.v[layer, :, :, : at.end]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """A cache over rows start..stop of this one, sharing its memory (to prefill one prompt of a batch)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        return view

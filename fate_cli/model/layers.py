@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.kv_cache import KVCache
+from fate_cli.model.kv_cache import KVCache, RowPositions
 
 
 class RMSNorm(nn.Module):
@@ -32,11 +32,15 @@ class Rotary:
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def apply(self, x: torch.Tensor, pos: int) -> torch.Tensor:
-        """x: [batch, heads, T, head_dim], positions pos..pos+T."""
-        t = x.shape[2]
-        cos = self.cos[pos : pos + t].to(x.dtype)
-        sin = self.sin[pos : pos + t].to(x.dtype)
+    def apply(self, x: torch.Tensor, pos: int | RowPositions) -> torch.Tensor:
+        """x: [batch, heads, T, head_dim], positions pos..pos+T (or one token per row at its own position)."""
+        if isinstance(pos, RowPositions):
+            cos = self.cos[pos.positions][:, None, None, :].to(x.dtype)
+            sin = self.sin[pos.positions][:, None, None, :].to(x.dtype)
+        else:
+            t = x.shape[2]
+            cos = self.cos[pos : pos + t].to(x.dtype)
+            sin = self.sin[pos : pos + t].to(x.dtype)
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -62,7 +66,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(kv_dim, args.rms_norm_eps)
         self.clip = args.clip_qkv
 
-    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
@@ -76,14 +80,19 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope.apply(q, pos), rope.apply(k, pos)
-        keys, values = cache.update(self.layer, pos, k, v)
-        if t == 1:
-            mask, causal = None, False  # one query attends to every cached position
-        elif pos == 0:
-            mask, causal = None, True
-        else:  # a chunk after cached positions: query i sees keys up to pos + i
-            rows = torch.arange(t, device=x.device)[:, None] + pos
-            mask, causal = torch.arange(pos + t, device=x.device)[None, :] <= rows, False
+        if isinstance(pos, RowPositions):  # a batch's decode step: each row sees its own keys only
+            keys, values = cache.update_rows(self.layer, pos, k, v)
+            cols = torch.arange(pos.end, device=x.device)
+            mask, causal = (cols[None, :] <= pos.positions[:, None])[:, None, None, :], False
+        else:
+            keys, values = cache.update(self.layer, pos, k, v)
+            if t == 1:
+                mask, causal = None, False  # one query attends to every cached position
+            elif pos == 0:
+                mask, causal = None, True
+            else:  # a chunk after cached positions: query i sees keys up to pos + i
+                rows = torch.arange(t, device=x.device)[:, None] + pos
+                mask, causal = torch.arange(pos + t, device=x.device)[None, :] <= rows, False
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
         )

@@ -12,7 +12,7 @@ from torch import nn
 
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ExpertProvider
-from fate_cli.model.kv_cache import KVCache
+from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
 from fate_cli.model.moe import MoEBlock
 
@@ -28,7 +28,7 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(args.hidden_size, args.dense_intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -65,9 +65,11 @@ class Transformer(nn.Module):
         return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
 
     def forward(
-        self, tokens: torch.Tensor, cache: KVCache, pos: int, last_only: bool = False
+        self, tokens: torch.Tensor, cache: KVCache, pos: int | RowPositions, last_only: bool = False
     ) -> torch.Tensor:
-        """tokens [batch, T] at positions pos..pos+T -> logits [batch, T (or 1), vocab]."""
+        """tokens [batch, T] at positions pos..pos+T -> logits [batch, T (or 1), vocab].
+
+        With RowPositions, T is 1 and each row of the batch is at its own position (batched decode)."""
         if self.rope is None:
             raise RuntimeError("call new_cache() before forward()")
         x = self.embed_tokens(tokens)

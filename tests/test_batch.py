@@ -1,0 +1,93 @@
+"""Batched generation: several prompts decoded together give each prompt's greedy tokens from alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.model.loader import load_model
+from fate_cli.runtime import open_model
+from tests.helpers import assert_one_line_error
+from tests.test_cli_run import fate
+from tests.tiny_models import make_tiny_model
+
+CPU = torch.device("cpu")
+TEXTS = ["The hacker ethic", "What does hack mean? It is a word that", "In Python, a list comprehension", "Unix"]
+
+
+def greedy() -> Sampler:
+    return Sampler(SamplingParams(temperature=0.0), CPU)
+
+
+def alone_and_batched(model, prompts, n):  # noqa: ANN001, ANN202
+    alone = [generate(model, p, n, greedy()).token_ids for p in prompts]
+    return alone, generate_batch(model, prompts, n, greedy())
+
+
+def test_bundled_model_batch_equals_each_prompt_alone():
+    rt = open_model("tiny", "cpu", "float32")
+    prompts = [rt.tokenizer.encode(t) for t in TEXTS]
+    assert len({len(p) for p in prompts}) == len(prompts)  # rows of different lengths
+    alone, batched = alone_and_batched(rt.model, prompts, 16)
+    assert [r.token_ids for r in batched.results] == alone
+    assert batched.stats.generated_tokens == sum(map(len, alone))
+
+
+def test_a_row_that_stops_early_keeps_its_tokens(tmp_path):
+    path = make_tiny_model(tmp_path / "mixtral", family="mixtral")
+    model = load_model(path, CPU, torch.float32).model
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    alone = [generate(model, p, 10, greedy()).token_ids for p in prompts]
+    eos = alone[1][3]  # the second prompt's fourth token ends it
+    expect = [generate(model, p, 10, greedy(), eos_ids=[eos]).token_ids for p in prompts]
+    batched = generate_batch(model, prompts, 10, greedy(), eos_ids=[eos])
+    assert [r.token_ids for r in batched.results] == expect
+    assert batched.results[1].stats.stop_reason == "eos" and len(expect[1]) <= 4
+
+
+def test_batch_under_offloading_equals_resident_alone():
+    """fate at a small budget, moving experts at the hot tier, batched: resident's tokens for each prompt."""
+    ref = open_model("tiny", "cpu", "float32", "resident", "1GB", 4)
+    prompts = [ref.tokenizer.encode(t) for t in TEXTS[:3]]
+    alone = [generate(ref.model, p, 12, greedy()).token_ids for p in prompts]
+    offloaded = open_model("tiny", "cpu", "float32", "fate", "16MB", 4)
+    assert offloaded.offload is not None and offloaded.setup.policy == "fate"
+    batched = generate_batch(offloaded.model, prompts, 12, greedy())
+    assert [r.token_ids for r in batched.results] == alone
+    assert offloaded.offload.stats.misses > 0  # the cache really worked under the budget
+
+
+def test_run_prompts_file_in_batches(tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(TEXTS[:3]) + "\n", encoding="utf-8")
+    out = fate("run", "tiny", "--prompts", str(prompts_file), "--batch", "2", "-n", "10", "--json", "--device", "cpu",
+               "--temperature", "0")
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2] and [r["batch"] for r in rows] == [2, 2, 1]
+    single = fate("run", "tiny", TEXTS[1], "-n", "10", "--json", "--device", "cpu", "--temperature", "0")
+    assert json.loads(single.stdout)["token_ids"] == rows[1]["token_ids"]
+    text = fate("run", "tiny", "--prompts", str(prompts_file), "--batch", "3", "-n", "10", "--device", "cpu",
+                "--temperature", "0")
+    assert text.returncode == 0 and "3 prompts in batches of 3" in text.stderr
+    assert [p.strip() for p in text.stdout.split("\n\n") if p.strip()] == [r["text"].strip() for r in rows]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["hello", "--prompts", "PROMPTS"], "not both"),
+        (["--batch", "2"], "--prompts FILE"),
+        ([], "no prompt"),
+        (["--prompts", "EMPTY"], "holds no text"),
+    ],
+)
+def test_run_prompt_errors(tmp_path, args, needle):
+    (tmp_path / "p.txt").write_text("hi\n", encoding="utf-8")
+    (tmp_path / "empty.txt").write_text("\n\n", encoding="utf-8")
+    args = [str(tmp_path / "p.txt") if a == "PROMPTS" else str(tmp_path / "empty.txt") if a == "EMPTY" else a
+            for a in args]
+    assert_one_line_error(fate("run", "tiny", *args), 2, needle)
