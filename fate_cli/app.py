@@ -120,6 +120,7 @@ def bench(
     device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
     dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    batch: str = typer.Option("1", "--batch", help="prompts decoded together; a list 1,4,16 sweeps them"),
     rows_to: str = typer.Option(None, "--rows-to", help="also append each row to this file as a JSON line "
                                 "as soon as it is measured (keeps a long sweep's rows if it is stopped)"),
 ) -> None:
@@ -127,7 +128,7 @@ def bench(
     from fate_cli.bench import bench_command
 
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
-                  plot, quiet, rows_to)
+                  plot, quiet, rows_to, batch)
 
 
 @app.command()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import statistics
@@ -29,7 +30,7 @@ from fate_cli.runtime import device_label, dtype_name, pick_device, pick_dtype
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "ondemand")
 FIELDS = [
-    "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "test", "status",
+    "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "batch", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
 ]
@@ -82,6 +83,17 @@ def parse_policies(text: str | None) -> list[str]:
         if name not in POLICIES:
             raise UsageError(f"unknown policy '{name}'; use any of {', '.join(POLICIES)}, comma-separated")
     return names
+
+
+def parse_batches(text: str | None) -> list[int]:
+    """`--batch 1,4,16`: prompts decoded together, one sweep per size."""
+    try:
+        sizes = [int(item) for item in (text or "1").split(",") if item.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise UsageError(f"cannot read --batch '{text}'; give sizes like 1 or 1,4,16")
+    return list(dict.fromkeys(sizes))
 
 
 def prompt_set(prompt_len: int, count: int, prompts_file: str | None) -> list[list[int]]:
@@ -162,16 +174,20 @@ def _load(name: str | None, device: torch.device, dtype: torch.dtype, resident: 
 
 
 def measure_row(target: Target, policy: str, label: str, budget: int, prompts: list[list[int]], gen_len: int,
-                reps: int) -> tuple[list[dict], list[int] | None]:
-    """Two rows (ppP, tgN) for one policy at one budget; or two rows that say why it cannot run."""
+                reps: int, batch: int = 1) -> tuple[list[dict], list[int] | None]:
+    """Two rows (ppP, tgN) for one policy at one budget; or two rows that say why it cannot run.
+
+    Each request is `batch` prompts decoded together; its speeds count every prompt's tokens."""
     cuda = target.device.type == "cuda"
     p = len(prompts[0])
     base = {
         "model": target.name, "kind": target.kind, "size_bytes": target.size_bytes,
         "device": device_label(target.device), "backend": target.backend(), "policy": policy, "vram": label,
-        "budget_bytes": budget, "reps": reps,
+        "budget_bytes": budget, "batch": batch, "reps": reps,
     }
-    tests = (f"pp{p}", f"tg{gen_len}")
+    suffix = "" if batch == 1 else f" b{batch}"
+    tests = (f"pp{p}{suffix}", f"tg{gen_len}{suffix}")
+    requests = [prompts[i * batch : (i + 1) * batch] for i in range(reps + 1)]
     try:
         if cuda:
             torch.cuda.synchronize()
@@ -181,12 +197,12 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
     except FateError as err:
         return [{**base, "test": t, "status": "does not fit", "note": str(err)} for t in tests], None
     try:
-        session.run(prompts[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
+        session.run(requests[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
         if session.offload:
             session.offload.reset_stats()
         pp, tg, tokens = [], [], None
-        for prompt in prompts[1 : reps + 1]:
-            timing = session.run(prompt, gen_len)
+        for request in requests[1:]:
+            timing = session.run(request, gen_len)
             pp.append(timing.prefill_tokens_per_s)
             tg.append(timing.decode_tokens_per_s)
             tokens = tokens if tokens is not None else timing.token_ids
@@ -217,19 +233,19 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
 def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
           prompts: list[list[int]], gen_len: int, reps: int, device: torch.device,
           progress: Callable[[str, int, int], None] | None = None,
-          on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+          on_rows: Callable[[list[dict]], None] | None = None, batches: Sequence[int] = (1,)) -> list[dict]:
     rows: list[dict] = []
     for make in targets:
         target = make()
         budgets = parse_budgets(budget_text, target.footprint)
-        total, done = len(budgets) * len(policies), 0
-        for label, budget in budgets:
+        total, done = len(budgets) * len(batches) * len(policies), 0
+        for (label, budget), batch in itertools.product(budgets, batches):
             budget = budget if budget is not None else auto_budget(device)
             reference = None
             for policy in sorted(policies, key=lambda p: p != "resident"):  # resident first: the reference
                 if progress:
-                    progress(f"{target.name} {label} {policy}", done, total)
-                new, tokens = measure_row(target, policy, label, budget, prompts, gen_len, reps)
+                    progress(f"{target.name} {label} {'' if batch == 1 else f'b{batch} '}{policy}", done, total)
+                new, tokens = measure_row(target, policy, label, budget, prompts, gen_len, reps, batch)
                 if policy == "resident":
                     reference = tokens
                 for row in new:
@@ -317,11 +333,14 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
     for (ax_speed, ax_hit), model in zip(axes, models):
         mine = [r for r in decode if r["model"] == model]
-        for policy in dict.fromkeys(r["policy"] for r in mine):
+        def line(r: dict) -> str:
+            return r["policy"] + ("" if r.get("batch", 1) == 1 else f" b{r['batch']}")
+
+        for name in dict.fromkeys(line(r) for r in mine):
             pts = sorted((r["budget_bytes"] / 1e9, r["tokens_per_s"], 100 * r["hit_rate"]) for r in mine
-                         if r["policy"] == policy)
-            ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy)
-            ax_hit.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=policy)
+                         if line(r) == name)
+            ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax_hit.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
         kind = next((r["kind"] for r in mine), "model")
         title = model + ("" if kind == "model" else f" ({kind})")
         ax_speed.set(title=f"{title}: decode", xlabel="VRAM budget (GB)", ylabel="tokens/s")
@@ -342,7 +361,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, device: str | None,
                   dtype: str | None, output: str, vram: str | None, policy: str | None,
                   transfer_bits: int | None = None, prompts_file: str | None = None, plot_file: str | None = None,
-                  quiet: bool = False, rows_to: str | None = None) -> None:
+                  quiet: bool = False, rows_to: str | None = None, batch: str | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -362,10 +381,12 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     for name in names:  # bad names and budgets fail here, before anything is printed or loaded
         check_target_name(name)
     parse_budgets(vram, _NO_FOOTPRINT)
-    prompts = prompt_set(prompt_len, reps + 1, prompts_file)
+    batches = parse_batches(batch)
+    prompts = prompt_set(prompt_len, (reps + 1) * max(batches), prompts_file)
     console = Console(stderr=True)
     console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
-                  f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, {reps} repetitions after a warm-up[/dim]")
+                  f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
+                  f" {reps} repetitions after a warm-up[/dim]")
     makers = [lambda n=n: open_target(n, dev, dt, transfer_bits) for n in names]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:
@@ -378,7 +399,8 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
             with open(rows_to, "a", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in new)
 
-        rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress, append_rows if rows_to else None)
+        rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress, append_rows if rows_to else None,
+                     batches)
     if plot_file:
         plot(rows, Path(plot_file))
     if output == "json":

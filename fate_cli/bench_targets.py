@@ -27,7 +27,7 @@ from cache.setup import (
     routers,
     transfer_tier_for,
 )
-from fate_cli.generate import Sampler, SamplingParams, generate, synchronize
+from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.model import Transformer
 from fate_cli.runtime import DEFAULT_CONTEXT
@@ -39,7 +39,7 @@ from quant.store import QuantParams
 class RunTiming:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
-    token_ids: list[int]
+    token_ids: list[int]  # a batch's outputs one after the other
 
 
 class Session:
@@ -48,8 +48,9 @@ class Session:
     def __init__(self, target: Target, setup: OffloadSetup, provider, offload: OffloadedExperts | None):  # noqa: ANN001
         self.target, self.setup, self.provider, self.offload = target, setup, provider, offload
 
-    def run(self, prompt: Sequence[int], gen_len: int) -> RunTiming:
-        return self.target.run(self, prompt, gen_len)
+    def run(self, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
+        """One request of len(prompts) prompts decoded together (a batch of one: a plain request)."""
+        return self.target.run(self, prompts, gen_len)
 
     def close(self) -> None:
         self.target.release(self)
@@ -103,7 +104,7 @@ class Target:
             for layer in self.ctx.moe_layers
         })
 
-    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+    def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         raise NotImplementedError
 
     def release(self, session: Session) -> None:
@@ -134,11 +135,16 @@ class ModelTarget(Target):
     def dense_experts(self) -> ResidentExperts:
         return self._dense_from_checkpoint() if self._dense_from_checkpoint else super().dense_experts()
 
-    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+    def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         self.model.set_provider(session.provider)
-        result = generate(self.model, prompt, gen_len, Sampler(SamplingParams(temperature=0.0), self.device))
-        s = result.stats
-        return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, result.token_ids)
+        sampler = Sampler(SamplingParams(temperature=0.0), self.device)
+        if len(prompts) == 1:
+            result = generate(self.model, prompts[0], gen_len, sampler)
+            s, tokens = result.stats, result.token_ids
+        else:
+            batch = generate_batch(self.model, prompts, gen_len, sampler)
+            s, tokens = batch.stats, [t for r in batch.results for t in r.token_ids]
+        return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, tokens)
 
     def release(self, session: Session) -> None:
         self.model.set_provider(ResidentExperts({}))
@@ -173,28 +179,33 @@ class ReplayTarget(Target):
         plan = plan_slots(self.footprint, policy, budget, self.transfer_bits is not None)
         return OffloadSetup(plan, policy, budget, full_precision=False)
 
-    def steps(self, prompt: Sequence[int], gen_len: int) -> list:
-        from fate_cli.replay import record
+    def steps(self, prompts: Sequence[Sequence[int]], gen_len: int) -> list:
+        from fate_cli.replay import record, record_batch
 
-        key = (tuple(prompt), gen_len)
+        key = (tuple(map(tuple, prompts)), gen_len)
         if key not in self.traces:
-            self.traces[key] = record(self.recorded, [prompt], gen_len)[0]
+            self.traces[key] = (record(self.recorded, prompts, gen_len)[0] if len(prompts) == 1
+                                else record_batch(self.recorded, prompts, gen_len))
         return self.traces[key]
 
-    def run(self, session: Session, prompt: Sequence[int], gen_len: int) -> RunTiming:
+    def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         from fate_cli.replay import ReplayModel
 
-        steps = self.steps(prompt, gen_len)
+        steps = self.steps(prompts, gen_len)
         player = ReplayModel(session.provider, self.hidden, self.device, self.dtype, max(s.tokens for s in steps))
         steps = player.to_device(steps)
+        prefill, decode = steps[: len(prompts)], steps[len(prompts) :]  # one prefill step per prompt
         session.provider.begin_request()
         synchronize(self.device)
         t0 = time.perf_counter()
-        player.step(steps[0])
+        for step in prefill:
+            player.step(step)
         synchronize(self.device)
         t1 = time.perf_counter()
-        for step in steps[1:]:
+        for step in decode:
             player.step(step)
         synchronize(self.device)
         t2 = time.perf_counter()
-        return RunTiming(steps[0].tokens / (t1 - t0), (len(steps) - 1) / (t2 - t1) if len(steps) > 1 else 0.0, [])
+        prompt_tokens = sum(s.tokens for s in prefill)
+        decode_tokens = sum(s.tokens for s in decode)
+        return RunTiming(prompt_tokens / (t1 - t0), decode_tokens / (t2 - t1) if decode else 0.0, [])

@@ -106,6 +106,21 @@ def record(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[S
     return traces
 
 
+def record_batch(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[Step]:  # noqa: ANN001
+    """The traffic of one batch (generate_batch): one prefill step per prompt, then steps of len(prompts) tokens."""
+    from fate_cli.generate import Sampler, SamplingParams, generate_batch
+
+    inner = model.provider
+    recorder = TraceRecorder(inner, list(model.args.moe_layer_ids)[0])
+    model.set_provider(recorder)
+    try:
+        device = model.embed_tokens.weight.device
+        generate_batch(model, prompts, gen_len, Sampler(SamplingParams(temperature=0.0), device))
+    finally:
+        model.set_provider(inner)
+    return recorder.steps
+
+
 class ReplayModel:
     """Plays recorded steps through a provider: the predictor hook, then each routed expert on its tokens."""
 

@@ -115,7 +115,7 @@ def test_replay_recall_equals_offline_recall_on_the_same_traffic():
     prompt = prompt_set(24, 1, None)[0]
     steps = record(loaded.model, [prompt], 12)[0]
     session = target.session("fate", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
-    session.run(prompt, 12)
+    session.run([prompt], 12)
     stats = session.offload.sync_stats()
     router = target.ctx.routers
     k = target.ctx.top_k
@@ -152,3 +152,34 @@ def test_synthetic_model_runs_every_policy(monkeypatch):
     assert all(r["plan"].startswith("every expert") or r["gb_moved"] == 0 for r in roomy), roomy[0]["plan"]
     half = {r["policy"]: r for r in rows if r["vram"] == "50%" and r["test"] == "tg4"}
     assert half["ondemand"]["gb_moved"] > 0 and half["ondemand"]["hit_rate"] == 0.0
+
+
+def test_batch_sweep_rows_and_tokens(tmp_path):
+    """--batch 1,3: rows per batch size; batched requests keep resident's tokens under every policy."""
+    result = fate("bench", "--vram", "50%", "--policy", "resident,fate,lru", "--batch", "1,3", "-p", "16", "-n", "5",
+                  "-r", "1", "-o", "json", "--transfer-bits", "4", "-q", home=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    expected = [(p, b, t + ("" if b == 1 else " b3"))
+                for p in ("resident", "fate", "lru") for b in (1, 3) for t in ("pp16", "tg5")]
+    assert sorted((r["policy"], r["batch"], r["test"]) for r in rows) == sorted(expected)
+    assert all(r["status"] == "ok" and r["same_tokens_as_resident"] for r in rows)
+    assert "cannot read --batch" in fate("bench", "--batch", "0", home=tmp_path).stderr
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_replay_of_a_batch_plays_every_row():
+    """A batch's trace: one prefill step per prompt, then steps of one token per prompt."""
+    from fate_cli.bench import _load, prompt_set
+
+    loaded, _ = _load("tiny", torch.device("cpu"), torch.float32, resident=True)
+    target = ReplayTarget("replay:64x96", loaded.model, 64, 96, torch.device("cpu"), torch.float32, None)
+    prompts = prompt_set(10, 3, None)
+    steps = target.steps(prompts, 4)
+    assert [s.tokens for s in steps] == [10, 10, 10, 3, 3, 3]
+    session = target.session("fate", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
+    session.run(prompts, 4)
+    moe = len(target.ctx.moe_layers)
+    stats = session.offload.stats
+    routed = sum(len(t.ids) for s in steps for t in s.layers)
+    assert stats.hits + stats.misses == routed and routed >= moe * 6 * target.ctx.top_k
