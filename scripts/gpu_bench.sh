@@ -17,7 +17,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$W/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$W/device.txt"
 
-PARTS=${PARTS:-replay synthetic qwen3 bundled identity}
+PARTS=${PARTS:-replay synthetic qwen3 bundled batch_bundled batch_replay identity}
 part() {  # part NAME SECONDS ARGS...  (skipped unless NAME is in PARTS)
   local name=$1 limit=$2; shift 2
   [[ " $PARTS " == *" $name "* ]] || return 0
@@ -39,5 +39,7 @@ part replay 150 replay:mixtral-8x7b --vram "$(v replay)" $(p replay) -p 512 -n "
 part synthetic 150 synthetic:mixtral-8x7b --vram "$(v synthetic)" $(p synthetic) -p 512 -n "$(n synthetic)" -r "$(r synthetic)"
 part qwen3 150 synthetic:qwen3-30b-a3b --vram "$(v qwen3)" $(p qwen3) -p 512 -n "$(n qwen3)" -r "$(r qwen3)"
 part bundled 100 tiny --vram "$(v bundled)" $(p bundled) -p 512 -n "$(n bundled)" -r "$(r bundled)"
+part batch_bundled 150 tiny --vram 50% $(p batch_bundled) --batch 1,4,16 -p 512 -n "$(n batch_bundled)" -r 1
+part batch_replay 300 replay:mixtral-8x7b --vram 50% $(p batch_replay) --batch 1,4,16 -p 512 -n "$(n batch_replay)" -r 1
 part identity 50 tiny --vram 25%,50% --transfer-bits 4 --dtype float32 -p 256 -n 32 -r 1
 tar czf "$OUT/gpu_bench.tgz" -C /tmp gpu_bench && cat "$W/device.txt"
