@@ -3,8 +3,8 @@
 - fate: cross-layer gate prediction (layer i's gate input through layer i+1's router, top k+1 per
   token, loaded in order of popularity), shallow-favoring slots, per-layer ARC, mixed tiers:
   popular predictions at the hot tier, the least popular 30% (prefill) and every miss at the cold tier.
-  A one-token (decode) step has no popularity to rank by, so the router probability does: confident
-  predictions at the hot tier, weaker ones at the cold tier, the weakest not fetched ahead.
+  The router probability refines it, most of all in decode where one token gives no popularity to rank
+  by: a prediction no token is confident about moves at the cold tier, the weakest are not fetched.
 - ondemand (Load-on-Demand): no prediction; load after the router; keep nothing beyond the layer.
 - lru (mixtral-offloading): per-layer LRU, no prediction, loads at the hot tier.
 - eap (MoE-Infinity's Expert Activation Path): the current request's partial activation matrix is
@@ -24,17 +24,17 @@ import torch
 
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
-from predictors.cross_layer import by_popularity, next_layer_probs
+from predictors.cross_layer import next_layer_probs
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
-# Decode: a prediction's probability times top_k (1.0 = an average routed expert's share) picks its tier.
-# Below DECODE_COLD_SHARE a guess is not fetched: when copies cannot hide behind compute a wrong guess
-# costs a whole transfer and a later miss costs a cold one. Chosen by measurement on the bundled model's
-# traces, where it moves fewer bytes than lru and eap at every budget with a higher hit rate
-# (docs/bench-results.md, "decode prefetch thresholds").
-DECODE_HOT_SHARE = 0.6
-DECODE_COLD_SHARE = 0.3
+# A prediction's router probability times top_k (1.0 = an average routed expert's share), for its most
+# confident token, also picks its tier: hot from HOT_SHARE, cold below, and under MIN_SHARE it is not
+# fetched at all: when copies cannot hide behind compute, a wrong guess costs a whole transfer and a miss
+# later costs a cold one. Chosen by measurement on the bundled model's traces, where it moves fewer bytes
+# than lru and eap at every budget with a higher hit rate (docs/bench-results.md, second sweep).
+HOT_SHARE = 0.6
+MIN_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -112,20 +112,22 @@ class Fate(Policy):
         if nxt is None:
             return []
         k = self.ctx.top_k
-        probs = next_layer_probs(hidden, self.ctx.routers[nxt])
-        top = torch.topk(probs, k + 1, dim=-1)
-        if hidden.shape[0] == 1:
-            ranked = list(zip(top.indices[0].tolist(), (top.values[0] * k).tolist()))
-            self.predicted[nxt] = {e for e, _ in ranked}
-            return [
-                Prefetch(nxt, e, "hot" if share >= DECODE_HOT_SHARE else "cold")
-                for e, share in ranked
-                if share >= DECODE_COLD_SHARE
-            ]
-        ranked = by_popularity(top.indices, self.ctx.num_experts)
-        self.predicted[nxt] = {e for e, _ in ranked}
-        cold_from = len(ranked) - int(FATE_COLD_FRACTION * len(ranked))
-        return [Prefetch(nxt, e, "hot" if i < cold_from else "cold") for i, (e, _) in enumerate(ranked)]
+        top = torch.topk(next_layer_probs(hidden, self.ctx.routers[nxt]), k + 1, dim=-1)
+        ids, shares = top.indices.flatten().tolist(), (top.values * k).flatten().tolist()
+        count: dict[int, int] = {}
+        share: dict[int, float] = {}  # the most confident token's share, per predicted expert
+        for e, s in zip(ids, shares):
+            count[e] = count.get(e, 0) + 1
+            share[e] = max(share.get(e, 0.0), s)
+        self.predicted[nxt] = set(count)
+        ranked = sorted(count, key=lambda e: (-count[e], -share[e]))  # by popularity, then confidence
+        tied = count[ranked[0]] == count[ranked[-1]]  # one token (decode): no popularity to rank by
+        cold_from = len(ranked) if tied else len(ranked) - int(FATE_COLD_FRACTION * len(ranked))
+        return [
+            Prefetch(nxt, e, "hot" if i < cold_from and share[e] >= HOT_SHARE else "cold")
+            for i, e in enumerate(ranked)
+            if share[e] >= MIN_SHARE
+        ]
 
 
 class EAP(Policy):

@@ -17,10 +17,3 @@ def next_layer_probs(gate_input: torch.Tensor, next_router: torch.Tensor) -> tor
 def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n experts per token of the next layer [tokens, n]."""
     return torch.topk(next_layer_probs(gate_input, next_router), n, dim=-1).indices
-
-
-def by_popularity(predicted: torch.Tensor, num_experts: int) -> list[tuple[int, int]]:
-    """(expert, count) over all tokens' predictions, most predicted first: Fate's load order."""
-    counts = torch.bincount(predicted.flatten(), minlength=num_experts)
-    order = torch.argsort(counts, descending=True, stable=True)
-    return [(int(e), int(counts[e])) for e in order if counts[e] > 0]

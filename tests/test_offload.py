@@ -12,7 +12,7 @@ import torch
 
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan
-from cache.policies import DECODE_COLD_SHARE, DECODE_HOT_SHARE, PolicyContext, make_policy
+from cache.policies import HOT_SHARE, MIN_SHARE, PolicyContext, make_policy
 from cache.setup import routers
 from fate_cli.model.loader import load_model
 from predictors.cross_layer import next_layer_probs
@@ -125,7 +125,7 @@ def test_fate_prefetches_the_predicted_experts(model_and_store):
     resident = provider.layers[second].tier_of
     assert 3 in resident and set(resident) <= predicted
     for e in predicted:  # decode: the router's confidence picks the tier, the weakest guesses stay on the host
-        expected = "hot" if share[e] >= DECODE_HOT_SHARE else "cold" if share[e] >= DECODE_COLD_SHARE else None
+        expected = "hot" if share[e] >= HOT_SHARE else "cold" if share[e] >= MIN_SHARE else None
         assert resident.get(e) == expected
     used = sorted(resident)[:1]
     list(provider.experts(second, used, [1]))
