@@ -105,7 +105,7 @@ class OffloadedExperts:
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
     ) -> Iterator[tuple[int, ExpertFn]]:
         ids, counts = list(ids), list(token_counts)
-        self.policy.on_route(layer, ids, counts)
+        self._pending += self.policy.on_route(layer, ids, counts)
         predicted = self.policy.predicted.pop(layer, None)
         if predicted is not None:
             one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k

@@ -13,17 +13,25 @@
 - fmoe (fMoE): expert maps of past iterations (layers x experts router probabilities) matched by the
   prompt's semantic key before the first layer and by the trajectory as layers are seen; the next layer's
   experts prefetched by probability until their mass reaches 1 - similarity (at least top-k); LRU.
+- klotski (Klotski's prefetcher, for batched work): after a layer routes, the next layer's experts are
+  scored by previous-layer -> next-layer co-activation counts gathered offline on held-out text (learned
+  online for models without offline counts) and prefetched, as many as the layer just needed; every
+  policy computes resident (hot) experts first and misses (cold) last, so misses' copies hide behind
+  the resident experts' compute. Its micro-batch pipeline and planner are not built: a batch passes each
+  layer together, as one micro-batch.
 - resident: every expert on the device at the hot tier, the ceiling.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
+from predictors.coactivation import Coactivation
 from predictors.cross_layer import next_layer_probs
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
@@ -51,6 +59,7 @@ class PolicyContext:
     num_experts: int
     top_k: int
     routers: dict[int, torch.Tensor]  # MoE layer -> router weight [experts, hidden], on the compute device
+    coactivation: Callable[[], Coactivation] | None = None  # offline co-activation counts, where a model has them
 
     def next_moe(self, layer: int) -> int | None:
         later = [m for m in self.moe_layers if m > layer]
@@ -79,8 +88,9 @@ class Policy:
     def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
         return []
 
-    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
-        pass
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
+        """The layer's routing (experts, tokens each); may return prefetches for later layers."""
+        return []
 
 
 class OnDemand(Policy):
@@ -143,8 +153,9 @@ class EAP(Policy):
     def begin_request(self) -> None:
         self.paths.begin_request()
 
-    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
         self.paths.observe(layer, experts, counts)
+        return []
 
     def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
         out = []
@@ -189,7 +200,7 @@ class FMoE(Policy):
         self.predicted[nxt] = set(experts)
         return [Prefetch(nxt, e, "hot") for e in experts]
 
-    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> None:
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
         if layer == self.ctx.moe_layers[0] and len(self.observed) == 1:
             match = self.store.semantic_match(self.key)  # before layer 0 is computed: the prompt's key
             if match is not None:
@@ -199,10 +210,33 @@ class FMoE(Policy):
             for seen, probs in self.observed.items():
                 expert_map[seen] = probs.cpu()
             self.store.add(self.key, expert_map)
+        return []
+
+
+class Klotski(Policy):
+    name = "klotski"
+
+    def __init__(self, ctx: PolicyContext):
+        super().__init__(ctx)
+        self.offline = ctx.coactivation is not None
+        self.co = ctx.coactivation() if ctx.coactivation else Coactivation(ctx.moe_layers, ctx.num_experts)
+        self.last: tuple[int, list[int], list[int]] | None = None
+
+    def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
+        if not self.offline and self.last is not None and self.co.next.get(self.last[0]) == layer:
+            self.co.add_counts(*self.last, experts, counts)
+        self.last = (layer, experts, counts)
+        nxt = self.ctx.next_moe(layer)
+        if nxt is None:
+            return []
+        picks = self.co.predict(layer, experts, counts, len(experts))
+        self.predicted[nxt] = set(picks)
+        return [Prefetch(nxt, e, "hot") for e in picks]
 
 
 POLICY_TYPES: dict[str, type[Policy]] = {
-    "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "fmoe": FMoE, "resident": Resident,
+    "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "fmoe": FMoE, "klotski": Klotski,
+    "resident": Resident,
 }
 
 

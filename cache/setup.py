@@ -108,9 +108,11 @@ def build_offloaded(
     dtype: torch.dtype,
     transfer_bits: int | None = None,
     backend: str | None = None,
+    coactivation=None,  # noqa: ANN001 - () -> Coactivation: offline counts for klotski, where the model has them
 ) -> OffloadedExperts:
     args = model.args
-    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model),
+                        coactivation)
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
     provider = OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend)

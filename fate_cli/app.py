@@ -16,7 +16,7 @@ app = typer.Typer(
 )
 
 VRAM_HELP = "expert memory budget on the device, e.g. 8GB, 8GiB, 7.5G, 800MB [default: free memory less a margin]"
-POLICY_HELP = "expert cache policy: fate, ondemand, lru, eap, fmoe or resident"
+POLICY_HELP = "expert cache policy: fate, ondemand, lru, eap, fmoe, klotski or resident"
 MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a local model folder"
 
 
@@ -109,7 +109,8 @@ def bench(
         "size); several, comma-separated [default: the bundled model]"),
     vram: str = typer.Option(None, help="budgets: 8GB, a list 4GB,8GB, a range 4GB-16GB+4GB, or shares of the "
                              "hot-tier expert bytes 25%,50%,75% [default: free memory less a margin]"),
-    policy: str = typer.Option(None, help="policies, comma-separated [default: resident,fate,lru,eap,fmoe,ondemand]"),
+    policy: str = typer.Option(None, help="policies, comma-separated "
+                               "[default: resident,fate,lru,eap,fmoe,klotski,ondemand]"),
     prompt_len: int = typer.Option(512, "-p", "--prompt-len", min=1, help="prompt tokens (test ppP)"),
     gen_len: int = typer.Option(128, "-n", "--gen-len", min=2, help="generated tokens (test tgN)"),
     reps: int = typer.Option(3, "-r", "--repetitions", min=1, help="timed repetitions after one warm-up"),

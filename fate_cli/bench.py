@@ -25,10 +25,11 @@ from cache.budget import auto_budget, format_size, parse_size
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.errors import FateError, UsageError
-from fate_cli.registry import BUNDLED_ROOT
+from fate_cli.registry import BUNDLED_ROOT, is_bundled_default
 from fate_cli.runtime import device_label, dtype_name, pick_device, pick_dtype
+from predictors.coactivation import bundled_coactivation
 
-BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "ondemand")
+BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
 FIELDS = [
     "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "batch", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
@@ -138,8 +139,11 @@ def open_target(name: str | None, device: torch.device, dtype: torch.dtype, tran
 
     store = _open_store(resolved, build=True)
     a, ckpt = loaded.args, loaded.checkpoint
-    return ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
-                       lambda: load_resident_experts(a, ckpt, device, dtype))
+    target = ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
+                         lambda: load_resident_experts(a, ckpt, device, dtype))
+    if is_bundled_default(resolved.path):
+        target.ctx.coactivation = bundled_coactivation
+    return target
 
 
 class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's footprint is known

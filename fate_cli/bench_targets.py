@@ -31,6 +31,7 @@ from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch,
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.model import Transformer
 from fate_cli.runtime import DEFAULT_CONTEXT
+from predictors.coactivation import bundled_coactivation
 from quant.kernels import dense_weights, select_backend
 from quant.store import QuantParams
 
@@ -169,7 +170,8 @@ class ReplayTarget(Target):
                        workspace + (64 * 1024**2 if device.type == "cuda" else 0))
         # the predictors run the bundled model's routers on its recorded router inputs, in float32
         ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
-                            {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()})
+                            {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()},
+                            bundled_coactivation)  # the recorded model is the bundled one
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.recorded, self.hidden = recorded_model, hidden
         self.traces: dict[tuple[tuple[int, ...], int], list] = {}

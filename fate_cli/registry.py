@@ -17,6 +17,11 @@ PULL_MARKER = ".fate-pull.json"  # written last by `fate pull`: its presence mea
 BUNDLED_ROOT = Path(__file__).parent / "models"
 
 
+def is_bundled_default(path: Path) -> bool:
+    """The bundled trained model (whose held-out text gives offline statistics such as co-activation)."""
+    return Path(path).resolve() == (BUNDLED_ROOT / "tiny").resolve()
+
+
 @dataclass(frozen=True)
 class Alias:
     name: str

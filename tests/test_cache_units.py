@@ -141,3 +141,30 @@ def test_expert_map_store_matches_and_is_bounded():
     assert torch.equal(got, a) and 0.9 < sim <= 1.0
     store.add(torch.tensor([1.0, 1.0]), a)
     assert len(store) == 2 and torch.equal(store.maps[0], b)  # the oldest went
+
+
+def test_coactivation_counts_and_scores():
+    from predictors.coactivation import Coactivation
+
+    co = Coactivation([0, 2, 3], num_experts=4)
+    co.add_tokens(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[3, 1], [3, 2]]))
+    assert co.counts[0].tolist() == [[0, 1, 1, 2], [0, 1, 0, 1], [0, 0, 1, 1], [0, 0, 0, 0]]
+    assert co.predict(0, [0], [1], 4) == [3, 1, 2]  # P(3|0) = 1/2, P(1|0) = P(2|0) = 1/4, nothing for 0
+    assert co.predict(0, [1, 2], [3, 1], 2) == [3, 1]  # 3 * (1/2, 1/2) + 1 * (0, 1/2 for 2, 1/2 for 3)
+    assert co.predict(3, [0], [1], 4) == []  # the last MoE layer has no next
+    co.add_counts(2, [1, 2], [2, 1], [0], [3])  # online: 2 and 1 tokens here, 3 tokens to expert 0 next
+    assert co.counts[2][1, 0] == 2.0 and co.counts[2][2, 0] == 1.0
+
+
+def test_coactivation_gathered_from_a_model(tmp_path):
+    from fate_cli.model.loader import load_model
+    from predictors.coactivation import gather
+    from tests.tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "m", family="mixtral")
+    model = load_model(path, torch.device("cpu"), torch.float32).model
+    a = model.args
+    co = gather(model, list(range(5, 5 + 3 * 16)), window=16)  # three windows of 16 tokens
+    moe = list(a.moe_layer_ids)
+    for layer in moe[:-1]:  # every token gives top_k x top_k pairs between consecutive MoE layers
+        assert co.counts[layer].sum() == 3 * 16 * a.top_k * a.top_k

@@ -19,7 +19,7 @@ from predictors.cross_layer import next_layer_probs
 from quant.store import QuantParams, TierStore, quantize_model
 from tests.tiny_models import make_tiny_model
 
-POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "resident"]
+POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "klotski", "resident"]
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def test_offloading_never_changes_tokens(tiny):
     assert stats["resident"]["misses"] == 0 and stats["resident"]["hit_rate"] == 1.0
     assert stats["ondemand"]["hits"] == 0  # it keeps nothing beyond the layer
     assert stats["fate"]["prediction_recall"] is not None
+    assert stats["klotski"]["prediction_recall"] is not None  # learned online: a random model has no offline counts
     assert all(set(s["bytes_moved"]) == {"hot"} for s in stats.values())  # one tier, as asked
 
 
@@ -84,6 +85,7 @@ SCAN = [[0], [1], [0], [1], [2], [3], [4], [5], [6], [0], [1]]
         ("eap", 4, 7, "hot"),  # activation counts keep 0 and 1 (count 2) over the scan's count-1 experts
         ("ondemand", 0, 11, "hot"),  # nothing kept beyond the layer
         ("fmoe", 2, 9, "hot"),  # no gate inputs here, so no maps and no prefetch: its LRU alone
+        ("klotski", 2, 9, "hot"),  # one layer only: no co-activation to learn, so no prefetch: its LRU alone
     ],
 )
 def test_scripted_routing_counts(model_and_store, policy, hits, misses, tier):
@@ -147,6 +149,29 @@ def test_misses_are_copied_before_the_next_layers_prefetches(model_and_store):
     served = [e for e, _ in provider.experts(first, [0, 1], [1, 1])]
     assert served == [0, 1]
     assert copies[:2] == [first, first] and second in copies[2:]
+
+
+def test_klotski_prefetches_what_followed_before(model_and_store):
+    """Offline counts say expert 3 of the first layer is followed by 5 and 6 of the next: those are copied."""
+    from predictors.coactivation import Coactivation
+
+    model, store = model_and_store
+    first, second = model.args.moe_layer_ids[:2]
+    co = Coactivation(model.args.moe_layer_ids, model.args.num_experts)
+    co.add_tokens(first, torch.tensor([[3, 0], [3, 1]]), torch.tensor([[5, 6], [5, 7]]))
+    args = model.args
+    hot = store.tiers["hot"].layout.nbytes
+    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
+    plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
+    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model),
+                        lambda: co)
+    provider = OffloadedExperts(store, plan, make_policy("klotski", ctx), torch.device("cpu"), torch.float32)
+    list(provider.experts(first, [3], [2]))
+    assert set(provider.layers[second].slot_of) == {5}  # as many as the layer needed: one, the likeliest
+    list(provider.experts(first, [3, 0], [2, 1]))
+    assert set(provider.layers[second].slot_of) == {5, 6}  # scores 5: 2 x 1/2 + 1/2, 6: 2 x 1/4 + 1/2, 7: 2 x 1/4
+    list(provider.experts(second, [5, 6], [1, 1]))
+    assert provider.stats.layers[second].hits == 2 and provider.stats.layers[second].recall == 1.0
 
 
 def test_fmoe_finds_a_repeated_step_in_its_expert_maps(model_and_store):

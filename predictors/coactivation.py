@@ -1,0 +1,84 @@
+"""Klotski's co-activation prefetcher: which experts of the next layer follow the ones just routed.
+
+counts[l][i, j] is how many tokens went to expert i of MoE layer l and to expert j of the next MoE
+layer, gathered offline by running the model over held-out text (`gather`), and, when no offline
+counts exist for a model, learned from its own routing as it runs. Given a layer's routed experts
+and their token counts, the next layer's experts are scored by sum_i tokens_i * P(j | i).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+GATHER_TOKENS = 4096  # held-out tokens run through the bundled model for its offline counts
+GATHER_WINDOW = 512
+
+
+class Coactivation:
+    def __init__(self, moe_layers: Sequence[int], num_experts: int):
+        self.num_experts = num_experts
+        self.next = dict(zip(moe_layers, list(moe_layers)[1:]))
+        self.counts = {layer: torch.zeros(num_experts, num_experts) for layer in self.next}
+
+    def add_tokens(self, layer: int, here: torch.Tensor, after: torch.Tensor) -> None:
+        """here, after: [tokens, k] expert ids of the same tokens at `layer` and at the next MoE layer."""
+        a = F.one_hot(here.cpu(), self.num_experts).sum(1).float()
+        b = F.one_hot(after.cpu(), self.num_experts).sum(1).float()
+        self.counts[layer] += a.t() @ b
+
+    def add_step(self, routed: dict[int, torch.Tensor]) -> None:
+        """routed: MoE layer -> [tokens, k] ids of one forward step."""
+        for layer, nxt in self.next.items():
+            if layer in routed and nxt in routed:
+                self.add_tokens(layer, routed[layer], routed[nxt])
+
+    def add_counts(self, layer: int, experts: Sequence[int], tokens: Sequence[int],
+                   after: Sequence[int], after_tokens: Sequence[int]) -> None:
+        """Online, from what a step routed at two consecutive layers (per-expert token counts only)."""
+        total = max(1, sum(tokens))
+        self.counts[layer][torch.tensor(list(experts))[:, None], torch.tensor(list(after))[None, :]] += (
+            torch.tensor(list(tokens), dtype=torch.float32)[:, None]
+            * torch.tensor(list(after_tokens), dtype=torch.float32)[None, :] / total
+        )
+
+    def predict(self, layer: int, experts: Sequence[int], tokens: Sequence[int], n: int) -> list[int]:
+        """Up to n experts of the next MoE layer by score, only those with any co-activation."""
+        if layer not in self.counts or not experts:
+            return []
+        rows = self.counts[layer][list(experts)]
+        cond = rows / rows.sum(1, keepdim=True).clamp(min=1.0)  # P(j | i)
+        score = (torch.tensor(list(tokens), dtype=torch.float32)[:, None] * cond).sum(0)
+        values, order = torch.sort(score, descending=True)
+        return [int(e) for e, v in zip(order[:n], values[:n]) if v > 0]
+
+
+def gather(model, token_ids: Sequence[int], window: int = GATHER_WINDOW) -> Coactivation:  # noqa: ANN001
+    """Offline counts: the model's routing of token_ids (prefill, window by window)."""
+    from fate_cli.replay import record
+
+    args = model.args
+    routers = {layer: model.layers[layer].mlp.gate.weight.float() for layer in args.moe_layer_ids}
+    co = Coactivation(list(args.moe_layer_ids), args.num_experts)
+    windows = [list(token_ids[i : i + window]) for i in range(0, len(token_ids) - window + 1, window)]
+    for steps in record(model, windows, 1):
+        routed = {t.layer: torch.topk(t.gate_input @ routers[t.layer].t().cpu(), args.top_k, dim=-1).indices
+                  for t in steps[0].layers}  # the prompt's step: every token of the window
+        co.add_step(routed)
+    return co
+
+
+@lru_cache(maxsize=1)
+def bundled_coactivation() -> Coactivation:
+    """The bundled model's counts on the second half of its held-out text (bench prompts come from the first)."""
+    from fate_cli.model.loader import load_model
+    from fate_cli.registry import BUNDLED_ROOT
+    from fate_cli.tokenizer import Tokenizer
+
+    root = BUNDLED_ROOT / "tiny"
+    ids = Tokenizer(root).encode((root / "heldout.txt").read_text(encoding="utf-8"), add_special_tokens=False)
+    model = load_model(root, torch.device("cpu"), torch.float32).model
+    return gather(model, ids[len(ids) // 2 :][:GATHER_TOKENS])
