@@ -32,7 +32,7 @@ import torch
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
 from predictors.coactivation import Coactivation
-from predictors.cross_layer import next_layer_probs
+from predictors.cross_layer import router_probs
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
@@ -122,7 +122,7 @@ class Fate(Policy):
         if nxt is None:
             return []
         k = self.ctx.top_k
-        top = torch.topk(next_layer_probs(hidden, self.ctx.routers[nxt]), k + 1, dim=-1)
+        top = torch.topk(router_probs(hidden, self.ctx.routers[nxt]), k + 1, dim=-1)
         ids, shares = top.indices.flatten().tolist(), (top.values * k).flatten().tolist()
         count: dict[int, int] = {}
         share: dict[int, float] = {}  # the most confident token's share, per predicted expert
@@ -183,7 +183,7 @@ class FMoE(Policy):
         self.key = None
 
     def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
-        probs = torch.softmax((hidden @ self.ctx.routers[layer].t()).float(), dim=-1).mean(0)
+        probs = router_probs(hidden, self.ctx.routers[layer]).mean(0)
         if layer == self.ctx.moe_layers[0]:
             self.observed = {}
             if self.key is None:  # the request's first step: its prompt

@@ -25,9 +25,9 @@ from cache.budget import auto_budget, format_size, parse_size
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.errors import FateError, UsageError
-from fate_cli.registry import BUNDLED_ROOT, is_bundled_default
+from fate_cli.registry import BUNDLED_ROOT
 from fate_cli.runtime import device_label, dtype_name, pick_device, pick_dtype
-from predictors.coactivation import bundled_coactivation
+from predictors.coactivation import offline_coactivation
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
 FIELDS = [
@@ -141,8 +141,7 @@ def open_target(name: str | None, device: torch.device, dtype: torch.dtype, tran
     a, ckpt = loaded.args, loaded.checkpoint
     target = ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
                          lambda: load_resident_experts(a, ckpt, device, dtype))
-    if is_bundled_default(resolved.path):
-        target.ctx.coactivation = bundled_coactivation
+    target.ctx.coactivation = offline_coactivation(resolved.path)
     return target
 
 

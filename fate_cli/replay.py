@@ -13,7 +13,8 @@ time only; every report names it replay.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -87,22 +88,28 @@ class TraceRecorder:
         return self.inner.experts(layer, ids, token_counts)
 
 
+@contextmanager
+def _recording(model) -> Iterator[TraceRecorder]:  # noqa: ANN001
+    """The model's provider wrapped in a TraceRecorder for the duration, then put back."""
+    inner = model.provider
+    recorder = TraceRecorder(inner, list(model.args.moe_layer_ids)[0])
+    model.set_provider(recorder)
+    try:
+        yield recorder
+    finally:
+        model.set_provider(inner)
+
+
 def record(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[Step]]:  # noqa: ANN001
     """Greedy generation of gen_len tokens after each prompt on `model` (the bundled model): its traffic."""
     from fate_cli.generate import Sampler, SamplingParams, generate
 
-    moe = list(model.args.moe_layer_ids)
-    inner = model.provider
+    device = model.embed_tokens.weight.device
     traces = []
-    try:
-        for prompt in prompts:
-            recorder = TraceRecorder(inner, moe[0])
-            model.set_provider(recorder)
-            device = model.embed_tokens.weight.device
+    for prompt in prompts:
+        with _recording(model) as recorder:
             generate(model, prompt, gen_len, Sampler(SamplingParams(temperature=0.0), device))
-            traces.append(recorder.steps)
-    finally:
-        model.set_provider(inner)
+        traces.append(recorder.steps)
     return traces
 
 
@@ -110,14 +117,9 @@ def record_batch(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[
     """The traffic of one batch (generate_batch): one prefill step per prompt, then steps of len(prompts) tokens."""
     from fate_cli.generate import Sampler, SamplingParams, generate_batch
 
-    inner = model.provider
-    recorder = TraceRecorder(inner, list(model.args.moe_layer_ids)[0])
-    model.set_provider(recorder)
-    try:
-        device = model.embed_tokens.weight.device
+    device = model.embed_tokens.weight.device
+    with _recording(model) as recorder:
         generate_batch(model, prompts, gen_len, Sampler(SamplingParams(temperature=0.0), device))
-    finally:
-        model.set_provider(inner)
     return recorder.steps
 
 

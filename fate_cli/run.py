@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 
 from fate_cli.errors import UsageError
-from fate_cli.generate import GenerationStats, Sampler, SamplingParams, generate, generate_batch
+from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.registry import resolve
 from fate_cli.runtime import Runtime, open_model
 from fate_cli.tokenizer import Message, StreamDecoder, Tokenizer
@@ -130,13 +130,13 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     sampler = Sampler(params, runtime.loaded.device)
-    total = GenerationStats()
+    generated, prefill_seconds, decode_seconds = 0, 0.0, 0.0
     for group in groups:
         done = generate_batch(runtime.model, [ids[i] for i in group], max_tokens, sampler, runtime.tokenizer.eos_ids)
         s = done.stats
-        for name in ("prompt_tokens", "generated_tokens", "prefill_seconds", "decode_seconds"):
-            setattr(total, name, getattr(total, name) + getattr(s, name))
-        total.extra["decode_steps"] = total.extra.get("decode_steps", 0) + s.generated_tokens - len(group)
+        generated += s.generated_tokens
+        prefill_seconds += s.prefill_seconds
+        decode_seconds += s.decode_seconds
         for i, result in zip(group, done.results):
             text = runtime.tokenizer.decode(result.token_ids)
             if as_json:
@@ -152,10 +152,10 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
                 sys.stdout.write(text.strip() + "\n\n")
             sys.stdout.flush()
     if not as_json:
-        steps = total.extra["decode_steps"]
+        prompt_tokens = sum(map(len, ids))
+        steps = generated - len(ids)  # each prompt's first token comes from its prefill
         err.print(
-            f"[dim]{len(ids)} prompts in batches of {batch} | prompts {total.prompt_tokens} tok, "
-            f"{total.prompt_tokens / total.prefill_seconds if total.prefill_seconds else 0:.1f} tok/s | generated "
-            f"{total.generated_tokens} tok, {steps / total.decode_seconds if total.decode_seconds else 0:.1f} tok/s "
-            "decode (all rows)[/dim]"
+            f"[dim]{len(ids)} prompts in batches of {batch} | prompts {prompt_tokens} tok, "
+            f"{prompt_tokens / prefill_seconds if prefill_seconds else 0:.1f} tok/s | generated "
+            f"{generated} tok, {steps / decode_seconds if decode_seconds else 0:.1f} tok/s decode (all rows)[/dim]"
         )

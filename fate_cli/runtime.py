@@ -158,9 +158,8 @@ def open_model(
         return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer, setup)
     store = store or _open_store(resolved, build=True)
     loaded = load_model(resolved.path, dev, dt, provider=lambda _a, _c: ResidentExperts({}))
-    from fate_cli.registry import is_bundled_default
-    from predictors.coactivation import bundled_coactivation
+    from predictors.coactivation import offline_coactivation
 
     offload = build_offloaded(loaded.model, store, setup, dev, dt, transfer_bits,
-                              coactivation=bundled_coactivation if is_bundled_default(resolved.path) else None)
+                              coactivation=offline_coactivation(resolved.path))
     return Runtime(resolved, loaded, tokenizer, setup, offload)

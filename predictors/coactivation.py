@@ -8,8 +8,9 @@ and their token counts, the next layer's experts are scored by sum_i tokens_i * 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,16 +59,16 @@ class Coactivation:
 
 def gather(model, token_ids: Sequence[int], window: int = GATHER_WINDOW) -> Coactivation:  # noqa: ANN001
     """Offline counts: the model's routing of token_ids (prefill, window by window)."""
+    from cache.setup import routers
     from fate_cli.replay import record
+    from predictors.cross_layer import predict_next
 
     args = model.args
-    routers = {layer: model.layers[layer].mlp.gate.weight.float() for layer in args.moe_layer_ids}
+    gates = {layer: weight.float().cpu() for layer, weight in routers(model).items()}
     co = Coactivation(list(args.moe_layer_ids), args.num_experts)
     windows = [list(token_ids[i : i + window]) for i in range(0, len(token_ids) - window + 1, window)]
-    for steps in record(model, windows, 1):
-        routed = {t.layer: torch.topk(t.gate_input @ routers[t.layer].t().cpu(), args.top_k, dim=-1).indices
-                  for t in steps[0].layers}  # the prompt's step: every token of the window
-        co.add_step(routed)
+    for steps in record(model, windows, 1):  # the prompt's step routes every token of the window
+        co.add_step({t.layer: predict_next(t.gate_input, gates[t.layer], args.top_k) for t in steps[0].layers})
     return co
 
 
@@ -82,3 +83,10 @@ def bundled_coactivation() -> Coactivation:
     ids = Tokenizer(root).encode((root / "heldout.txt").read_text(encoding="utf-8"), add_special_tokens=False)
     model = load_model(root, torch.device("cpu"), torch.float32).model
     return gather(model, ids[len(ids) // 2 :][:GATHER_TOKENS])
+
+
+def offline_coactivation(model_path: Path) -> Callable[[], Coactivation] | None:
+    """Where a model's offline counts come from (for now the bundled model's only), or None: learn online."""
+    from fate_cli.registry import is_bundled_default
+
+    return bundled_coactivation if is_bundled_default(model_path) else None

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 
-def next_layer_probs(gate_input: torch.Tensor, next_router: torch.Tensor) -> torch.Tensor:
-    """softmax(gate_input @ next_router.T): the next router's probabilities per token [tokens, experts]."""
-    return torch.softmax((gate_input @ next_router.t()).float(), dim=-1)
+def router_probs(gate_input: torch.Tensor, router: torch.Tensor) -> torch.Tensor:
+    """softmax(gate_input @ router.T) in float32: a router's probabilities per token [tokens, experts]."""
+    return torch.softmax((gate_input @ router.t()).float(), dim=-1)
 
 
 def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n experts per token of the next layer [tokens, n]."""
-    return torch.topk(next_layer_probs(gate_input, next_router), n, dim=-1).indices
+    return torch.topk(router_probs(gate_input, next_router), n, dim=-1).indices

@@ -15,7 +15,7 @@ from cache.planner import Footprint, Plan
 from cache.policies import HOT_SHARE, MIN_SHARE, PolicyContext, make_policy
 from cache.setup import routers
 from fate_cli.model.loader import load_model
-from predictors.cross_layer import next_layer_probs
+from predictors.cross_layer import router_probs
 from quant.store import QuantParams, TierStore, quantize_model
 from tests.tiny_models import make_tiny_model
 
@@ -123,7 +123,7 @@ def test_fate_prefetches_the_predicted_experts(model_and_store):
     assert len(predicted) == k + 1  # one token: its top k+1 under the next router
     assert not provider.layers[second].slot_of  # held until the routed layer's misses are queued
     list(provider.experts(first, [0], [1]))
-    share = {e: float(p) * k for e, p in enumerate(next_layer_probs(hidden, router)[0])}
+    share = {e: float(p) * k for e, p in enumerate(router_probs(hidden, router)[0])}
     resident = provider.layers[second].tier_of
     assert 3 in resident and set(resident) <= predicted
     for e in predicted:  # decode: the router's confidence picks the tier, the weakest guesses stay on the host
