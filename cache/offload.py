@@ -6,6 +6,11 @@ One step through MoE layer l:
                               prefetch copies for l+1 behind them on the same copy stream;
                               compute waits only for the slots it reads
 Layers the plan holds whole (layer 0, at 16 bits) are on the device from the start.
+
+The graph-captured decode step (fate_cli/decode_step.py) reads experts through each layer's device table
+(expert -> slot, tier; quant/moe_kernels.py) instead of callables: after the router it calls
+`prepare(l, ids, counts)` (the same bookkeeping as `experts`, then the table and the slots' ready events),
+replays the layer's kernels, then `finish(l)`.
 """
 
 from __future__ import annotations
@@ -20,26 +25,55 @@ from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
 from cache.stats import CacheStats
-from fate_cli.model.experts import DenseExpert, ExpertFn
+from fate_cli.model.experts import DenseExpert, ExpertFn, stack_experts
 from quant.kernels import QuantExpert, dense_weights, select_backend
+from quant.moe_kernels import Bank, PackedBank
 from quant.store import TierStore
+
+TIER_CODES = {"hot": 0, "cold": 1}  # the tier row of a device table
 
 
 class LayerSlots:
-    """Which expert sits in which slot of one layer, at which tier, and the layer's eviction order."""
+    """Which expert sits in which slot of one layer, at which tier, and the layer's eviction order.
 
-    def __init__(self, capacity: int, eviction):  # noqa: ANN001 - LRU | ARC | ByPriority
+    `table` mirrors slot_of and tier_of on the device for the fused decode kernels: row 0 the slot of each
+    expert (-1: none), row 1 its tier code; edits go to a host copy and reach the device in `sync_table`."""
+
+    def __init__(self, capacity: int, eviction, num_experts: int, device: torch.device):  # noqa: ANN001
         self.capacity = capacity
         self.eviction = eviction
         self.slot_of: dict[int, int] = {}
         self.tier_of: dict[int, str] = {}
         self.free = list(range(capacity))
+        cuda = device.type == "cuda"
+        self.host_table = torch.full((2, num_experts), -1, dtype=torch.int32, pin_memory=cuda)
+        self.table = self.host_table.to(device) if cuda else self.host_table
+        self.dirty = False
+
+    def place(self, expert: int, slot: int, tier: str) -> None:
+        self.slot_of[expert], self.tier_of[expert] = slot, tier
+        self.host_table[0, expert], self.host_table[1, expert] = slot, TIER_CODES.get(tier, 0)
+        self.dirty = True
+
+    def remove(self, expert: int) -> int:
+        """Forget where the expert is; return the slot it held."""
+        del self.tier_of[expert]
+        self.host_table[:, expert] = -1
+        self.dirty = True
+        return self.slot_of.pop(expert)
 
     def clear(self) -> None:
         for e in list(self.slot_of):
             self.eviction.remove(e)
-            self.free.append(self.slot_of.pop(e))
-            del self.tier_of[e]
+            self.free.append(self.remove(e))
+
+    def sync_table(self) -> None:
+        """Queue the host copy's edits to the device table on the compute stream (before the kernels that read
+        it). The host copy is edited again only after the host has read a later step's routing, which
+        synchronises past this copy."""
+        if self.dirty and self.table is not self.host_table:
+            self.table.copy_(self.host_table, non_blocking=True)
+        self.dirty = False
 
 
 class OffloadedExperts:
@@ -77,9 +111,12 @@ class OffloadedExperts:
             ]
         slots = {layer: plan.slots[layer] for layer in cached}
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
-        self.layers = {layer: LayerSlots(n, policy.eviction(layer, n)) for layer, n in slots.items()}
+        self.layers = {layer: LayerSlots(n, policy.eviction(layer, n), ctx.num_experts, device)
+                       for layer, n in slots.items()}
         self._stall_base, self._waits_base = 0.0, 0
         self._pending: list[Prefetch] = []
+        self._banks: dict[int, Bank] = {}
+        self._in_use: list[int] = []  # slots the layer being computed by a decode step reads
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -105,11 +142,7 @@ class OffloadedExperts:
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
     ) -> Iterator[tuple[int, ExpertFn]]:
         ids, counts = list(ids), list(token_counts)
-        self._pending += self.policy.on_route(layer, ids, counts)
-        predicted = self.policy.predicted.pop(layer, None)
-        if predicted is not None:
-            one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
-            self.stats.prediction(layer, predicted, set(ids), one_token)
+        self._observe(layer, ids, counts)
         if layer in self.full:
             self._issue_prefetches(layer)
             table = self.full[layer]
@@ -117,6 +150,70 @@ class OffloadedExperts:
         order, pinned, tier = self._admit(layer, ids, counts)
         self._issue_prefetches(layer)
         return self._serve(layer, order, pinned, tier)
+
+    def _observe(self, layer: int, ids: list[int], counts: list[int]) -> None:
+        """The policy sees the routing; the prediction made for this layer is scored."""
+        self._pending += self.policy.on_route(layer, ids, counts)
+        predicted = self.policy.predicted.pop(layer, None)
+        if predicted is not None:
+            one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
+            self.stats.prediction(layer, predicted, set(ids), one_token)
+
+    # ---- the fused decode step (fate_cli/decode_step.py) ------------------------------------------
+
+    def bank(self, layer: int) -> Bank:
+        """Where the layer's experts sit for the fused kernels: the stacked 16-bit experts of a layer held
+        whole, or the layer's slots with their device table."""
+        if layer not in self._banks:
+            if layer in self.full:
+                self._banks[layer] = stack_experts(self.full[layer])
+            else:
+                state, first = self.layers[layer], self.pool.first[layer]
+                cold = self.layouts.get("cold", self.layouts["hot"])
+                layouts = (self.layouts["hot"], cold if cold.kind == "quantized" else self.layouts["hot"])
+                self._banks[layer] = PackedBank(self.pool.buf[first : first + state.capacity], layouts, state.table)
+                state.sync_table()
+        return self._banks[layer]
+
+    def needs_host(self, layer: int) -> bool:
+        """Whether a decode step must stop for this layer's routing (misses, prefetches, statistics)."""
+        return self.policy.name != "resident"
+
+    def fits_step(self, pairs: int) -> bool:
+        """Whether every layer has a slot for each expert `pairs` (token, choice) pairs can route to: a decode
+        step's kernels read only slots, so all of a layer's experts must be in place at once."""
+        need = min(pairs, self.num_experts)
+        return all(state.capacity >= need for state in self.layers.values())
+
+    def prepare(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> None:
+        """A decode step's layer: the bookkeeping of `experts`, every routed expert in a slot, the device
+        table current, and the compute stream waiting for those slots' copies."""
+        ids, counts = list(ids), list(token_counts)
+        self._observe(layer, ids, counts)
+        if layer in self.full:
+            self._issue_prefetches(layer)
+            return
+        order, pinned, tier = self._admit(layer, ids, counts)
+        self._issue_prefetches(layer)
+        state = self.layers[layer]
+        self._in_use = []
+        for e in order:
+            if e not in state.slot_of:
+                raise RuntimeError(f"layer {layer} has {state.capacity} slots for {len(order)} experts")
+            slot = state.slot_of[e]
+            self.pool.wait_ready(layer, slot)
+            self._in_use.append(slot)
+        state.sync_table()
+
+    def finish(self, layer: int) -> None:
+        """The layer's kernels are queued: its slots may be reused once they complete."""
+        if layer in self.full:
+            return
+        for slot in self._in_use:
+            self.pool.release(layer, slot)
+        self._in_use = []
+        if not self.policy.keep_after_layer:
+            self.layers[layer].clear()
 
     # ---- slots ------------------------------------------------------------------------------------
 
@@ -170,10 +267,9 @@ class OffloadedExperts:
             slot = state.free.pop()
         else:
             victim = state.eviction.victim(pinned, expert)
-            slot = state.slot_of.pop(victim)
-            state.tier_of.pop(victim)
+            slot = state.remove(victim)
         state.eviction.admit(expert, victim)
-        state.slot_of[expert], state.tier_of[expert] = slot, tier
+        state.place(expert, slot, tier)
         host = self.host.get(tier, layer, expert)
         start = time.perf_counter()
         self.pool.load(layer, slot, host)

@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from fate_cli.errors import ResourceError
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
+
+if TYPE_CHECKING:
+    from fate_cli.decode_step import DecodeGraphs
 
 
 @dataclass
@@ -88,10 +92,12 @@ def generate(
     on_token: Callable[[int], bool | None] | None = None,
     cache: KVCache | None = None,
     start_pos: int = 0,
+    graphs: DecodeGraphs | None = None,
 ) -> GenerationResult:
     """Generate up to max_new_tokens after prompt_ids (placed at start_pos of `cache`).
 
-    on_token(id) is called for each new token; returning True stops generation.
+    on_token(id) is called for each new token; returning True stops generation. With `graphs`, decode
+    steps replay a captured step (fate_cli/decode_step.py) where it can run, the eager forward elsewhere.
     """
     device = model.embed_tokens.weight.device
     max_len = model.args.max_position_embeddings
@@ -101,7 +107,8 @@ def generate(
             f"the prompt is {len(prompt_ids)} tokens but the model's context is {max_len}; shorten the prompt"
         )
     if cache is None:
-        cache = model.new_cache(1, min(needed, max_len))
+        cache = graphs.cache(1, min(needed, max_len)) if graphs else model.new_cache(1, min(needed, max_len))
+    step = graphs.step(cache) if graphs else None  # captured here, before the clock starts
     max_new_tokens = min(max_new_tokens, cache.max_len - start_pos - len(prompt_ids))
     stats = GenerationStats(prompt_tokens=len(prompt_ids))
     out: list[int] = []
@@ -132,7 +139,7 @@ def generate(
             break
         if len(out) >= max_new_tokens:
             break
-        logits = model(token.view(1, 1), cache, pos)[:, -1]
+        logits = step(token, [pos]) if step else model(token.view(1, 1), cache, pos)[:, -1]
         pos += 1
         token = sampler(logits)
         next_id = int(token.item())
@@ -159,6 +166,7 @@ def generate_batch(
     max_new_tokens: int,
     sampler: Sampler,
     eos_ids: Sequence[int] = (),
+    graphs: DecodeGraphs | None = None,
 ) -> BatchResult:
     """Generate for several prompts at once: each prompt prefilled into its own row of one KV cache, then
     one decode step for all rows together, each row at its own position. Greedy outputs equal generate()'s
@@ -168,8 +176,10 @@ def generate_batch(
     longest = max(len(p) for p in prompts)
     if longest >= max_len:
         raise ResourceError(f"a prompt is {longest} tokens but the model's context is {max_len}; shorten it")
-    cache = model.new_cache(len(prompts), min(longest + max_new_tokens, max_len))
-    limits = [min(max_new_tokens, cache.max_len - len(p)) for p in prompts]
+    length = min(longest + max_new_tokens, max_len)
+    cache = graphs.cache(len(prompts), length) if graphs else model.new_cache(len(prompts), length)
+    step = graphs.step(cache) if graphs else None
+    limits = [min(max_new_tokens, length - len(p)) for p in prompts]
     eos = set(eos_ids)
     model.begin_request()
 
@@ -195,7 +205,10 @@ def generate_batch(
                 reasons[i] = "length"
         if all(reasons):
             break
-        logits = model(tokens.view(-1, 1), cache, RowPositions.of(pos, device))[:, -1]
+        if step:
+            logits = step(tokens, pos)
+        else:
+            logits = model(tokens.view(-1, 1), cache, RowPositions.of(pos, device))[:, -1]
         pos = [p if reasons[i] else p + 1 for i, p in enumerate(pos)]  # a finished row rewrites its last slot
         tokens = sampler(logits)
         ids = tokens.tolist()

@@ -75,6 +75,8 @@ def check_matches(store: TierStore, args: ModelArgs) -> None:
 class TieredExperts(ResidentExperts):
     """Every expert resident on the device at the tier the plan gives it (dense or quantized)."""
 
+    bank = None  # mixed tiers in one layer have no bank: decode runs eager (perplexity never decodes)
+
     def __init__(
         self,
         store: TierStore,

@@ -77,9 +77,12 @@ class Transformer(nn.Module):
             x = layer(x, self.rope, cache, pos)
         if last_only:
             x = x[:, -1:]
-        x = self.norm(x)
-        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(x, head)
+        return self.head(x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden states -> logits: final norm, then lm_head (or the tied embedding)."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(self.norm(x), weight)
 
 
 def checkpoint_name(args: ModelArgs, param: str) -> str:

@@ -40,11 +40,18 @@ class MoEBlock(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         self.provider.gate_input(self.layer, x)
-        weights, ids = route(self.gate(x), self.top_k, self.normalize)
-        out = self.dispatch(x, weights, ids)
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out.reshape(shape)
+        weights, ids = self.pick_experts(x)
+        return self.add_shared(x, self.dispatch(x, weights, ids)).reshape(shape)
+
+    def pick_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [tokens, hidden] -> routing weights and expert ids [tokens, top_k]."""
+        return route(self.gate(x), self.top_k, self.normalize)
+
+    def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum plus the gated shared expert, where the family has one (qwen2_moe)."""
+        if self.shared_expert is None:
+            return routed
+        return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group the (token, choice) pairs by expert and run each expert once on its tokens."""

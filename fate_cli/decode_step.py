@@ -1,0 +1,215 @@
+"""The decode step with fixed shapes: CUDA graphs replayed every token, each MoE layer's experts in two launches.
+
+An eager decode step of an MoE model launches hundreds of small kernels from Python (per layer: norms,
+attention, the router, then three matmuls per routed expert), so on a GPU it is bound by launches long
+before memory bandwidth. This step
+- attends over the whole KV cache with a mask (keys up to the row's own position), so that no shape
+  depends on the position, which lives in a device tensor;
+- routes on the device and computes a layer's routed experts with quant/moe_kernels.py's fused kernels,
+  which find each expert's weights through the layer's bank (a device table expert -> slot, tier);
+- is captured as CUDA graphs once and replayed every token.
+
+When the provider must see a layer's routing (an offloading cache: misses, prefetches, statistics), the
+step is cut after that layer's router. Segment i ends with MoE layer h_i's routing; the host reads the
+routed experts (one small copy), `provider.gate_input` and `provider.prepare` run the policy, queue the
+misses' and the prefetches' copies and update the slot table, then segment i + 1, which starts with h_i's
+experts, is replayed and `provider.finish` releases the slots. With every expert resident, the whole step
+is one graph and the host sees only the sampled token.
+
+Without capture the same segments run as plain calls: how the CPU tests hold this path to the model's
+eager forward, which stays the reference.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+from fate_cli.model.kv_cache import KVCache, RowPositions
+from fate_cli.model.model import Transformer
+from fate_cli.model.moe import MoEBlock
+from quant.moe_kernels import FUSED, backend_for, moe_ffn
+
+MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
+
+
+class DecodeStep:
+    """One captured (or plain, without `capture`) decode step over one KV cache and the model's provider."""
+
+    def __init__(self, model: Transformer, cache: KVCache, capture: bool):
+        self.model, self.cache, self.provider = model, cache, model.provider
+        self.device = model.embed_tokens.weight.device
+        self.batch = cache.k.shape[1]
+        self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.at = RowPositions(self.positions, cache.max_len)
+        moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+        self.banks = {i: self.provider.bank(i) for i in moe}
+        self.host_layers = [i for i in moe if self.provider.needs_host(i)]
+        self.outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(self.host_layers) + 1)]
+        self.capture = capture
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+
+    def describe(self) -> str:
+        n = len(self.outputs)
+        how = "one CUDA graph per step" if n == 1 else f"{n} CUDA graphs per step (the cache sees each MoE layer)"
+        return f"decode: {how}, experts by the fused Triton kernels" if self.capture else "decode: static, uncaptured"
+
+    def __call__(self, tokens: torch.Tensor, positions: Sequence[int]) -> torch.Tensor:
+        """tokens [batch] at their rows' positions -> logits [batch, vocab] (overwritten by the next call)."""
+        self.tokens.copy_(tokens.view(-1, 1))
+        if len(positions) == 1:
+            self.positions.fill_(positions[0])
+        else:
+            self.positions.copy_(torch.tensor(positions, dtype=torch.long))
+        if self.capture and self.graphs is None:
+            self.capture_graphs()
+        for index in range(len(self.outputs)):
+            if index:
+                self._show_routing(index - 1)
+            if self.graphs is not None:
+                self.graphs[index].replay()
+            else:
+                self._segment(index)
+            if index:
+                self.provider.finish(self.host_layers[index - 1])
+        return self.outputs[-1]["logits"]
+
+    def capture_graphs(self) -> None:
+        """Run each segment once (Triton compiles, cuBLAS picks its kernels), then capture each as a graph.
+        Both write keys and values at the cache's last position, which no query reads before decode reaches
+        it and writes it first; the provider is not called, so no statistic or policy state changes."""
+        saved = self.positions.clone()
+        self.positions.fill_(self.cache.max_len - 1)
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for index in range(len(self.outputs)):
+                self._segment(index)
+        current.wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        graphs = []
+        for index in range(len(self.outputs)):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._segment(index)
+            graphs.append(graph)
+        self.positions.copy_(saved)
+        self.graphs = graphs
+
+    # ---- the segments -----------------------------------------------------------------------------
+
+    def _segment(self, index: int) -> None:
+        """Segment `index`: the previous cut layer's experts, whole layers up to the next cut layer, then its
+        attention and router (or, in the last segment, the head)."""
+        host, layers = self.host_layers, self.model.layers
+        if index == 0:
+            x, start = self.model.embed_tokens(self.tokens), 0
+        else:
+            prev = self.outputs[index - 1]
+            x = prev["h"] + self._experts(host[index - 1], prev["moe_in"], prev["weights"], prev["ids"]).view_as(
+                prev["h"])
+            start = host[index - 1] + 1
+        stop = host[index] if index < len(host) else len(layers)
+        for i in range(start, stop):
+            x = self._layer(i, x)
+        out = self.outputs[index]
+        if index < len(host):
+            h, moe_in = self._attend(host[index], x)
+            weights, ids = layers[host[index]].mlp.pick_experts(moe_in)
+            out.update(h=h, moe_in=moe_in, weights=weights, ids=ids)
+        else:
+            out["logits"] = self.model.head(x)[:, -1]
+
+    def _attend(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's attention with its residual, and the MoE input [batch, hidden]."""
+        layer = self.model.layers[i]
+        h = x + layer.self_attn(layer.input_layernorm(x), self.model.rope, self.cache, self.at)
+        return h, layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
+
+    def _experts(self, i: int, moe_in: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.layers[i].mlp.add_shared(moe_in, moe_ffn(moe_in, weights, ids, self.banks[i]))
+
+    def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        layer = self.model.layers[i]
+        if i not in self.banks:  # a dense layer: the model's own code handles RowPositions
+            return layer(x, self.model.rope, self.cache, self.at)
+        h, moe_in = self._attend(i, x)
+        weights, ids = layer.mlp.pick_experts(moe_in)
+        return h + self._experts(i, moe_in, weights, ids).view_as(h)
+
+    def _show_routing(self, index: int) -> None:
+        """The host's part between segments: the cut layer's routing to the provider (one small copy)."""
+        layer, out = self.host_layers[index], self.outputs[index]
+        counts = Counter(out["ids"].flatten().tolist())
+        used = sorted(counts)  # the eager dispatch's order
+        self.provider.gate_input(layer, out["moe_in"])
+        self.provider.prepare(layer, used, [counts[e] for e in used])
+
+
+def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
+    """Why a decode step (captured, or plain) cannot run this model and provider at this batch size ('' if it
+    can)."""
+    device = model.embed_tokens.weight.device
+    provider = model.provider
+    if capture and device.type != "cuda":
+        return "decode: eager (CUDA graphs need a GPU)"
+    if getattr(provider, "bank", None) is None:
+        return "decode: eager (this expert provider keeps no slot table)"
+    fits = getattr(provider, "fits_step", None)
+    if fits is not None and not fits(batch * model.args.top_k):
+        return f"decode: eager (a batch of {batch} can route to more experts than a layer has slots)"
+    moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+    for i in moe if capture else ():
+        if backend_for(device, provider.bank(i)) != FUSED:
+            return "decode: eager (Triton is missing or a tier does not fit the fused kernels)"
+    return ""
+
+
+class DecodeGraphs:
+    """A runtime's captured decode step. Its KV cache outlives a request (lengths rounded up to a power of
+    two), so a step is captured once per batch size, cache length and provider, and replayed by later ones."""
+
+    def __init__(self, model: Transformer, enabled: bool, capture: bool = True):
+        """capture=False runs the same step uncaptured, on any device (the CPU tests' way)."""
+        self.model = model
+        self.enabled, self.capture = enabled, capture
+        self._cache: KVCache | None = None
+        self._step: DecodeStep | None = None
+        self.note = "decode: eager (--eager)" if not enabled else ""
+
+    def cache(self, batch: int, length: int) -> KVCache:
+        """A KV cache of at least `length` positions for `batch` rows, reused when a request fits the last."""
+        size = min(max(MIN_CACHE, 1 << (length - 1).bit_length()), self.model.args.max_position_embeddings)
+        size = max(size, length)
+        old = self._cache
+        if old is None or old.k.shape[1] != batch or old.max_len != size:
+            self._step = self._cache = None
+            self._cache = self.model.new_cache(batch, size)
+        return self._cache
+
+    def step(self, cache: KVCache) -> DecodeStep | None:
+        """The captured step over `cache` and the model's current provider; None (and a note) where the eager
+        path must run."""
+        if not self.enabled:
+            return None
+        s = self._step
+        if s is not None and s.cache is cache and s.provider is self.model.provider:
+            return s
+        self._step = None
+        self.note = unavailable(self.model, cache.k.shape[1], self.capture)
+        if self.note:
+            return None
+        self._step = DecodeStep(self.model, cache, self.capture)
+        if self.capture:
+            self._step.capture_graphs()
+        self.note = self._step.describe()
+        return self._step
+
+    def describe(self) -> str:
+        if self.note:
+            return self.note
+        return "decode: CUDA graphs, fused Triton expert kernels" if self.enabled else "decode: eager"

@@ -1,0 +1,240 @@
+"""A layer's routed experts for one decode step in two launches, weights read from fixed slots.
+
+A bank is where a layer's experts sit on the device: stacked 16-bit matrices (`DenseBank`), or a cache's
+slots, one uint8 buffer per slot in quant/layout.py's format at the hot or the cold tier (`PackedBank`).
+Its device table maps expert -> (slot, tier): table[0, e] is the slot (-1: not in the bank), table[1, e]
+the tier (0 hot, 1 cold). The kernels look the slot up themselves, so the host need not see the routing
+unless an expert is missing, and a CUDA graph can replay the step whatever the router picks.
+
+For x [T, H] with routing ids, weights [T, k], over the T * k (token, choice) pairs p:
+  pass 1: h[p] = W_gate_up[slot(p)] @ x[token(p)]             float32 [T * k, 2I]
+  pass 2: y[p] = W_down[slot(p)] @ (silu(h_gate[p]) * h_up[p])  float32 [T * k, H]
+  out[t] = sum_k weights[t, k] * y[t * k + k]                  (a few torch ops)
+A packed pass dequantizes group-wise inside the product, as quant/triton_kernels.py's GEMV does (per
+word: sum_j q_j x_j and sum_j x_j, then scale * (part - zero * xs)); each pair's tier picks the bit width.
+An expert with no slot gives zeros: the warm-up before a graph capture runs on whatever the table holds.
+
+`moe_ffn` runs the Triton kernels on a CUDA device, and `moe_ffn_reference` (plain torch, float32,
+dequantize-then-matmul) elsewhere; the GPU tests hold the first to the second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quant.layout import ExpertLayout
+from quant.packing import codes_per_word, dequantize
+from quant.triton_kernels import HAVE_TRITON, available
+
+FUSED = "triton fused-moe"
+REFERENCE = "torch reference"
+
+
+@dataclass
+class DenseBank:
+    """Experts at 16 bits, stacked: slot s holds gate|up [2I, H] and down [H, I]."""
+
+    gate_up: torch.Tensor  # [S, 2I, H]
+    down: torch.Tensor  # [S, H, I]
+    table: torch.Tensor  # int32 [2, E]
+
+    @property
+    def intermediate(self) -> int:
+        return self.down.shape[2]
+
+    def matrices(self, slot: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.gate_up[slot], self.down[slot]
+
+
+@dataclass
+class PackedBank:
+    """A cache's slots: buf [S, slot bytes], each slot one expert's buffer at the tier the table says."""
+
+    buf: torch.Tensor  # uint8 [S, slot_nbytes]
+    layouts: tuple[ExpertLayout, ExpertLayout]  # tier 0 (hot), tier 1 (cold)
+    table: torch.Tensor  # int32 [2, E]
+
+    @property
+    def intermediate(self) -> int:
+        return self.layouts[0].intermediate
+
+    def matrices(self, slot: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layout = self.layouts[tier]
+        gate_up, down = layout.packed(self.buf[slot, : layout.nbytes])
+        return dequantize(gate_up), dequantize(down)
+
+
+Bank = DenseBank | PackedBank
+
+
+def identity_table(num_experts: int, device: torch.device | str) -> torch.Tensor:
+    """Expert e in slot e at tier 0: a bank that holds every expert."""
+    table = torch.zeros(2, num_experts, dtype=torch.int32, device=device)
+    table[0] = torch.arange(num_experts, dtype=torch.int32, device=device)
+    return table
+
+
+def fused_fits(bank: Bank) -> bool:
+    """Whether the Triton kernels take this bank (packed tiers: bits 2, 4 or 8 in whole words per group)."""
+    if isinstance(bank, DenseBank):
+        return True
+    for lay in bank.layouts:
+        if lay.kind != "quantized" or lay.bits == 3:
+            return False
+        g = lay.group_size
+        if g % codes_per_word(lay.bits) or lay.hidden % g or lay.intermediate % g:
+            return False
+    return True
+
+
+def backend_for(device: torch.device, bank: Bank) -> str:
+    return FUSED if device.type == "cuda" and available() and fused_fits(bank) else REFERENCE
+
+
+def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank) -> torch.Tensor:
+    """sum over each token's k routed experts of weight * expert(x): x [T, H], weights/ids [T, k] -> [T, H]."""
+    if backend_for(x.device, bank) == REFERENCE:
+        return moe_ffn_reference(x, weights, ids, bank)
+    tokens, k = ids.shape
+    pairs = tokens * k
+    inter, hidden = bank.intermediate, x.shape[1]
+    flat = ids.reshape(-1)
+    h = torch.empty(pairs, 2 * inter, device=x.device, dtype=torch.float32)
+    y = torch.empty(pairs, hidden, device=x.device, dtype=torch.float32)
+    x = x.contiguous()
+    _launch(bank, x, flat, h, n=2 * inter, k=hidden, topk=k, act=False)
+    _launch(bank, h, flat, y, n=hidden, k=inter, topk=k, act=True)
+    return (y.view(tokens, k, hidden) * weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
+
+
+def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank) -> torch.Tensor:
+    """The same sum in float32 with plain torch, one pair at a time (the host reads the table)."""
+    table = bank.table.tolist()
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t, (row_ids, row_w) in enumerate(zip(ids.tolist(), weights.float())):
+        for e, w in zip(row_ids, row_w):
+            slot, tier = table[0][e], table[1][e]
+            if slot < 0:
+                continue
+            gate_up, down = (m.float() for m in bank.matrices(slot, tier))
+            h = F.linear(x[t].float(), gate_up)
+            inter = down.shape[1]
+            out[t] += w * F.linear(F.silu(h[:inter]) * h[inter:], down)
+    return out.to(x.dtype)
+
+
+# ---- Triton ---------------------------------------------------------------------------------------
+
+BLOCK_N = 32
+DENSE_BLOCK_K = 128
+PACKED_BLOCK_W = 32  # words per tile: 256 columns of INT4, 512 of INT2
+
+
+def _launch(bank: Bank, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, n: int, k: int, topk: int,
+            act: bool) -> None:
+    grid = (triton.cdiv(n, BLOCK_N), ids.numel())
+    num_experts = bank.table.shape[1]
+    if isinstance(bank, DenseBank):
+        w = bank.down if act else bank.gate_up
+        _dense_kernel[grid](x, ids, bank.table, w, out, n, k, x.stride(0), w.stride(0), num_experts,
+                            TOPK=topk, ACT=act, BLOCK_N=BLOCK_N, BLOCK_K=DENSE_BLOCK_K, num_warps=4)
+        return
+    prefix = "down" if act else "gate_up"
+    offsets, consts = [], {}
+    for i, lay in enumerate(bank.layouts):
+        offsets += [lay.segment(f"{prefix}.{part}").offset for part in ("codes", "scale", "zero")]
+        consts[f"BITS{i}"], consts[f"GROUP{i}"] = lay.bits, lay.group_size
+    _packed_kernel[grid](x, ids, bank.table, bank.buf, out, n, k, x.stride(0), bank.buf.stride(0), num_experts,
+                         *offsets, **consts, TOPK=topk, ACT=act, BLOCK_N=BLOCK_N, BLOCK_W=PACKED_BLOCK_W,
+                         num_warps=4)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _input(x_row, col, ok, K, ACT: tl.constexpr):
+        """The product's input at columns col: x, or silu(gate) * up from a gate|up row of width 2K."""
+        if ACT:
+            g = tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(x_row + K + col, mask=ok, other=0.0).to(tl.float32)
+            return g * tl.sigmoid(g) * u
+        else:
+            return tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _dense_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, y_ptr, N, K, stride_x, stride_slot, E,
+                      TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        p = tl.program_id(1)
+        slot = tl.load(table_ptr + tl.load(ids_ptr + p))
+        present = slot >= 0
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        row = p if ACT else p // TOPK
+        x_row = x_ptr + row * stride_x
+        w_rows = w_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot + n[:, None] * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            col = k0 + tl.arange(0, BLOCK_K)
+            ok = col < K
+            v = _input(x_row, col, ok, K, ACT)
+            w = tl.load(w_rows + col[None, :], mask=n_ok[:, None] & ok[None, :] & present, other=0.0)
+            acc += w.to(tl.float32) * v[None, :]
+        tl.store(y_ptr + p * N + n, tl.sum(acc, axis=1), mask=n_ok)
+
+    @triton.jit
+    def _packed_rows(base, codes_off, scale_off, zero_off, x_row, n, n_ok, K,
+                     ACT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        """sum_k W[n, k] v[k] for BLOCK_N rows of one packed matrix at `base` (a slot's first byte)."""
+        CPW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // CPW
+        words_k = K // CPW
+        groups_k = K // GROUP
+        codes = (base + codes_off).to(tl.pointer_type(tl.int32))
+        scales = (base + scale_off).to(tl.pointer_type(tl.float16))
+        zeros = (base + zero_off).to(tl.pointer_type(tl.float16))
+        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        for w0 in range(0, words_k, BLOCK_W):
+            wc = w0 + tl.arange(0, BLOCK_W)
+            w_ok = wc < words_k
+            tile_ok = n_ok[:, None] & w_ok[None, :]
+            words = tl.load(codes + n[:, None] * words_k + wc[None, :], mask=tile_ok, other=0)
+            g = n[:, None] * groups_k + (wc // WPG)[None, :]
+            s = tl.load(scales + g, mask=tile_ok, other=0.0).to(tl.float32)
+            z = tl.load(zeros + g, mask=tile_ok, other=0.0).to(tl.float32)
+            part = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            xs = tl.zeros([BLOCK_W], dtype=tl.float32)
+            for j in tl.static_range(CPW):  # code j of every word: input column word * CPW + j
+                xj = _input(x_row, wc * CPW + j, w_ok, K, ACT)
+                q = (words >> (j * BITS)) & ((1 << BITS) - 1)
+                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float
+                part += qf * xj[None, :]
+                xs += xj
+            acc += s * (part - z * xs[None, :])
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _packed_kernel(x_ptr, ids_ptr, table_ptr, buf_ptr, y_ptr, N, K, stride_x, stride_slot, E,
+                       c0, s0, z0, c1, s1, z1,
+                       BITS0: tl.constexpr, GROUP0: tl.constexpr, BITS1: tl.constexpr, GROUP1: tl.constexpr,
+                       TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+        p = tl.program_id(1)
+        expert = tl.load(ids_ptr + p)
+        slot = tl.load(table_ptr + expert)
+        tier = tl.load(table_ptr + E + expert)
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        rows_ok = n_ok & (slot >= 0)
+        row = p if ACT else p // TOPK
+        x_row = x_ptr + row * stride_x
+        base = buf_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot
+        if tier == 0:
+            y = _packed_rows(base, c0, s0, z0, x_row, n, rows_ok, K, ACT, BITS0, GROUP0, BLOCK_N, BLOCK_W)
+        else:
+            y = _packed_rows(base, c1, s1, z1, x_row, n, rows_ok, K, ACT, BITS1, GROUP1, BLOCK_N, BLOCK_W)
+        tl.store(y_ptr + p * N + n, y, mask=n_ok)
