@@ -38,12 +38,14 @@ def run(
     transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
     prompts: str = typer.Option(None, "--prompts", help="a file of prompts, one per line or per paragraph"),
     batch: int = typer.Option(1, "--batch", min=1, help="with --prompts: prompts decoded together"),
+    eager: bool = typer.Option(False, "--eager", help="decode with the eager forward (the reference) instead of "
+                               "captured CUDA graphs with the fused expert kernels"),
 ) -> None:
     """Generate text from PROMPT, or for every prompt of --prompts FILE."""
     from fate_cli.run import run_command
 
     run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
-                vram, policy, transfer_bits, prompts, batch)
+                vram, policy, transfer_bits, prompts, batch, eager)
 
 
 @app.command()
@@ -93,12 +95,14 @@ def chat(
     top_p: float = typer.Option(None, min=0.0, max=1.0, help="nucleus sampling mass"),
     top_k: int = typer.Option(None, min=0, help="sample among the k likeliest tokens (0: all)"),
     panel: bool = typer.Option(True, "--panel/--no-panel", help="the live panel of speed, cache and memory"),
+    eager: bool = typer.Option(False, "--eager", help="decode with the eager forward (the reference) instead of "
+                               "captured CUDA graphs with the fused expert kernels"),
 ) -> None:
     """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
     from fate_cli.chat import chat_command
 
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
-                 top_p, top_k, panel)
+                 top_p, top_k, panel, eager)
 
 
 @app.command()
@@ -124,12 +128,14 @@ def bench(
     batch: str = typer.Option("1", "--batch", help="prompts decoded together; a list 1,4,16 sweeps them"),
     rows_to: str = typer.Option(None, "--rows-to", help="also append each row to this file as a JSON line "
                                 "as soon as it is measured (keeps a long sweep's rows if it is stopped)"),
+    eager: bool = typer.Option(False, "--eager", help="decode with the eager forward (the reference) instead of "
+                               "captured CUDA graphs with the fused expert kernels"),
 ) -> None:
     """Sweep VRAM budgets and policies side by side: prefill and decode speed, hit rate, bytes moved."""
     from fate_cli.bench import bench_command
 
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
-                  plot, quiet, rows_to, batch)
+                  plot, quiet, rows_to, batch, eager)
 
 
 @app.command()

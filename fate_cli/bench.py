@@ -117,7 +117,16 @@ def prompt_set(prompt_len: int, count: int, prompts_file: str | None) -> list[li
     return [ids[i * prompt_len : (i + 1) * prompt_len] for i in range(count)]
 
 
-def open_target(name: str | None, device: torch.device, dtype: torch.dtype, transfer_bits: int | None) -> Target:
+def open_target(name: str | None, device: torch.device, dtype: torch.dtype, transfer_bits: int | None,
+                eager: bool = False) -> Target:
+    """The model, synthetic model or replay a bench measures; eager: no captured decode step."""
+    target = _open_target(name, device, dtype, transfer_bits)
+    if eager and target.graphs is not None:
+        target.graphs.enabled, target.graphs.note = False, "decode: eager (--eager)"
+    return target
+
+
+def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, transfer_bits: int | None) -> Target:
     from fate_cli.replay import is_replay, replay_shape
     from fate_cli.synthetic import is_synthetic
 
@@ -212,6 +221,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         stats = session.offload.sync_stats().as_dict() if session.offload else {}
         peak = torch.cuda.max_memory_allocated() if cuda else None
         plan = session.setup.plan.summary()
+        decode = target.decode_mode()
     except torch.OutOfMemoryError:
         session.close()
         note = f"CUDA ran out of memory at {label}; the plan's estimate was too low, try a larger budget"
@@ -224,7 +234,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         "decode_prediction_recall": stats.get("decode_prediction_recall"),
         "bytes_moved": moved, "gb_moved": sum(moved.values()) / 1e9 / max(1, reps),
         "stall_seconds": stats.get("stall_seconds", 0.0) / max(1, reps), "peak_device_bytes": peak, "plan": plan,
-        "per_layer": stats.get("per_layer", {}),
+        "per_layer": stats.get("per_layer", {}), "decode": decode,
     }
     rows = []
     for test, values in zip(tests, (pp, tg)):
@@ -364,7 +374,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, device: str | None,
                   dtype: str | None, output: str, vram: str | None, policy: str | None,
                   transfer_bits: int | None = None, prompts_file: str | None = None, plot_file: str | None = None,
-                  quiet: bool = False, rows_to: str | None = None, batch: str | None = None) -> None:
+                  quiet: bool = False, rows_to: str | None = None, batch: str | None = None,
+                  eager: bool = False) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -390,7 +401,7 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
                   f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
                   f" {reps} repetitions after a warm-up[/dim]")
-    makers = [lambda n=n: open_target(n, dev, dt, transfer_bits) for n in names]
+    makers = [lambda n=n: open_target(n, dev, dt, transfer_bits, eager) for n in names]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:
         task = bar.add_task("loading", total=None)

@@ -27,6 +27,7 @@ from cache.setup import (
     routers,
     transfer_tier_for,
 )
+from fate_cli.decode_step import DecodeGraphs
 from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.model import Transformer
@@ -66,6 +67,7 @@ class Target:
         self.footprint, self.ctx, self.transfer_bits = footprint, ctx, transfer_bits
         self.transfer_tier = transfer_tier_for(store, transfer_bits)
         self._hosts: dict[tuple[str, ...], HostTier] = {}
+        self.graphs: DecodeGraphs | None = None  # a model target's captured decode step
 
     @property
     def size_bytes(self) -> int:
@@ -74,6 +76,10 @@ class Target:
 
     def backend(self) -> str:
         return select_backend(self.device, self.store.tiers["hot"].layout)
+
+    def decode_mode(self) -> str:
+        """How the last request's decode steps ran."""
+        return self.graphs.describe() if self.graphs else "decode: eager (trace replay)"
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         raise NotImplementedError
@@ -128,6 +134,9 @@ class ModelTarget(Target):
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.kind, self.model, self.params = kind, model, params
         self._dense_from_checkpoint = dense_from_checkpoint
+        self.graphs = DecodeGraphs(model, enabled=device.type == "cuda")
+        if not self.graphs.enabled:
+            self.graphs.note = "decode: eager (CUDA graphs need a GPU)"
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         return plan_for(self.model.args, self.dtype, policy, budget, self.context, self.params,
@@ -140,15 +149,16 @@ class ModelTarget(Target):
         self.model.set_provider(session.provider)
         sampler = Sampler(SamplingParams(temperature=0.0), self.device)
         if len(prompts) == 1:
-            result = generate(self.model, prompts[0], gen_len, sampler)
+            result = generate(self.model, prompts[0], gen_len, sampler, graphs=self.graphs)
             s, tokens = result.stats, result.token_ids
         else:
-            batch = generate_batch(self.model, prompts, gen_len, sampler)
+            batch = generate_batch(self.model, prompts, gen_len, sampler, graphs=self.graphs)
             s, tokens = batch.stats, [t for r in batch.results for t in r.token_ids]
         return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, tokens)
 
     def release(self, session: Session) -> None:
         self.model.set_provider(ResidentExperts({}))
+        self.graphs.forget()  # its graphs and banks hold the session's memory
         super().release(session)
 
 

@@ -105,7 +105,8 @@ class ChatSession:
 
         try:
             result = generate(self.runtime.model, ids[reuse:], self.max_tokens, sampler,
-                              self.runtime.tokenizer.eos_ids, on_token=collect, cache=self.cache, start_pos=reuse)
+                              self.runtime.tokenizer.eos_ids, on_token=collect, cache=self.cache, start_pos=reuse,
+                              graphs=self.runtime.graphs)
         except KeyboardInterrupt:
             self.cached_ids = []  # the cache holds a partial step: rebuild it next turn
             self.history.append(Message("assistant", self.runtime.tokenizer.decode(produced)))
@@ -137,10 +138,11 @@ def chat_command(
     top_p: float | None = None,
     top_k: int | None = None,
     panel: bool = True,
+    eager: bool = False,
 ) -> None:
     err = Console(stderr=True, highlight=False)
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
-        runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
+        runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     session = ChatSession(runtime, system, params, max_tokens)

@@ -179,7 +179,7 @@ class DecodeGraphs:
         self.enabled, self.capture = enabled, capture
         self._cache: KVCache | None = None
         self._step: DecodeStep | None = None
-        self.note = "decode: eager (--eager)" if not enabled else ""
+        self.note = "" if enabled else "decode: eager"
 
     def cache(self, batch: int, length: int) -> KVCache:
         """A KV cache of at least `length` positions for `batch` rows, reused when a request fits the last."""
@@ -208,6 +208,10 @@ class DecodeGraphs:
             self._step.capture_graphs()
         self.note = self._step.describe()
         return self._step
+
+    def forget(self) -> None:
+        """Drop the captured step and its cache (their memory goes with them)."""
+        self._step = self._cache = None
 
     def describe(self) -> str:
         if self.note:

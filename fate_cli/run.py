@@ -56,16 +56,17 @@ def run_command(
     transfer_bits: int | None = None,
     prompts_file: str | None = None,
     batch: int = 1,
+    eager: bool = False,
 ) -> None:
     err = Console(stderr=True, highlight=False)
     if prompts_file is not None or batch != 1:
         if prompt is not None or prompts_file is None:
             raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
-                            dtype, as_json, vram, policy, transfer_bits, err)
+                            dtype, as_json, vram, policy, transfer_bits, err, eager)
     if prompt is None:
         raise UsageError("no prompt: give PROMPT, or --prompts FILE for many")
-    runtime = open_model(model, device, dtype, policy, vram, transfer_bits)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     if not as_json:
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
@@ -85,10 +86,11 @@ def run_command(
         Sampler(params, runtime.loaded.device),
         eos_ids=runtime.tokenizer.eos_ids,
         on_token=on_token,
+        graphs=runtime.graphs,
     )
     text = runtime.tokenizer.decode(result.token_ids)
     stats = result.stats.as_dict() | {"temperature": params.temperature, "top_p": params.top_p,
-                                      "top_k": params.top_k, "seed": params.seed}
+                                      "top_k": params.top_k, "seed": params.seed, "decode": runtime.graphs.describe()}
     if runtime.setup is not None:
         stats["policy"] = runtime.setup.policy
         stats["plan"] = runtime.plan_line()
@@ -116,7 +118,7 @@ def run_command(
 def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, temperature: float | None,
                  top_p: float | None, top_k: int | None, seed: int | None, raw: bool, device: str | None,
                  dtype: str | None, as_json: bool, vram: str | None, policy: str | None, transfer_bits: int | None,
-                 err: Console) -> None:
+                 err: Console, eager: bool = False) -> None:
     from fate_cli.prompts import read_prompts
 
     texts = read_prompts(prompts_file)
@@ -125,14 +127,15 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
     groups = [list(range(i, min(i + batch, len(ids)))) for i in range(0, len(ids), batch)]
     # the planner sizes the KV cache for this many tokens: every row of the largest batch, each full length
     context = max(len(g) * (max(len(ids[i]) for i in g) + max_tokens) for g in groups)
-    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context, eager=eager)
     if not as_json:
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     sampler = Sampler(params, runtime.loaded.device)
     generated, prefill_seconds, decode_seconds = 0, 0.0, 0.0
     for group in groups:
-        done = generate_batch(runtime.model, [ids[i] for i in group], max_tokens, sampler, runtime.tokenizer.eos_ids)
+        done = generate_batch(runtime.model, [ids[i] for i in group], max_tokens, sampler, runtime.tokenizer.eos_ids,
+                              graphs=runtime.graphs)
         s = done.stats
         generated += s.generated_tokens
         prefill_seconds += s.prefill_seconds

@@ -1,0 +1,116 @@
+"""The captured decode step and its fused expert kernels on a GPU (skipped without CUDA and Triton).
+
+The kernels against the plain-torch reference on fresh random inputs; greedy tokens of the captured step
+against the eager forward on every family, the bundled model, and under an offloading cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fate_cli.decode_step import DecodeGraphs
+from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.model.loader import load_model
+from fate_cli.runtime import open_model
+from quant.layout import ExpertLayout
+from quant.moe_kernels import FUSED, DenseBank, PackedBank, backend_for, moe_ffn, moe_ffn_reference
+from quant.synthetic import random_quantized
+from quant.triton_kernels import HAVE_TRITON
+from tests.tiny_models import FAMILIES, make_tiny_model
+
+pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
+CUDA = torch.device("cuda")
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _routing(tokens: int, k: int, experts: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(experts, generator=gen, device="cpu")[:k] for _ in range(tokens)]).to(CUDA)
+    weights = torch.rand(tokens, k, generator=gen).to(CUDA)
+    return weights, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,inter,tokens", [(256, 384, 1), (2048, 768, 1), (512, 1408, 4)])
+def test_dense_bank_kernel_against_the_reference(dtype, hidden, inter, tokens):
+    gen = torch.Generator().manual_seed(hidden + tokens)
+    experts, k = 6, 2
+    gate_up = (torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5).to(CUDA, dtype)
+    down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(CUDA, dtype)
+    table = torch.tensor([[3, 0, -1, 1, 5, 2], [0] * 6], dtype=torch.int32, device=CUDA)  # expert 2 absent
+    bank = DenseBank(gate_up, down, table)
+    assert backend_for(CUDA, bank) == FUSED
+    x = torch.randn(tokens, hidden, generator=gen).to(CUDA, dtype)
+    weights, ids = _routing(tokens, k, experts, gen)
+    got, ref = moe_ffn(x, weights, ids, bank), moe_ffn_reference(x.float(), weights, ids, bank)
+    assert _rel(got.float(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("hidden,inter", [(2048, 768), (512, 1408), (4096, 1024)])
+def test_packed_bank_kernel_mixes_tiers_against_the_reference(hidden, inter):
+    """Slots at INT4 g64 and INT2 g32 in one layer, one expert absent, several tokens."""
+    gen = torch.Generator().manual_seed(inter)
+    hot, cold = ExpertLayout.quantized(hidden, inter, 4, 64), ExpertLayout.quantized(hidden, inter, 2, 32)
+    slots = 5
+    buf = torch.zeros(slots, hot.nbytes, dtype=torch.uint8)
+    tiers = [0, 1, 0, 1, 1]
+    for s, t in enumerate(tiers):
+        lay = (hot, cold)[t]
+        buf[s, : lay.nbytes] = random_quantized(lay, gen)
+    #        expert: 0   1   2   3   4   5   6
+    table = torch.tensor([[4, -1, 0, 2, 1, 3, -1], [1, 0, 0, 0, 1, 1, 0]], dtype=torch.int32)
+    table[1] = torch.tensor([tiers[s] if s >= 0 else 0 for s in table[0].tolist()])
+    bank = PackedBank(buf.to(CUDA), (hot, cold), table.to(CUDA))
+    assert backend_for(CUDA, bank) == FUSED
+    for tokens, k in ((1, 4), (3, 2)):
+        x = torch.randn(tokens, hidden, generator=gen).to(CUDA, torch.bfloat16)
+        weights, ids = _routing(tokens, k, 7, gen)
+        ref = moe_ffn_reference(x.float(), weights, ids, bank)
+        assert _rel(moe_ffn(x.float(), weights, ids, bank).float(), ref) < 1e-5
+        assert _rel(moe_ffn(x, weights, ids, bank).float(), ref) < 1e-2
+
+
+def greedy() -> Sampler:
+    return Sampler(SamplingParams(temperature=0.0), CUDA)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_graph_step_gives_the_eager_tokens_on_every_family(tmp_path, family):
+    model = load_model(make_tiny_model(tmp_path / family, family=family), CUDA, torch.float32).model
+    prompt = [5, 9, 14, 3, 27, 8, 11]
+    eager = generate(model, prompt, 24, greedy()).token_ids
+    graphs = DecodeGraphs(model, enabled=True)
+    assert generate(model, prompt, 24, greedy(), graphs=graphs).token_ids == eager
+    assert graphs.describe().startswith("decode: one CUDA graph per step")
+    prompts = [prompt, prompt[:2], [40, 41, 42]]
+    alone = [generate(model, p, 12, greedy()).token_ids for p in prompts]
+    assert [r.token_ids for r in generate_batch(model, prompts, 12, greedy(), graphs=graphs).results] == alone
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_graph_step_on_the_bundled_model(dtype):
+    rt = open_model("tiny", "cuda", dtype)
+    prompt = rt.tokenizer.encode("What does hack mean? It is")
+    eager = generate(rt.model, prompt, 48, greedy()).token_ids
+    assert generate(rt.model, prompt, 48, greedy(), graphs=rt.graphs).token_ids == eager
+
+
+@pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "resident"])
+def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(policy):
+    """Experts moved at the hot tier (--transfer-bits 4): tokens and the cache's counts equal the eager path's."""
+    texts = ["The hacker ethic", "What does hack mean?"]
+    runs = {}
+    for eager in (True, False):
+        rt = open_model("tiny", "cuda", "float32", policy, "16MB", 4, eager=eager)
+        tokens = [generate(rt.model, rt.tokenizer.encode(t), 24, greedy(), graphs=rt.graphs).token_ids for t in texts]
+        s = rt.offload.stats
+        runs[eager] = (tokens, s.hits, s.misses, dict(s.bytes_moved), s.prefetches)
+        assert rt.graphs.describe().startswith("decode: eager" if eager else "decode: ")
+        assert eager or "CUDA graph" in rt.graphs.describe()
+    if policy == "resident":  # the whole step is one graph: the cache never sees the routing
+        assert runs[True][0] == runs[False][0]
+    else:
+        assert runs[True] == runs[False]
