@@ -175,6 +175,15 @@ class OffloadedExperts:
                 state.sync_table()
         return self._banks[layer]
 
+    def lookahead_router(self, layer: int) -> torch.Tensor | None:
+        """The next MoE layer's router, when the policy predicts from it (a decode step computes the top k+1
+        on the device and hands them to `gate_lookahead` in place of calling `gate_input`)."""
+        nxt = self.policy.ctx.next_moe(layer)
+        return self.policy.ctx.routers[nxt] if self.policy.lookahead and nxt is not None else None
+
+    def gate_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> None:
+        self._pending = self.policy.on_lookahead(layer, ids, probs)
+
     def needs_host(self, layer: int) -> bool:
         """Whether a decode step must stop for this layer's routing (misses, prefetches, statistics)."""
         return self.policy.name != "resident"
@@ -209,8 +218,7 @@ class OffloadedExperts:
         """The layer's kernels are queued: its slots may be reused once they complete."""
         if layer in self.full:
             return
-        for slot in self._in_use:
-            self.pool.release(layer, slot)
+        self.pool.release_layer(layer, self._in_use)
         self._in_use = []
         if not self.policy.keep_after_layer:
             self.layers[layer].clear()

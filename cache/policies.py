@@ -71,6 +71,7 @@ class Policy:
     split = "uniform"  # how the planner shares slots between layers
     keep_after_layer = True
     tiers: tuple[str, ...] = ("hot",)  # the tiers its transfers use (the host tier holds these)
+    lookahead = False  # whether on_lookahead takes the next layer's router top k+1 in place of on_gate_input
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -90,6 +91,9 @@ class Policy:
 
     def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
         """The layer's routing (experts, tokens each); may return prefetches for later layers."""
+        return []
+
+    def on_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> list[Prefetch]:
         return []
 
 
@@ -117,18 +121,27 @@ class Fate(Policy):
     def miss_tier(self) -> str:
         return "cold"
 
+    lookahead = True
+
     def on_gate_input(self, layer: int, hidden: torch.Tensor) -> list[Prefetch]:
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
             return []
+        top = torch.topk(router_probs(hidden, self.ctx.routers[nxt]), self.ctx.top_k + 1, dim=-1)
+        return self.on_lookahead(layer, top.indices.flatten().tolist(), top.values.flatten().tolist())
+
+    def on_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> list[Prefetch]:
+        """The next layer's router top k+1 per token on this layer's gate input, flattened (computed by
+        on_gate_input, or inside a captured decode step)."""
+        nxt = self.ctx.next_moe(layer)
+        if nxt is None:
+            return []
         k = self.ctx.top_k
-        top = torch.topk(router_probs(hidden, self.ctx.routers[nxt]), k + 1, dim=-1)
-        ids, shares = top.indices.flatten().tolist(), (top.values * k).flatten().tolist()
         count: dict[int, int] = {}
         share: dict[int, float] = {}  # the most confident token's share, per predicted expert
-        for e, s in zip(ids, shares):
+        for e, p in zip(ids, probs):
             count[e] = count.get(e, 0) + 1
-            share[e] = max(share.get(e, 0.0), s)
+            share[e] = max(share.get(e, 0.0), p * k)
         self.predicted[nxt] = set(count)
         ranked = sorted(count, key=lambda e: (-count[e], -share[e]))  # by popularity, then confidence
         tied = count[ranked[0]] == count[ranked[-1]]  # one token (decode): no popularity to rank by

@@ -28,9 +28,7 @@ class StallTimer:
         self.waits = 0
 
     def wait(self, stream: torch.cuda.Stream, ready: torch.cuda.Event) -> None:
-        if ready.query():
-            stream.wait_event(ready)
-            return
+        """Make the stream wait for a copy the host has seen still running (query() was False)."""
         if self.used == len(self.pairs):
             self.collect()
         before, after = self.pairs[self.used]
@@ -62,7 +60,10 @@ class SlotPool:
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(total)]
-            self.free = [torch.cuda.Event() for _ in range(total)]
+            self.slot_free = [torch.cuda.Event() for _ in range(total)]
+            self.free = list(self.slot_free)  # the event a copy into the slot waits for (its own, or its layer's)
+            self.layer_free = {layer: torch.cuda.Event() for layer in slots_per_layer}
+            self.settled = [True] * total  # the slot's last copy is known to be complete
             self.stalls = StallTimer()
 
     @property
@@ -83,12 +84,31 @@ class SlotPool:
             self.copy_stream.wait_event(self.free[row])
             dest.copy_(host, non_blocking=True)
             self.ready[row].record(self.copy_stream)
+        self.settled[row] = False
 
     def wait_ready(self, layer: int, slot: int) -> None:
-        if self.cuda:
-            self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[self.first[layer] + slot])
+        """Compute waits for the slot's copy, unless the host has already seen it complete."""
+        if not self.cuda:
+            return
+        row = self.first[layer] + slot
+        if self.settled[row]:
+            return
+        if self.ready[row].query():
+            self.settled[row] = True
+            return
+        self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[row])
 
     def release(self, layer: int, slot: int) -> None:
         """The compute stream is done reading this slot (once the work queued so far completes)."""
         if self.cuda:
-            self.free[self.first[layer] + slot].record(torch.cuda.current_stream(self.device))
+            row = self.first[layer] + slot
+            self.free[row] = self.slot_free[row]
+            self.free[row].record(torch.cuda.current_stream(self.device))
+
+    def release_layer(self, layer: int, slots: list[int]) -> None:
+        """`release` for several slots of a layer read by one kernel: one event for all of them."""
+        if self.cuda and slots:
+            event = self.layer_free[layer]
+            event.record(torch.cuda.current_stream(self.device))
+            for slot in slots:
+                self.free[self.first[layer] + slot] = event

@@ -10,11 +10,12 @@ before memory bandwidth. This step
 - is captured as CUDA graphs once and replayed every token.
 
 When the provider must see a layer's routing (an offloading cache: misses, prefetches, statistics), the
-step is cut after that layer's router. Segment i ends with MoE layer h_i's routing; the host reads the
-routed experts (one small copy), `provider.gate_input` and `provider.prepare` run the policy, queue the
-misses' and the prefetches' copies and update the slot table, then segment i + 1, which starts with h_i's
-experts, is replayed and `provider.finish` releases the slots. With every expert resident, the whole step
-is one graph and the host sees only the sampled token.
+step is cut after that layer's router. Segment i ends with MoE layer h_i's routing, copied (with the next
+router's top k+1 on this gate input, when the policy predicts from it) into pinned memory inside the graph;
+the host waits for that copy alone, `provider.gate_lookahead` (or `gate_input`) and `provider.prepare` run
+the policy, queue the misses' and the prefetches' copies and update the slot table, then segment i + 1,
+which starts with h_i's experts, is replayed and `provider.finish` releases the slots. With every expert
+resident, the whole step is one graph and the host sees only the sampled token.
 
 Without capture the same segments run as plain calls: how the CPU tests hold this path to the model's
 eager forward, which stays the reference.
@@ -30,6 +31,7 @@ import torch
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
 from fate_cli.model.moe import MoEBlock
+from predictors.cross_layer import router_probs
 from quant.moe_kernels import FUSED, backend_for, moe_ffn
 
 MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
@@ -51,6 +53,14 @@ class DecodeStep:
         self.outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(self.host_layers) + 1)]
         self.capture = capture
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        # per cut layer: the next router the policy predicts from (or None), and where the routing lands
+        lookahead = getattr(self.provider, "lookahead_router", lambda _layer: None)
+        self.lookahead = [lookahead(i) for i in self.host_layers]
+        cuda = self.device.type == "cuda"
+        k = model.args.top_k
+        width = self.batch * (k + (2 * (k + 1) if any(r is not None for r in self.lookahead) else 0))
+        self.routing = [torch.zeros(width, dtype=torch.float32, pin_memory=cuda) for _ in self.host_layers]
+        self.routed = [torch.cuda.Event() if cuda else None for _ in self.host_layers]
 
     def describe(self) -> str:
         n = len(self.outputs)
@@ -73,6 +83,8 @@ class DecodeStep:
                 self.graphs[index].replay()
             else:
                 self._segment(index)
+            if index < len(self.routed) and self.routed[index] is not None:
+                self.routed[index].record()
             if index:
                 self.provider.finish(self.host_layers[index - 1])
         return self.outputs[-1]["logits"]
@@ -121,6 +133,12 @@ class DecodeStep:
             h, moe_in = self._attend(host[index], x)
             weights, ids = layers[host[index]].mlp.pick_experts(moe_in)
             out.update(h=h, moe_in=moe_in, weights=weights, ids=ids)
+            shown = [ids.flatten().float()]  # expert ids are exact in float32
+            router = self.lookahead[index]
+            if router is not None:
+                top = torch.topk(router_probs(moe_in, router), ids.shape[1] + 1, dim=-1)
+                shown += [top.indices.flatten().float(), top.values.flatten()]
+            self.routing[index][: sum(t.numel() for t in shown)].copy_(torch.cat(shown), non_blocking=True)
         else:
             out["logits"] = self.model.head(x)[:, -1]
 
@@ -142,11 +160,20 @@ class DecodeStep:
         return h + self._experts(i, moe_in, weights, ids).view_as(h)
 
     def _show_routing(self, index: int) -> None:
-        """The host's part between segments: the cut layer's routing to the provider (one small copy)."""
-        layer, out = self.host_layers[index], self.outputs[index]
-        counts = Counter(out["ids"].flatten().tolist())
+        """The host's part between segments: the cut layer's routing (and lookahead) to the provider."""
+        layer = self.host_layers[index]
+        if self.routed[index] is not None:
+            self.routed[index].synchronize()
+        values = self.routing[index].tolist()
+        pairs = self.batch * self.model.args.top_k
+        counts = Counter(int(e) for e in values[:pairs])
         used = sorted(counts)  # the eager dispatch's order
-        self.provider.gate_input(layer, out["moe_in"])
+        if self.lookahead[index] is not None:
+            n = self.batch * (self.model.args.top_k + 1)
+            ahead = values[pairs : pairs + n]
+            self.provider.gate_lookahead(layer, [int(e) for e in ahead], values[pairs + n : pairs + 2 * n])
+        else:
+            self.provider.gate_input(layer, self.outputs[index]["moe_in"])
         self.provider.prepare(layer, used, [counts[e] for e in used])
 
 

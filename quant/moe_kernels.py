@@ -7,9 +7,13 @@ the tier (0 hot, 1 cold). The kernels look the slot up themselves, so the host n
 unless an expert is missing, and a CUDA graph can replay the step whatever the router picks.
 
 For x [T, H] with routing ids, weights [T, k], over the T * k (token, choice) pairs p:
-  pass 1: h[p] = W_gate_up[slot(p)] @ x[token(p)]             float32 [T * k, 2I]
+  pass 1: h[p] = W_gate_up[slot(p)] @ x[token(p)]             [T * k, 2I]
   pass 2: y[p] = W_down[slot(p)] @ (silu(h_gate[p]) * h_up[p])  float32 [T * k, H]
-  out[t] = sum_k weights[t, k] * y[t * k + k]                  (a few torch ops)
+  combine: out[t] = sum over the token's choices, in ascending expert order, of weights * y
+The kernels round where the eager path (fate_cli/model/moe.py over quant/kernels.py) rounds, so a 16-bit
+model gives its greedy tokens: a dense bank keeps h and silu(gate) * up in the activation dtype (as
+F.linear and F.silu do), a packed bank keeps h in float32 (as the batch-1 GEMV does); each expert's
+output is rounded, scaled by its weight, rounded, and summed in the activation dtype one expert at a time.
 A packed pass dequantizes group-wise inside the product, as quant/triton_kernels.py's GEMV does (per
 word: sum_j q_j x_j and sum_j x_j, then scale * (part - zero * xs)); each pair's tier picks the bit width.
 An expert with no slot gives zeros: the warm-up before a graph capture runs on whatever the table holds.
@@ -101,13 +105,18 @@ def moe_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Ban
     tokens, k = ids.shape
     pairs = tokens * k
     inter, hidden = bank.intermediate, x.shape[1]
-    flat = ids.reshape(-1)
-    h = torch.empty(pairs, 2 * inter, device=x.device, dtype=torch.float32)
+    flat = ids.reshape(-1).contiguous()
+    h_dtype = x.dtype if isinstance(bank, DenseBank) else torch.float32
+    h = torch.empty(pairs, 2 * inter, device=x.device, dtype=h_dtype)
     y = torch.empty(pairs, hidden, device=x.device, dtype=torch.float32)
     x = x.contiguous()
     _launch(bank, x, flat, h, n=2 * inter, k=hidden, topk=k, act=False)
     _launch(bank, h, flat, y, n=hidden, k=inter, topk=k, act=True)
-    return (y.view(tokens, k, hidden) * weights.unsqueeze(-1).float()).sum(1).to(x.dtype)
+    out = torch.empty_like(x)
+    _combine_kernel[(triton.cdiv(hidden, COMBINE_BLOCK), tokens)](
+        y, weights.float().contiguous(), flat, out, hidden, K=k, KP=triton.next_power_of_2(k),
+        ROUND=x.dtype != torch.float32, BLOCK=COMBINE_BLOCK, num_warps=4)
+    return out
 
 
 def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank) -> torch.Tensor:
@@ -131,16 +140,18 @@ def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 BLOCK_N = 32
 DENSE_BLOCK_K = 128
 PACKED_BLOCK_W = 32  # words per tile: 256 columns of INT4, 512 of INT2
+COMBINE_BLOCK = 512
 
 
 def _launch(bank: Bank, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, n: int, k: int, topk: int,
             act: bool) -> None:
     grid = (triton.cdiv(n, BLOCK_N), ids.numel())
     num_experts = bank.table.shape[1]
+    rounded = act and x.dtype != torch.float32  # h held in a 16-bit dtype: silu and the product rounded too
     if isinstance(bank, DenseBank):
         w = bank.down if act else bank.gate_up
         _dense_kernel[grid](x, ids, bank.table, w, out, n, k, x.stride(0), w.stride(0), num_experts,
-                            TOPK=topk, ACT=act, BLOCK_N=BLOCK_N, BLOCK_K=DENSE_BLOCK_K, num_warps=4)
+                            TOPK=topk, ACT=act, ROUND=rounded, BLOCK_N=BLOCK_N, BLOCK_K=DENSE_BLOCK_K, num_warps=4)
         return
     prefix = "down" if act else "gate_up"
     offsets, consts = [], {}
@@ -157,18 +168,23 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _input(x_row, col, ok, K, ACT: tl.constexpr):
-        """The product's input at columns col: x, or silu(gate) * up from a gate|up row of width 2K."""
+    def _input(x_row, col, ok, K, ACT: tl.constexpr, ROUND: tl.constexpr = False):
+        """The product's input at columns col: x, or silu(gate) * up from a gate|up row of width 2K (with
+        ROUND, silu and the product each rounded to the row's dtype, as torch does in 16 bits)."""
         if ACT:
             g = tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
             u = tl.load(x_row + K + col, mask=ok, other=0.0).to(tl.float32)
+            if ROUND:
+                silu = (g * tl.sigmoid(g)).to(x_row.dtype.element_ty).to(tl.float32)
+                return (silu * u).to(x_row.dtype.element_ty).to(tl.float32)
             return g * tl.sigmoid(g) * u
         else:
             return tl.load(x_row + col, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
     def _dense_kernel(x_ptr, ids_ptr, table_ptr, w_ptr, y_ptr, N, K, stride_x, stride_slot, E,
-                      TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      TOPK: tl.constexpr, ACT: tl.constexpr, ROUND: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
         p = tl.program_id(1)
         slot = tl.load(table_ptr + tl.load(ids_ptr + p))
         present = slot >= 0
@@ -181,10 +197,10 @@ if HAVE_TRITON:
         for k0 in range(0, K, BLOCK_K):
             col = k0 + tl.arange(0, BLOCK_K)
             ok = col < K
-            v = _input(x_row, col, ok, K, ACT)
+            v = _input(x_row, col, ok, K, ACT, ROUND)
             w = tl.load(w_rows + col[None, :], mask=n_ok[:, None] & ok[None, :] & present, other=0.0)
             acc += w.to(tl.float32) * v[None, :]
-        tl.store(y_ptr + p * N + n, tl.sum(acc, axis=1), mask=n_ok)
+        tl.store(y_ptr + p * N + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
     def _packed_rows(base, codes_off, scale_off, zero_off, x_row, n, n_ok, K,
@@ -238,3 +254,28 @@ if HAVE_TRITON:
         else:
             y = _packed_rows(base, c1, s1, z1, x_row, n, rows_ok, K, ACT, BITS1, GROUP1, BLOCK_N, BLOCK_W)
         tl.store(y_ptr + p * N + n, y, mask=n_ok)
+
+    @triton.jit
+    def _combine_kernel(y_ptr, w_ptr, ids_ptr, out_ptr, H, K: tl.constexpr, KP: tl.constexpr,
+                        ROUND: tl.constexpr, BLOCK: tl.constexpr):
+        """out[t] = sum of w * y over token t's K choices in ascending expert order (ids differ within a
+        token), rounded as the eager dispatch's index_add_ into a 16-bit output rounds."""
+        t = tl.program_id(1)
+        n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = n < H
+        j = tl.arange(0, KP)
+        j_ok = j < K
+        ids = tl.load(ids_ptr + t * K + j, mask=j_ok, other=0)
+        rank = tl.sum(((ids[None, :] < ids[:, None]) & j_ok[None, :]).to(tl.int32), axis=1)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for r in tl.static_range(K):
+            pick = tl.sum(tl.where((rank == r) & j_ok, j, 0), axis=0)
+            w = tl.load(w_ptr + t * K + pick)
+            y = tl.load(y_ptr + (t * K + pick) * H + n, mask=ok, other=0.0)
+            if ROUND:
+                dt = out_ptr.dtype.element_ty
+                term = (y.to(dt).to(tl.float32) * w).to(dt).to(tl.float32)
+                acc = (acc + term).to(dt).to(tl.float32)
+            else:
+                acc += y * w
+        tl.store(out_ptr + t * H + n, acc.to(out_ptr.dtype.element_ty), mask=ok)

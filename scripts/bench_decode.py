@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("-n", "--gen-len", type=int, default=64)
     ap.add_argument("--budgets", default="1.0,0.9", help="fate rows: shares of the hot-tier expert bytes")
     ap.add_argument("--bf16", default="olmoe-1b-7b", help="shapes that also get resident 16-bit rows")
+    ap.add_argument("--budget-shapes", default="olmoe-1b-7b", help="shapes that get the fate rows at --budgets")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="split the graph rows' GPU time by kernel")
     ap.add_argument("--out", default=None, help="append each row as a JSON line")
@@ -192,7 +193,7 @@ def main() -> None:
         prompts = [torch.randint(3, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(2)]
         if not a.no_transformers:
             emit(transformers_row(shape, prompts[0], a.gen_len))
-        budgets = [float(b) for b in a.budgets.split(",") if b]
+        budgets = [float(b) for b in a.budgets.split(",") if b] if shape in a.budget_shapes.split(",") else []
         fate_rows(shape, prompts, a.gen_len, bandwidth, budgets, shape in a.bf16.split(","), a.profile, emit)
 
 
