@@ -46,7 +46,9 @@ class DecodeStep:
         self.batch = cache.k.shape[1]
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, dtype=torch.long, device=self.device)
-        self.at = RowPositions(self.positions, cache.max_len)
+        self.cols = torch.arange(cache.max_len, device=self.device)
+        self.mask = torch.zeros(self.batch, 1, 1, cache.max_len, dtype=torch.bool, device=self.device)
+        self.at = RowPositions(self.positions, cache.max_len, self.mask)  # the mask is made once a step
         moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
         self.banks = {i: self.provider.bank(i) for i in moe}
         self.host_layers = [i for i in moe if self.provider.needs_host(i)]
@@ -119,6 +121,7 @@ class DecodeStep:
         attention and router (or, in the last segment, the head)."""
         host, layers = self.host_layers, self.model.layers
         if index == 0:
+            self.mask.copy_((self.cols[None, :] <= self.positions[:, None])[:, None, None, :])
             x, start = self.model.embed_tokens(self.tokens), 0
         else:
             prev = self.outputs[index - 1]

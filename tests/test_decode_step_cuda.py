@@ -104,7 +104,7 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(policy):
     texts = ["The hacker ethic", "What does hack mean?"]
     runs = {}
     for eager in (True, False):
-        rt = open_model("tiny", "cuda", "float32", policy, "16MB", 4, eager=eager)
+        rt = open_model("tiny", "cuda", "float32", policy, "83MB", 4, eager=eager)  # ~12 slots a layer
         tokens = [generate(rt.model, rt.tokenizer.encode(t), 24, greedy(), graphs=rt.graphs).token_ids for t in texts]
         s = rt.offload.stats
         runs[eager] = (tokens, s.hits, s.misses, dict(s.bytes_moved), s.prefetches)
@@ -114,3 +114,24 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(policy):
         assert runs[True][0] == runs[False][0]
     else:
         assert runs[True] == runs[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_and_rotary_against_torch(dtype):
+    from fate_cli.model import triton_ops
+    from fate_cli.model.kv_cache import RowPositions
+    from fate_cli.model.layers import Rotary
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(5, 2048, device=CUDA, generator=gen).to(dtype)
+    w = (1 + 0.1 * torch.randn(2048, device=CUDA, generator=gen)).to(dtype)
+    h = x.float()
+    ref = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    assert _rel(triton_ops.rms_norm(x, w, 1e-6).float(), ref.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+    rope = Rotary(128, 1e6, 300, CUDA)
+    q = torch.randn(3, 1, 8, 128, device=CUDA, generator=gen).to(dtype).transpose(1, 2)  # as Attention lays it
+    at = RowPositions.of([0, 17, 299], CUDA)
+    half = 64
+    cos, sin = rope.cos[at.positions][:, None, None, :].to(dtype), rope.sin[at.positions][:, None, None, :].to(dtype)
+    eager = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
+    assert torch.equal(triton_ops.rope_rows(q, rope.cos, rope.sin, at.positions), eager)

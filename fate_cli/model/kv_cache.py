@@ -13,10 +13,18 @@ class RowPositions:
 
     positions: torch.Tensor  # [batch] long, on the cache's device
     end: int  # max(positions) + 1: the key range the step attends over
+    mask: torch.Tensor | None = None  # the attention mask, when the caller made it once for every layer
 
     @classmethod
     def of(cls, positions: list[int], device: torch.device) -> RowPositions:
         return cls(torch.tensor(positions, dtype=torch.long, device=device), max(positions) + 1)
+
+    def attention_mask(self) -> torch.Tensor:
+        """[batch, 1, 1, end]: each row sees the keys up to its own position."""
+        if self.mask is not None:
+            return self.mask
+        cols = torch.arange(self.end, device=self.positions.device)
+        return (cols[None, :] <= self.positions[:, None])[:, None, None, :]
 
 
 class KVCache:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fate_cli.model import triton_ops
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.kv_cache import KVCache, RowPositions
 
@@ -17,6 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if triton_ops.usable(x):
+            return triton_ops.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -35,6 +38,8 @@ class Rotary:
     def apply(self, x: torch.Tensor, pos: int | RowPositions) -> torch.Tensor:
         """x: [batch, heads, T, head_dim], positions pos..pos+T (or one token per row at its own position)."""
         if isinstance(pos, RowPositions):
+            if x.is_cuda and x.shape[2] == 1 and x.stride(-1) == 1 and triton_ops.available():
+                return triton_ops.rope_rows(x, self.cos, self.sin, pos.positions)
             cos = self.cos[pos.positions][:, None, None, :].to(x.dtype)
             sin = self.sin[pos.positions][:, None, None, :].to(x.dtype)
         else:
@@ -82,8 +87,7 @@ class Attention(nn.Module):
         q, k = rope.apply(q, pos), rope.apply(k, pos)
         if isinstance(pos, RowPositions):  # a batch's decode step: each row sees its own keys only
             keys, values = cache.update_rows(self.layer, pos, k, v)
-            cols = torch.arange(pos.end, device=x.device)
-            mask, causal = (cols[None, :] <= pos.positions[:, None])[:, None, None, :], False
+            mask, causal = pos.attention_mask(), False
         else:
             keys, values = cache.update(self.layer, pos, k, v)
             if t == 1:
