@@ -10,7 +10,8 @@ Rows per shape (bf16 activations; a 128-token prompt, then 64 greedy tokens; one
   at the hot tier (its hit rate is reported; the warm-up request fills the cache as an earlier one would)
 The floor of a row is the bytes one decode step must read (non-expert weights less the embedding table,
 top_k experts per MoE layer at the row's tier, the KV cache the step attends over) divided by the device's
-copy bandwidth measured in the same run. With --profile, the graph rows' GPU kernel time is split by kernel.
+copy bandwidth measured in the same run. With --profile, a graph row's GPU time and kernel launches per step
+are split by kernel family.
 """
 
 from __future__ import annotations
@@ -93,25 +94,36 @@ def floor_bytes(shape: str, tier_bytes: int, cache_len: int) -> int:
     return non_expert + a.top_k * len(a.moe_layer_ids) * tier_bytes + kv
 
 
-def profile_step(target, session, prompt: list[int], n: int) -> list[dict]:  # noqa: ANN001
-    """GPU time per kernel family over one request's decode (graph rows)."""
+def profile_step(target, steps: int = 16) -> dict:  # noqa: ANN001
+    """GPU time and kernel launches per captured decode step, by kernel family (graph rows; the step replays
+    at the cache's second-to-last position, which the request never reached)."""
     from torch.profiler import ProfilerActivity, profile
 
+    step = target.graphs._step
+    token = torch.zeros(step.batch, dtype=torch.long, device="cuda")
+    where = [step.cache.max_len - 2] * step.batch
+    step(token, where)
+    torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        session.run([prompt], n)
-    groups: dict[str, float] = {}
+        for _ in range(steps):
+            step(token, where)
+        torch.cuda.synchronize()
+    groups: dict[str, list[float]] = {}
     for evt in prof.key_averages():
         t = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0.0)
-        if not t:
+        if not t or evt.key.startswith("cuda") or evt.key.startswith("aten::"):
             continue
-        name = evt.key
-        key = ("moe (fused)" if "_packed_kernel" in name or "_dense_kernel" in name
-               else "attention" if "attention" in name.lower() or "fmha" in name.lower() or "flash" in name.lower()
-               else "gemm" if "gemm" in name.lower() or "gemv" in name.lower() or "cutlass" in name.lower()
-               else "memcpy" if "memcpy" in name.lower() or "Memcpy" in name
-               else "elementwise/other")
-        groups[key] = groups.get(key, 0.0) + t / 1000.0
-    return [{"kernels": k, "ms": round(v, 2)} for k, v in sorted(groups.items(), key=lambda kv: -kv[1])]
+        name = evt.key.lower()
+        key = ("moe (fused)" if "_packed_kernel" in name or "_dense_kernel" in name or "_combine" in name
+               else "norm, rotary (fused)" if "_rms_norm" in name or "_rope" in name
+               else "attention" if any(a in name for a in ("attention", "fmha", "flash"))
+               else "gemm" if any(g in name for g in ("gemm", "gemv", "cutlass", "nvjet", "cublas"))
+               else "memcpy" if "memcpy" in name
+               else "other")
+        g = groups.setdefault(key, [0.0, 0])
+        g[0] += t / 1000.0 / steps
+        g[1] += evt.count / steps
+    return {k: {"ms": round(v[0], 3), "kernels": round(v[1], 1)} for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])}
 
 
 def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, budgets: list[float],
@@ -151,8 +163,8 @@ def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, bu
                    "floor_tokens_per_s": bandwidth / floor}
             row["of_floor"] = row["decode_tokens_per_s"] / row["floor_tokens_per_s"]
             tokens[mode] = timing.token_ids
-            if profile and mode == "graph":
-                row["profile_ms"] = profile_step(target, session, prompts[0], n)
+            if profile and mode == "graph" and target.graphs._step is not None:
+                row["profile_per_step"] = profile_step(target)
             session.close()
             emit(row)
         same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens["graph"])) if a != b), None)
