@@ -94,6 +94,7 @@ def floor_bytes(shape: str, tier_bytes: int, cache_len: int) -> int:
     return non_expert + a.top_k * len(a.moe_layer_ids) * tier_bytes + kv
 
 
+@torch.inference_mode()
 def profile_step(target, steps: int = 16) -> dict:  # noqa: ANN001
     """GPU time and kernel launches per captured decode step, by kernel family (graph rows; the step replays
     at the cache's second-to-last position, which the request never reached)."""
@@ -123,7 +124,8 @@ def profile_step(target, steps: int = 16) -> dict:  # noqa: ANN001
         g = groups.setdefault(key, [0.0, 0])
         g[0] += t / 1000.0 / steps
         g[1] += evt.count / steps
-    return {k: {"ms": round(v[0], 3), "kernels": round(v[1], 1)} for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])}
+    ordered = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    return {k: {"ms": round(v[0], 3), "kernels": round(v[1], 1)} for k, v in ordered}
 
 
 def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, budgets: list[float],
