@@ -169,8 +169,10 @@ class OffloadedExperts:
                 self._banks[layer] = stack_experts(self.full[layer])
             else:
                 state, first = self.layers[layer], self.pool.first[layer]
-                cold = self.layouts.get("cold", self.layouts["hot"])
-                layouts = (self.layouts["hot"], cold if cold.kind == "quantized" else self.layouts["hot"])
+                hot = self.layouts["hot"]
+                cold = self.layouts.get("cold", hot)
+                # only the tiers this cache moves need the fused kernels (--transfer-bits moves one)
+                layouts = {"hot": (hot, hot), "cold": (cold, cold)}.get(self.transfer_tier, (hot, cold))
                 self._banks[layer] = PackedBank(self.pool.buf[first : first + state.capacity], layouts, state.table)
                 state.sync_table()
         return self._banks[layer]
