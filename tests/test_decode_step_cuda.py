@@ -124,22 +124,50 @@ def test_graph_step_logits_in_bfloat16():
     assert sorted(errors)[len(errors) // 2] < 1e-2
 
 
-@pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "resident"])
-def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(policy):
-    """Experts moved at the hot tier (--transfer-bits 4): tokens and the cache's counts equal the eager path's."""
-    texts = ["The hacker ethic", "What does hack mean?"]
+@pytest.fixture(scope="module")
+def fitting_model(tmp_path_factory):
+    """A tiny random qwen3_moe whose widths the fused kernels take (hidden 128, experts 64 wide), its store."""
+    from quant.store import QuantParams, TierStore, quantize_model
+
+    root = tmp_path_factory.mktemp("fits")
+    path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,
+                           moe_intermediate_size=64)
+    quantize_model(path, root / "store", QuantParams(method="minmax"))
+    return path, TierStore.open(root / "store", path)
+
+
+@pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "eap", "resident"])
+def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model, policy):
+    """Four slots a layer, experts moved at the hot tier: tokens and the cache's counts equal the eager path's
+    (the bundled model's 160-wide hidden size does not fit the kernels' 64-wide groups: it decodes eagerly)."""
+    from cache.offload import OffloadedExperts
+    from cache.planner import Footprint, Plan
+    from cache.policies import PolicyContext, make_policy
+    from cache.setup import routers
+
+    path, store = fitting_model
+    prompts = [[5, 9, 14, 3, 27, 8], [40, 2, 2, 17]]
     runs = {}
     for eager in (True, False):
-        rt = open_model("tiny", "cuda", "float32", policy, "83MB", 4, eager=eager)  # ~12 slots a layer
-        tokens = [generate(rt.model, rt.tokenizer.encode(t), 24, greedy(), graphs=rt.graphs).token_ids for t in texts]
-        s = rt.offload.stats
+        model = load_model(path, CUDA, torch.float32).model
+        args = model.args
+        fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
+                       0, 0, 0)
+        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+        plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
+        provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot")
+        model.set_provider(provider)
+        graphs = None if eager else DecodeGraphs(model, enabled=True)
+        tokens = [generate(model, p, 20, greedy(), graphs=graphs).token_ids for p in prompts]
+        s = provider.sync_stats()
         runs[eager] = (tokens, s.hits, s.misses, dict(s.bytes_moved), s.prefetches)
-        assert rt.graphs.describe().startswith("decode: eager" if eager else "decode: ")
-        assert eager or "CUDA graph" in rt.graphs.describe()
-    if policy == "resident":  # the whole step is one graph: the cache never sees the routing
+        if graphs is not None:
+            assert "CUDA graph" in graphs.describe(), graphs.describe()
+    if policy == "resident":  # one graph for the whole step: the cache never sees the routing
         assert runs[True][0] == runs[False][0]
     else:
         assert runs[True] == runs[False]
+        assert runs[False][2] > 0  # it did miss: the table and the copies were exercised
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
