@@ -187,8 +187,11 @@ class OffloadedExperts:
         self._pending = self.policy.on_lookahead(layer, ids, probs)
 
     def needs_host(self, layer: int) -> bool:
-        """Whether a decode step must stop for this layer's routing (misses, prefetches, statistics)."""
-        return self.policy.name != "resident"
+        """Whether a decode step must stop for this layer's routing (misses, prefetches, statistics): always,
+        unless the policy is `resident` and the layer holds every expert (or is held whole)."""
+        if layer in self.full:
+            return self.policy.name != "resident"
+        return self.policy.name != "resident" or self.layers[layer].capacity < self.num_experts
 
     def fits_step(self, pairs: int) -> bool:
         """Whether every layer has a slot for each expert `pairs` (token, choice) pairs can route to: a decode

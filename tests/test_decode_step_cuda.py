@@ -136,7 +136,7 @@ def fitting_model(tmp_path_factory):
     return path, TierStore.open(root / "store", path)
 
 
-@pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "eap", "resident"])
+@pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "eap", "resident"])  # resident: 4 of 8 slots
 def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model, policy):
     """Four slots a layer, experts moved at the hot tier: tokens and the cache's counts equal the eager path's
     (the bundled model's 160-wide hidden size does not fit the kernels' 64-wide groups: it decodes eagerly)."""
@@ -163,11 +163,8 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
         runs[eager] = (tokens, s.hits, s.misses, dict(s.bytes_moved), s.prefetches)
         if graphs is not None:
             assert "CUDA graph" in graphs.describe(), graphs.describe()
-    if policy == "resident":  # one graph for the whole step: the cache never sees the routing
-        assert runs[True][0] == runs[False][0]
-    else:
-        assert runs[True] == runs[False]
-        assert runs[False][2] > 0  # it did miss: the table and the copies were exercised
+    assert runs[True] == runs[False]
+    assert runs[False][2] > 0  # it did miss: the table and the copies were exercised
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
