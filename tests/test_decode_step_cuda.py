@@ -185,4 +185,8 @@ def test_fused_norm_and_rotary_against_torch(dtype):
     half = 64
     cos, sin = rope.cos[at.positions][:, None, None, :].to(dtype), rope.sin[at.positions][:, None, None, :].to(dtype)
     eager = q * cos + torch.cat((-q[..., half:], q[..., :half]), dim=-1) * sin
-    assert torch.equal(triton_ops.rope_rows(q, rope.cos, rope.sin, at.positions), eager)
+    fused = triton_ops.rope_rows(q, rope.cos, rope.sin, at.positions)
+    if dtype == torch.bfloat16:  # each product and the sum rounded as torch rounds them: bitwise equal
+        assert torch.equal(fused, eager)
+    else:  # float32: the compiler may fuse a product into the sum (one rounding fewer)
+        assert _rel(fused, eager) < 1e-6
