@@ -4,7 +4,7 @@ An eager RMSNorm is six kernels (cast, square, mean, rsqrt, scale, cast and weig
 on a decode row nine (two table gathers and casts, a negation, a concatenation, two products, a sum); in a
 captured step of a 48-layer model that is thousands of launches a token. Each kernel here computes the same
 values in one launch, rounding where torch rounds (the rotary kernel matches Rotary.apply to within one
-rounding step, on the H100 99% of elements bitwise); the norm sums its squares in another order.
+rounding step per element); the norm sums its squares in another order.
 """
 
 from __future__ import annotations
