@@ -121,8 +121,8 @@ def open_target(name: str | None, device: torch.device, dtype: torch.dtype, tran
                 eager: bool = False) -> Target:
     """The model, synthetic model or replay a bench measures; eager: no captured decode step."""
     target = _open_target(name, device, dtype, transfer_bits)
-    if eager and target.graphs is not None:
-        target.graphs.enabled, target.graphs.note = False, "decode: eager (--eager)"
+    if target.graphs is not None:
+        target.graphs.set_eager(eager)
     return target
 
 

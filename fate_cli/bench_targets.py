@@ -134,9 +134,7 @@ class ModelTarget(Target):
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.kind, self.model, self.params = kind, model, params
         self._dense_from_checkpoint = dense_from_checkpoint
-        self.graphs = DecodeGraphs(model, enabled=device.type == "cuda")
-        if not self.graphs.enabled:
-            self.graphs.note = "decode: eager (CUDA graphs need a GPU)"
+        self.graphs = DecodeGraphs(model)
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         return plan_for(self.model.args, self.dtype, policy, budget, self.context, self.params,

@@ -34,6 +34,7 @@ from fate_cli.model.moe import MoEBlock
 from predictors.cross_layer import router_probs
 from quant.moe_kernels import FUSED, backend_for, moe_ffn
 
+GPU_ONLY = "decode: eager (CUDA graphs need a GPU)"
 MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
 
 
@@ -186,7 +187,7 @@ def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
     device = model.embed_tokens.weight.device
     provider = model.provider
     if capture and device.type != "cuda":
-        return "decode: eager (CUDA graphs need a GPU)"
+        return GPU_ONLY
     if getattr(provider, "bank", None) is None:
         return "decode: eager (this expert provider keeps no slot table)"
     fits = getattr(provider, "fits_step", None)
@@ -203,13 +204,19 @@ class DecodeGraphs:
     """A runtime's captured decode step. Its KV cache outlives a request (lengths rounded up to a power of
     two), so a step is captured once per batch size, cache length and provider, and replayed by later ones."""
 
-    def __init__(self, model: Transformer, enabled: bool, capture: bool = True):
-        """capture=False runs the same step uncaptured, on any device (the CPU tests' way)."""
-        self.model = model
-        self.enabled, self.capture = enabled, capture
+    def __init__(self, model: Transformer, eager: bool = False, capture: bool = True):
+        """eager: decode with the model's eager forward (--eager). capture=False runs the same step uncaptured,
+        on any device (the CPU tests' way)."""
+        self.model, self.capture = model, capture
         self._cache: KVCache | None = None
         self._step: DecodeStep | None = None
-        self.note = "" if enabled else "decode: eager"
+        self.set_eager(eager)
+
+    def set_eager(self, eager: bool) -> None:
+        """Whether requests decode eagerly from now on, and the line that says why."""
+        gpu = self.model.embed_tokens.weight.device.type == "cuda"
+        self.enabled = not eager and (gpu or not self.capture)
+        self.note = "decode: eager (--eager)" if eager else "" if self.enabled else GPU_ONLY
 
     def cache(self, batch: int, length: int) -> KVCache:
         """A KV cache of at least `length` positions for `batch` rows, reused when a request fits the last."""
@@ -243,7 +250,12 @@ class DecodeGraphs:
         """Drop the captured step and its cache (their memory goes with them)."""
         self._step = self._cache = None
 
-    def describe(self) -> str:
-        if self.note:
+    def expected(self, batch: int = 1) -> str:
+        """How a request of `batch` rows will decode, before any has: graphs, or eager and why."""
+        if not self.enabled:
             return self.note
-        return "decode: CUDA graphs, fused Triton expert kernels" if self.enabled else "decode: eager"
+        return unavailable(self.model, batch, self.capture) or "decode: CUDA graphs, fused Triton expert kernels"
+
+    def describe(self) -> str:
+        """How the last request decoded (what is expected, before the first)."""
+        return self.note or self.expected()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fate_cli.decode_step import DecodeGraphs, unavailable
+from fate_cli.decode_step import DecodeGraphs
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ResidentExperts
 from fate_cli.model.loader import LoadedModel, load_args, load_model
@@ -75,17 +75,11 @@ class Runtime:
             f"{self.resolved.name} ({a.family}, {a.num_layers} layers, {a.num_experts} experts, top-{a.top_k}) "
             f"on {d.type} [{where}], {dtype_name(self.loaded.dtype)}"
         )
-        decode = self.decode_line()
+        decode = self.graphs.expected() if self.graphs else "decode: eager"
         if self.offload is None:
             return f"{head}; experts resident at 16 bits; {decode}"
         backends = ", ".join(sorted(set(self.offload.backends.values())))
         return f"{head}; policy {self.setup.policy}, backend {backends} (prefill); {decode}"
-
-    def decode_line(self, batch: int = 1) -> str:
-        """How decode steps will run: captured graphs with the fused kernels, or eager and why."""
-        if self.graphs is None or not self.graphs.enabled:
-            return self.graphs.note if self.graphs else "decode: eager"
-        return unavailable(self.model, batch) or "decode: CUDA graphs, fused Triton expert kernels"
 
     def announce(self, console) -> None:  # noqa: ANN001 - a rich Console on stderr
         """The device/backend/policy line, and the plan's summary when there is a plan."""
@@ -146,10 +140,7 @@ def open_model(
     """Load a model for a command. With a policy, plan its experts against the VRAM budget first.
     eager: decode with the model's eager forward (the reference) instead of captured CUDA graphs."""
     runtime = _open(name, device, dtype, policy, vram, transfer_bits, context)
-    cuda = runtime.loaded.device.type == "cuda"
-    runtime.graphs = DecodeGraphs(runtime.model, enabled=cuda and not eager)
-    if not runtime.graphs.enabled:
-        runtime.graphs.note = "decode: eager (--eager)" if eager else "decode: eager (CUDA graphs need a GPU)"
+    runtime.graphs = DecodeGraphs(runtime.model, eager)
     return runtime
 
 

@@ -144,8 +144,7 @@ def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, bu
     for tier, label, policy, budget in plans:
         tokens = {}
         for mode in ("eager", "graph"):
-            target.graphs.enabled = mode == "graph"
-            target.graphs.note = "" if mode == "graph" else "decode: eager"
+            target.graphs.set_eager(mode == "eager")
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             session = target.session(policy, budget)

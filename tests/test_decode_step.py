@@ -26,7 +26,7 @@ def greedy() -> Sampler:
 
 
 def static(model) -> DecodeGraphs:  # noqa: ANN001
-    return DecodeGraphs(model, enabled=True, capture=False)
+    return DecodeGraphs(model, capture=False)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -88,6 +88,6 @@ def test_static_step_resident_policy_needs_no_host():
 def test_capture_is_refused_on_cpu_with_a_reason():
     model = open_model("tiny", "cpu", "float32").model
     assert unavailable(model, 1) == "decode: eager (CUDA graphs need a GPU)"
-    graphs = DecodeGraphs(model, enabled=True)
+    graphs = DecodeGraphs(model)
     generate(model, [5, 6], 3, greedy(), graphs=graphs)  # falls back to eager and says so
     assert graphs.describe() == "decode: eager (CUDA graphs need a GPU)"

@@ -82,7 +82,7 @@ def test_graph_step_gives_the_eager_tokens_on_every_family(tmp_path, family):
     model = load_model(make_tiny_model(tmp_path / family, family=family), CUDA, torch.float32).model
     prompt = [5, 9, 14, 3, 27, 8, 11]
     eager = generate(model, prompt, 24, greedy()).token_ids
-    graphs = DecodeGraphs(model, enabled=True)
+    graphs = DecodeGraphs(model)
     assert generate(model, prompt, 24, greedy(), graphs=graphs).token_ids == eager
     assert graphs.describe().startswith("decode: one CUDA graph per step")
     prompts = [prompt, prompt[:2], [40, 41, 42]]
@@ -157,7 +157,7 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
         plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
         provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot")
         model.set_provider(provider)
-        graphs = None if eager else DecodeGraphs(model, enabled=True)
+        graphs = None if eager else DecodeGraphs(model)
         tokens = [generate(model, p, 20, greedy(), graphs=graphs).token_ids for p in prompts]
         s = provider.sync_stats()
         runs[eager] = (tokens, s.hits, s.misses, dict(s.bytes_moved), s.prefetches)
