@@ -32,7 +32,7 @@ import torch
 from cache.eviction import ARC, LRU, ByPriority
 from predictors.activation_path import ActivationPathPredictor
 from predictors.coactivation import Coactivation
-from predictors.cross_layer import router_probs
+from predictors.cross_layer import router_probs, top_next
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
@@ -127,8 +127,8 @@ class Fate(Policy):
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
             return []
-        top = torch.topk(router_probs(hidden, self.ctx.routers[nxt]), self.ctx.top_k + 1, dim=-1)
-        return self.on_lookahead(layer, top.indices.flatten().tolist(), top.values.flatten().tolist())
+        ids, probs = top_next(hidden, self.ctx.routers[nxt], self.ctx.top_k + 1)
+        return self.on_lookahead(layer, ids.flatten().tolist(), probs.flatten().tolist())
 
     def on_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> list[Prefetch]:
         """The next layer's router top k+1 per token on this layer's gate input, flattened (computed by

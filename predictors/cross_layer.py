@@ -14,6 +14,12 @@ def router_probs(gate_input: torch.Tensor, router: torch.Tensor) -> torch.Tensor
     return torch.softmax((gate_input @ router.t()).float(), dim=-1)
 
 
+def top_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next layer's n likeliest experts per token and their router probabilities, both [tokens, n]."""
+    top = torch.topk(router_probs(gate_input, next_router), n, dim=-1)
+    return top.indices, top.values
+
+
 def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n experts per token of the next layer [tokens, n]."""
-    return torch.topk(router_probs(gate_input, next_router), n, dim=-1).indices
+    return top_next(gate_input, next_router, n)[0]
