@@ -30,8 +30,7 @@ import torch
 
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
-from fate_cli.model.moe import MoEBlock
-from predictors.cross_layer import router_probs
+from predictors.cross_layer import top_next
 from quant.moe_kernels import FUSED, backend_for, moe_ffn
 
 GPU_ONLY = "decode: eager (CUDA graphs need a GPU)"
@@ -50,7 +49,7 @@ class DecodeStep:
         self.cols = torch.arange(cache.max_len, device=self.device)
         self.mask = torch.zeros(self.batch, 1, 1, cache.max_len, dtype=torch.bool, device=self.device)
         self.at = RowPositions(self.positions, cache.max_len, self.mask)  # the mask is made once a step
-        moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+        moe = model.args.moe_layer_ids
         self.banks = {i: self.provider.bank(i) for i in moe}
         self.host_layers = [i for i in moe if self.provider.needs_host(i)]
         self.outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(self.host_layers) + 1)]
@@ -140,8 +139,8 @@ class DecodeStep:
             shown = [ids.flatten().float()]  # expert ids are exact in float32
             router = self.lookahead[index]
             if router is not None:
-                top = torch.topk(router_probs(moe_in, router), ids.shape[1] + 1, dim=-1)
-                shown += [top.indices.flatten().float(), top.values.flatten()]
+                ahead, probs = top_next(moe_in, router, ids.shape[1] + 1)  # as Fate.on_gate_input
+                shown += [ahead.flatten().float(), probs.flatten()]
             self.routing[index][: sum(t.numel() for t in shown)].copy_(torch.cat(shown), non_blocking=True)
         else:
             out["logits"] = self.model.head(x)[:, -1]
@@ -193,8 +192,7 @@ def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
     fits = getattr(provider, "fits_step", None)
     if fits is not None and not fits(batch * model.args.top_k):
         return f"decode: eager (a batch of {batch} can route to more experts than a layer has slots)"
-    moe = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
-    for i in moe if capture else ():
+    for i in model.args.moe_layer_ids if capture else ():
         if backend_for(device, provider.bank(i)) != FUSED:
             return "decode: eager (Triton is missing or a tier does not fit the fused kernels)"
     return ""
