@@ -141,23 +141,24 @@ class OffloadedExperts:
     def experts(
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
     ) -> Iterator[tuple[int, ExpertFn]]:
-        ids, counts = list(ids), list(token_counts)
-        self._observe(layer, ids, counts)
-        if layer in self.full:
-            self._issue_prefetches(layer)
+        admitted = self._take_routing(layer, list(ids), list(token_counts))
+        if admitted is None:
             table = self.full[layer]
             return iter([(e, table[e]) for e in ids])
-        order, pinned, tier = self._admit(layer, ids, counts)
-        self._issue_prefetches(layer)
-        return self._serve(layer, order, pinned, tier)
+        return self._serve(layer, *admitted)
 
-    def _observe(self, layer: int, ids: list[int], counts: list[int]) -> None:
-        """The policy sees the routing; the prediction made for this layer is scored."""
+    def _take_routing(self, layer: int, ids: list[int], counts: list[int]) -> tuple[list[int], set[int], str] | None:
+        """What `experts` and `prepare` both do first: the policy sees the routing, the prediction made for
+        this layer is scored, hits and misses are counted and the misses queued (`_admit`), then the held
+        prefetches. Returns _admit's (order, pinned, tier); None for a layer held whole."""
         self._pending += self.policy.on_route(layer, ids, counts)
         predicted = self.policy.predicted.pop(layer, None)
         if predicted is not None:
             one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
             self.stats.prediction(layer, predicted, set(ids), one_token)
+        admitted = None if layer in self.full else self._admit(layer, ids, counts)
+        self._issue_prefetches(layer)
+        return admitted
 
     # ---- the fused decode step (fate_cli/decode_step.py) ------------------------------------------
 
@@ -202,13 +203,10 @@ class OffloadedExperts:
     def prepare(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> None:
         """A decode step's layer: the bookkeeping of `experts`, every routed expert in a slot, the device
         table current, and the compute stream waiting for those slots' copies."""
-        ids, counts = list(ids), list(token_counts)
-        self._observe(layer, ids, counts)
-        if layer in self.full:
-            self._issue_prefetches(layer)
+        admitted = self._take_routing(layer, list(ids), list(token_counts))
+        if admitted is None:
             return
-        order, pinned, tier = self._admit(layer, ids, counts)
-        self._issue_prefetches(layer)
+        order = admitted[0]
         state = self.layers[layer]
         self._in_use = []
         for e in order:
