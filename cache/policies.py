@@ -13,12 +13,13 @@
 - fmoe (fMoE): expert maps of past iterations (layers x experts router probabilities) matched by the
   prompt's semantic key before the first layer and by the trajectory as layers are seen; the next layer's
   experts prefetched by probability until their mass reaches 1 - similarity (at least top-k); LRU.
-- klotski (Klotski's prefetcher, for batched work): after a layer routes, the next layer's experts are
-  scored by previous-layer -> next-layer co-activation counts gathered offline on held-out text (learned
-  online for models without offline counts) and prefetched, as many as the layer just needed; every
-  policy computes resident (hot) experts first and misses (cold) last, so misses' copies hide behind
-  the resident experts' compute. Its micro-batch pipeline and planner are not built: a batch passes each
-  layer together, as one micro-batch.
+- klotski (Klotski's expert-aware pipeline, for batched work): hot experts stay (a layer's slots keep
+  the experts used most, by offline counts plus this run's routing; cold ones pass through); after a
+  layer routes, the next layer's experts are scored by previous-layer -> next-layer co-activation counts
+  gathered offline on held-out text (learned online for models without offline counts) and those
+  expected to take a token are prefetched, at most as many as the layer just needed; every policy
+  computes resident (hot) experts first and misses (cold) last, so misses' copies hide behind the
+  resident experts' compute.
 - resident: every expert on the device at the hot tier, the ceiling.
 """
 
@@ -43,6 +44,9 @@ FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predicti
 # than lru and eap at every budget with a higher hit rate (docs/bench-results.md, second sweep).
 HOT_SHARE = 0.6
 MIN_SHARE = 0.3
+# Klotski prefetches the next layer's experts expected to take at least one token: on the bundled model's
+# traces, a prefetch below that was almost never used (docs/bench-results.md, issue 10).
+KLOTSKI_MIN_TOKENS = 1.0
 
 
 @dataclass(frozen=True)
@@ -234,15 +238,25 @@ class Klotski(Policy):
         self.offline = ctx.coactivation is not None
         self.co = ctx.coactivation() if ctx.coactivation else Coactivation(ctx.moe_layers, ctx.num_experts)
         self.last: tuple[int, list[int], list[int]] | None = None
+        self.popular = {layer: self.co.popularity(layer) for layer in ctx.moe_layers}
+        self.used = {layer: torch.zeros(ctx.num_experts) for layer in ctx.moe_layers}  # this run's routing
+
+    def _score(self, layer: int, e: int) -> float:
+        return float(self.popular[layer][e] + self.used[layer][e])
+
+    def eviction(self, layer: int, capacity: int) -> ByPriority:
+        """Hot experts stay: the least used (offline counts plus this run's routing) leaves first."""
+        return ByPriority(capacity, lambda e, layer=layer: self._score(layer, e))
 
     def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
         if not self.offline and self.last is not None and self.co.next.get(self.last[0]) == layer:
             self.co.add_counts(*self.last, experts, counts)
+        self.used[layer][experts] += torch.tensor(counts, dtype=torch.float32)
         self.last = (layer, experts, counts)
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
             return []
-        picks = self.co.predict(layer, experts, counts, len(experts))
+        picks = self.co.predict(layer, experts, counts, len(experts), KLOTSKI_MIN_TOKENS)
         self.predicted[nxt] = set(picks)
         return [Prefetch(nxt, e, "hot") for e in picks]
 

@@ -46,15 +46,28 @@ class Coactivation:
             * torch.tensor(list(after_tokens), dtype=torch.float32)[None, :] / total
         )
 
-    def predict(self, layer: int, experts: Sequence[int], tokens: Sequence[int], n: int) -> list[int]:
-        """Up to n experts of the next MoE layer by score, only those with any co-activation."""
+    def popularity(self, layer: int) -> torch.Tensor:
+        """How often each expert of `layer` was routed to ([experts]), from the same counts: its pairs with the
+        next layer plus its pairs with the previous one."""
+        total = torch.zeros(self.num_experts)
+        if layer in self.counts:
+            total += self.counts[layer].sum(1)
+        for prev, nxt in self.next.items():
+            if nxt == layer:
+                total += self.counts[prev].sum(0)
+        return total
+
+    def predict(self, layer: int, experts: Sequence[int], tokens: Sequence[int], n: int,
+                min_score: float = 0.0) -> list[int]:
+        """Up to n experts of the next MoE layer by score (about how many tokens are expected to route there),
+        only those scoring at least min_score (and above zero)."""
         if layer not in self.counts or not experts:
             return []
         rows = self.counts[layer][list(experts)]
         cond = rows / rows.sum(1, keepdim=True).clamp(min=1.0)  # P(j | i)
         score = (torch.tensor(list(tokens), dtype=torch.float32)[:, None] * cond).sum(0)
         values, order = torch.sort(score, descending=True)
-        return [int(e) for e, v in zip(order[:n], values[:n]) if v > 0]
+        return [int(e) for e, v in zip(order[:n], values[:n]) if v > 0 and v >= min_score]
 
 
 def gather(model, token_ids: Sequence[int], window: int = GATHER_WINDOW) -> Coactivation:  # noqa: ANN001

@@ -152,6 +152,10 @@ def test_coactivation_counts_and_scores():
     assert co.predict(0, [0], [1], 4) == [3, 1, 2]  # P(3|0) = 1/2, P(1|0) = P(2|0) = 1/4, nothing for 0
     assert co.predict(0, [1, 2], [3, 1], 2) == [3, 1]  # 3 * (1/2, 1/2) + 1 * (0, 1/2 for 2, 1/2 for 3)
     assert co.predict(3, [0], [1], 4) == []  # the last MoE layer has no next
+    assert co.predict(0, [1, 2], [3, 1], 4, min_score=1.0) == [3, 1]  # scores 2, 1.5, 0.5: two reach a token
+    assert co.popularity(0).tolist() == [4, 2, 2, 0]  # tokens x next choices through each expert of layer 0
+    assert co.popularity(2).tolist() == [0, 2, 2, 4]  # layer 2 (after 0): its column sums
+    assert co.popularity(3).tolist() == [0, 0, 0, 0]  # nothing gathered between 2 and 3 yet
     co.add_counts(2, [1, 2], [2, 1], [0], [3])  # online: 2 and 1 tokens here, 3 tokens to expert 0 next
     assert co.counts[2][1, 0] == 2.0 and co.counts[2][2, 0] == 1.0
 
