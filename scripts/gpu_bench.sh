@@ -41,5 +41,7 @@ part qwen3 150 synthetic:qwen3-30b-a3b --vram "$(v qwen3)" $(p qwen3) -p 512 -n 
 part bundled 100 tiny --vram "$(v bundled)" $(p bundled) -p 512 -n "$(n bundled)" -r "$(r bundled)"
 part batch_bundled 150 tiny --vram 50% $(p batch_bundled) --batch 1,4,16 -p 512 -n "$(n batch_bundled)" -r 1
 part batch_replay 300 replay:mixtral-8x7b --vram 50% $(p batch_replay) --batch 1,4,16 -p 512 -n "$(n batch_replay)" -r 1
+part batch_replay_t4 120 replay:mixtral-8x7b --vram 50% $(p batch_replay_t4) --batch "${BATCH_batch_replay_t4:-16}" \
+  --transfer-bits 4 -p 512 -n "$(n batch_replay_t4)" -r 1
 part identity 50 tiny --vram 25%,50% --transfer-bits 4 --dtype float32 -p 256 -n 32 -r 1
 tar czf "$OUT/gpu_bench.tgz" -C /tmp gpu_bench && cat "$W/device.txt"
