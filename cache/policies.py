@@ -238,20 +238,19 @@ class Klotski(Policy):
         self.offline = ctx.coactivation is not None
         self.co = ctx.coactivation() if ctx.coactivation else Coactivation(ctx.moe_layers, ctx.num_experts)
         self.last: tuple[int, list[int], list[int]] | None = None
-        self.popular = {layer: self.co.popularity(layer) for layer in ctx.moe_layers}
-        self.used = {layer: torch.zeros(ctx.num_experts) for layer in ctx.moe_layers}  # this run's routing
-
-    def _score(self, layer: int, e: int) -> float:
-        return float(self.popular[layer][e] + self.used[layer][e])
+        # how much each expert is used (offline counts, then this run's routing): plain lists, read per eviction
+        self.use = {layer: self.co.popularity(layer).tolist() for layer in ctx.moe_layers}
 
     def eviction(self, layer: int, capacity: int) -> ByPriority:
         """Hot experts stay: the least used (offline counts plus this run's routing) leaves first."""
-        return ByPriority(capacity, lambda e, layer=layer: self._score(layer, e))
+        return ByPriority(capacity, self.use[layer].__getitem__)
 
     def on_route(self, layer: int, experts: list[int], counts: list[int]) -> list[Prefetch]:
         if not self.offline and self.last is not None and self.co.next.get(self.last[0]) == layer:
             self.co.add_counts(*self.last, experts, counts)
-        self.used[layer][experts] += torch.tensor(counts, dtype=torch.float32)
+        use = self.use[layer]
+        for e, n in zip(experts, counts):
+            use[e] += n
         self.last = (layer, experts, counts)
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
