@@ -162,6 +162,87 @@ if HAVE_TRITON:
                  mask=n_ok[:, None] & (k[None, :] < K))
 
 
+    @triton.jit
+    def _plane(words, s, z, j: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
+        """Code j of every word, dequantized: (q - zero) * scale in float32 as packing.dequantize, in DTYPE."""
+        q = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+        qf = q.to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float (2^23 + q, minus 2^23)
+        return ((qf - z) * s).to(DTYPE)
+
+    @triton.jit
+    def _planes4(words, s, z, b: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
+        """Codes b, b + step, b + 2 step, b + 3 step of every word, joined into new trailing dims [.., 2, 2]
+        that flatten in that order. tl.join's new dim is the last, so the outer join picks the lowest bit."""
+        return tl.join(tl.join(_plane(words, s, z, b, BITS, DTYPE), _plane(words, s, z, b + 2 * step, BITS, DTYPE)),
+                       tl.join(_plane(words, s, z, b + step, BITS, DTYPE),
+                               _plane(words, s, z, b + 3 * step, BITS, DTYPE)))
+
+    @triton.jit
+    def _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DTYPE: tl.constexpr):
+        """W[n, k0:k0 + BLOCK_K] dequantized, [BLOCK_N, BLOCK_K] in DTYPE. Each word, scale and zero is
+        loaded once; a word's codes are expanded with tl.join, whose trailing dims, flattened, give the
+        columns in order (word * cpw + j)."""
+        CPW: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_K // CPW
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
+        wc = k0 // CPW + tl.arange(0, WORDS)
+        words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=n_ok[:, None], other=0)
+        gc = k0 // GROUP + tl.arange(0, GROUPS)
+        s = tl.load(s_ptr + n[:, None] * stride_sn + gc[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + n[:, None] * stride_sn + gc[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
+        # a group is a whole number of words: each word takes its group's scale and zero
+        s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GROUPS, WORDS // GROUPS]), [BLOCK_N, WORDS])
+        z = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, GROUPS, WORDS // GROUPS]), [BLOCK_N, WORDS])
+        if CPW == 4:
+            t = _planes4(words, s, z, 0, 1, BITS, DTYPE)
+        elif CPW == 8:
+            t = tl.join(_planes4(words, s, z, 0, 2, BITS, DTYPE), _planes4(words, s, z, 1, 2, BITS, DTYPE))
+        else:
+            t = tl.join(tl.join(_planes4(words, s, z, 0, 4, BITS, DTYPE), _planes4(words, s, z, 2, 4, BITS, DTYPE)),
+                        tl.join(_planes4(words, s, z, 1, 4, BITS, DTYPE), _planes4(words, s, z, 3, 4, BITS, DTYPE)))
+        return tl.reshape(t, [BLOCK_N, BLOCK_K])
+
+    @triton.jit
+    def _gemm_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        BITS: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[M, N] = x[M, K] @ W.T with W dequantized tile by tile on chip. SWAP computes (W x^T)^T: the
+        W tile is the product's wide left operand and a few rows of x (down to 16) its narrow right one."""
+        pid = tl.program_id(0)
+        m_tiles = tl.cdiv(M, BLOCK_M)
+        pid_m = pid % m_tiles  # the programs of one W tile run side by side: W comes from HBM once
+        pid_n = pid // m_tiles
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok = n < N
+        m_ok = m < M
+        kk = tl.arange(0, BLOCK_K)
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        if SWAP:
+            acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, BITS, GROUP, BLOCK_N, BLOCK_K, DTYPE)
+            if SWAP:
+                xt = tl.load(x_ptr + m[None, :] * stride_xm + (k0 + kk)[:, None], mask=m_ok[None, :], other=0.0)
+                acc = tl.dot(w, xt, acc)
+            else:
+                x = tl.load(x_ptr + m[:, None] * stride_xm + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0)
+                acc = tl.dot(x, tl.trans(w), acc)
+        if SWAP:
+            tl.store(y_ptr + m[None, :] * stride_ym + n[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :])
+        else:
+            tl.store(y_ptr + m[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -232,16 +313,89 @@ def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.d
     return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
-def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """W [N, K] in `dtype` (the same values as quant.packing.dequantize)."""
+def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in `dtype` (the same values as quant.packing.dequantize), into `out` if given."""
     _check(w.codes, w)
     n, k = w.shape
-    out = torch.empty(n, k, device=w.codes.device, dtype=dtype)
+    out = torch.empty(n, k, device=w.codes.device, dtype=dtype) if out is None else out
     block_k = max(256, w.group_size)
     grid = (triton.cdiv(n, 32), triton.cdiv(k, block_k))
     _dequant_kernel[grid](w.codes, w.scale, w.zero, out, n, k, w.codes.stride(0), w.scale.stride(0),
                           BITS=w.bits, GROUP=w.group_size, BLOCK_N=32, BLOCK_K=block_k, num_warps=4)
     return out
+
+
+def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
+    """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (scripts/sweep_gemm.py, quant/README.md).
+    Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one; more rows take
+    128 x 128 tiles, or 64 x 64 where those would leave most of the `sms` multiprocessors idle."""
+    block_k = max(group, 128 if k % 128 == 0 else 64)
+    if rows <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 128 if n >= 16384 else 64, "BLOCK_K": block_k, "SWAP": True,
+                "num_warps": 4, "num_stages": 4}
+    if rows <= 64:
+        return {"BLOCK_M": max(16, triton.next_power_of_2(rows)), "BLOCK_N": 64, "BLOCK_K": block_k, "SWAP": True,
+                "num_warps": 4, "num_stages": 4}
+    tile = 128 if triton.cdiv(n, 128) * triton.cdiv(rows, 128) >= sms else 64
+    return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_K": block_k, "SWAP": False, "num_warps": 8, "num_stages": 3}
+
+
+def gemm(x: torch.Tensor, w: PackedMatrix, config: dict | None = None) -> torch.Tensor:
+    """x [M, K] (16-bit) @ W.T -> [M, N] in x's dtype, W dequantized inside the product (fused GEMM)."""
+    _check(x, w)
+    n, k = w.shape
+    cfg = dict(config) if config else gemm_config(x.shape[0], n, k, w.group_size, _sm_count(x.device))
+    if k % cfg["BLOCK_K"] or cfg["BLOCK_K"] % w.group_size:
+        raise ValueError(f"BLOCK_K {cfg['BLOCK_K']} must divide K={k} and hold whole groups of {w.group_size}")
+    x = x.contiguous()
+    rows = x.shape[0]
+    y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+    _gemm_kernel[grid](x, w.codes, w.scale, w.zero, y, rows, n, k, x.stride(0), w.codes.stride(0),
+                       w.scale.stride(0), y.stride(0), BITS=w.bits, GROUP=w.group_size, **cfg)
+    return y
+
+
+def _rows(w: PackedMatrix, start: int, stop: int) -> PackedMatrix:
+    """Rows start:stop of W (views: the packed tensors are row-major)."""
+    return PackedMatrix(w.bits, w.group_size, (stop - start, w.shape[1]), w.codes[start:stop], w.scale[start:stop],
+                        w.zero[start:stop])
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return _SIDE_STREAMS[index]
+
+
+def _dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+    """Many rows of a large expert: cuBLAS on dequantized weights, each matrix dequantized on a side stream
+    while the previous one's product runs (gate first, then up under gate's product, down under up's)."""
+    inter, hidden = down.shape[1], down.shape[0]
+    main = torch.cuda.current_stream(x.device)
+    side = _side_stream(x.device)
+    gate = dequant(_rows(gate_up, 0, inter), x.dtype)
+    up = torch.empty(inter, hidden, device=x.device, dtype=x.dtype)  # allocated on main, written on side
+    dn = torch.empty(hidden, inter, device=x.device, dtype=x.dtype)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        dequant(_rows(gate_up, inter, 2 * inter), x.dtype, out=up)
+        up_ready = torch.cuda.Event()
+        up_ready.record(side)
+        dequant(down, x.dtype, out=dn)
+    g = F.linear(x, gate)
+    main.wait_event(up_ready)
+    h = F.silu(g) * F.linear(x, up)
+    main.wait_stream(side)
+    return F.linear(h, dn)
+
+
+FUSED_MAX_ROWS = 128  # more rows of a large expert: dequantize + cuBLAS (measured, quant/README.md)
+LARGE_EXPERT = 1 << 24  # weights in gate|up from which that holds (Mixtral's 58.7M: yes; Qwen3's 3.1M: no)
 
 
 def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
@@ -250,5 +404,11 @@ def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> to
         h = gemv(x, gate_up, out_dtype=torch.float32)
         return gemv(h, down, act=True, out_dtype=x.dtype)
     inter = down.shape[1]
+    large = x.shape[0] > FUSED_MAX_ROWS and gate_up.shape[0] * gate_up.shape[1] >= LARGE_EXPERT
+    if large:
+        return _dequant_ffn_overlapped(x, gate_up, down)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        h = gemm(x, gate_up)
+        return gemm(F.silu(h[:, :inter]) * h[:, inter:], down)
     h = F.linear(x, dequant(gate_up, x.dtype))
     return F.linear(F.silu(h[:, :inter]) * h[:, inter:], dequant(down, x.dtype))

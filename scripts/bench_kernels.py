@@ -76,6 +76,13 @@ class Quantized:
     def triton(self, x: torch.Tensor) -> torch.Tensor:
         return tk.expert_ffn(x, self.gu, self.dn)
 
+    def fused_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        h = tk.gemm(x, self.gu)
+        return tk.gemm(F.silu(h[:, : self.inter]) * h[:, self.inter :], self.dn)
+
+    def deq_overlap(self, x: torch.Tensor) -> torch.Tensor:
+        return tk._dequant_ffn_overlapped(x, self.gu, self.dn)
+
     def deq_cublas(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, tk.dequant(self.gu, x.dtype))
         return F.linear(F.silu(h[:, : self.inter]) * h[:, self.inter :], tk.dequant(self.dn, x.dtype))
@@ -144,7 +151,10 @@ def check(name: str, hidden: int, inter: int, dense: tuple, q: dict, report: lis
             w = tuple(t for t in _deq_weights(qe))
             ref = reference(x, w)
             for variant, fn, band in (("triton", qe.triton, 1e-2 if rows <= tk.GEMV_MAX_ROWS else 2e-2),
-                                      ("deq+cublas", qe.deq_cublas, 2e-2)):
+                                      ("deq+cublas", qe.deq_cublas, 2e-2), ("fused-gemm", qe.fused_gemm, 2e-2),
+                                      ("deq-overlap", qe.deq_overlap, 2e-2)):
+                if rows == 1 and variant in ("fused-gemm", "deq-overlap"):
+                    continue
                 err = rel(fn(x).float(), ref)
                 report.append((name, label, rows, variant, err, band))
                 ok &= err < band
@@ -192,6 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--quick", action="store_true", help="skip the torch-deq variant")
+    ap.add_argument("--batches", default="1,512", help="rows of x (1 = decode; the targets read 1 and 512)")
     ap.add_argument("--sweep", action="store_true", help="also time tile configurations")
     ap.add_argument("--out", type=Path, help="write all numbers as JSON here")
     a = ap.parse_args()
@@ -225,11 +236,15 @@ def main() -> None:
             qs = [qe] + [qe.clone() for _ in range(r - 1)]
             variants.append((label, "triton", qs, lambda e: e.triton))
             variants.append((label, "deq+cublas", qs, lambda e: e.deq_cublas))
+            variants.append((label, "fused-gemm", qs, lambda e: e.fused_gemm))
+            variants.append((label, "deq-overlap", qs, lambda e: e.deq_overlap))
             if not a.quick:
                 variants.append((label, "torch-deq", qs, lambda e: e.torch_deq))
-        for batch in (1, 512):
+        for batch in (int(b) for b in a.batches.split(",")):
             x = torch.randn(batch, hidden, device="cuda").bfloat16()
             for label, variant, experts, make in variants:
+                if batch == 1 and variant in ("fused-gemm", "deq-overlap"):
+                    continue
                 eager = bench_eager(make(experts[0]), x)
                 graph = bench_graph(make, experts, x)
                 rows_out.append({"expert": name, "shape": f"{hidden}x{inter}", "batch": batch, "tier": label,
