@@ -8,8 +8,9 @@ Backends, chosen per device and tier (`select_backend`, overridable with FATE_QU
 - "triton-fused" (quant/triton_kernels.py): on a CUDA GPU with Triton, for INT2/INT4/INT8 tiers whose
   group size is a multiple of the codes per word and divides both matrix widths. At batch 1 a GEMV with
   the dequantization fused into the product computes gate and up in one launch, then down (silu(gate) *
-  up applied while laying out its input); at more rows, the Triton dequant kernel and cuBLAS (measured
-  faster than the fused GEMMs we tried, quant/README.md).
+  up applied while laying out its input); at 2-128 rows (any number for small experts) a GEMM with the
+  dequantization fused in; at more rows of a large expert, the Triton dequant kernel on a side stream and
+  cuBLAS (quant/README.md has the measurements behind each choice).
 - "torch dequant+matmul": the CPU path on a GPU, where Triton is missing or the tier does not fit it.
 """
 

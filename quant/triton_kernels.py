@@ -15,8 +15,14 @@ group is a whole number of words, scale and zero are loaded per word, never per 
   shift, a mask, an or, a subtract (int to float by the 2^23 trick, not the quarter-rate convert) and a
   multiply-add. An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus
   memsets for split-K).
-- `_dequant_kernel`: W to the activation dtype. At more than GEMV_MAX_ROWS rows an expert runs as
-  dequantize + cuBLAS: measured faster than two fused tl.dot GEMMs we tried (quant/README.md).
+- `_gemm_kernel` (2 to FUSED_MAX_ROWS rows, and every row count of experts under LARGE_EXPERT weights):
+  y = x @ W.T with W dequantized tile by tile on chip. Each word, scale and zero is loaded once; a word's
+  codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
+  tile is the product's wide left operand (SWAP: (W x^T)^T), so 16 rows of x fill a tensor-core tile.
+  Tiles per row count from the H100 sweep (`gemm_config`, scripts/sweep_gemm.py).
+- `_dequant_kernel`: W to the activation dtype. Many rows of a large expert (Mixtral's, at 512 rows) run
+  as dequantize + cuBLAS, each matrix dequantized on a side stream while the previous one's product runs
+  (`_dequant_ffn_overlapped`): cuBLAS's GEMM is faster there than any fused GEMM we wrote (quant/README.md).
 
 Importing this module needs neither Triton nor a GPU; `available()` says whether the kernels can run.
 """
