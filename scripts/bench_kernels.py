@@ -11,14 +11,16 @@ Qwen3-30B-A3B 2048x768), on random bf16 weights (N(0, 0.02)) and fresh random bf
    output) < 1e-2; dequantize + cuBLAS (W cast to bf16) < 2e-2; the dequant kernel bitwise equal to the
    reference. Outputs are checked for NaN.
 2. Time per expert FFN (down(silu(gate x) * up x)), median of triton.testing.do_bench (L2 flushed before
-   each call), at batch 1 (decode) and 512 (prefill):
+   each call), at each of --batches (default 1 = decode and 512 = prefill):
    - eager: one FFN call as the runtime makes it (quant.triton_kernels.expert_ffn: fused GEMVs at batch 1,
      dequantize + cuBLAS above GEMV_MAX_ROWS rows);
    - graph: a CUDA graph that runs the FFN of R different experts (R chosen so their weights exceed the
      L2 twice over, so no expert is timed from cache), replay time / R.
    Variants: bf16 (three cuBLAS linears, as DenseExpert), and for INT4 g64 / INT2 g32: triton (what
-   expert_ffn runs), deq+cublas (our dequant kernel, then cuBLAS, at every batch), and
-   torch-deq (the plain-torch reference dequantization, then cuBLAS: the "torch dequant+matmul" backend).
+   expert_ffn runs), deq+cublas (our dequant kernel, then cuBLAS, at every batch), fused-gemm (the fused
+   dequant GEMM at every batch above 1), deq-overlap (dequant on a side stream under the previous product,
+   then cuBLAS) and torch-deq (the plain-torch reference dequantization, then cuBLAS: the "torch
+   dequant+matmul" backend; skipped with --quick).
 3. --sweep also times a few tile configurations of the GEMV kernel and prints the best.
 Prints a markdown table and the issue's targets (INT4 batch 1 within 1.5x of bf16; INT2 no slower than
 INT4; INT4 prefill of 512 within 1.3x of bf16), judged on graph times.
