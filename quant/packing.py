@@ -16,6 +16,7 @@ for every supported bits/group pair except INT3) a group is a whole number of wo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,15 @@ class PackedMatrix:
     @property
     def nbytes(self) -> int:
         return self.codes.nbytes + self.scale.nbytes + self.zero.nbytes
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedMatrix:
+        """The same matrix with fn applied to its codes, scale and zero (clone, cpu, ...)."""
+        return PackedMatrix(self.bits, self.group_size, self.shape, fn(self.codes), fn(self.scale), fn(self.zero))
+
+    def rows(self, start: int, stop: int) -> PackedMatrix:
+        """Rows start:stop of W (views: the packed tensors are row-major)."""
+        return PackedMatrix(self.bits, self.group_size, (stop - start, self.shape[1]), self.codes[start:stop],
+                            self.scale[start:stop], self.zero[start:stop])
 
 
 def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -365,7 +365,7 @@ def _clean(store_dir: Path, keep: set[str]) -> None:
 
 def _quantize(w: torch.Tensor, bits: int, group: int, params: QuantParams) -> PackedMatrix:
     p = quantize_matrix(w.to(params.device), bits, group, params.method, params.iters)
-    return PackedMatrix(p.bits, p.group_size, p.shape, p.codes.cpu(), p.scale.cpu(), p.zero.cpu())
+    return p.map(torch.Tensor.cpu)
 
 
 class _ExpertBuild:

@@ -252,10 +252,14 @@ if HAVE_TRITON:
 _SM_COUNT: dict[int, int] = {}
 
 
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 8
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
@@ -362,17 +366,11 @@ def gemm(x: torch.Tensor, w: PackedMatrix, config: dict | None = None) -> torch.
     return y
 
 
-def _rows(w: PackedMatrix, start: int, stop: int) -> PackedMatrix:
-    """Rows start:stop of W (views: the packed tensors are row-major)."""
-    return PackedMatrix(w.bits, w.group_size, (stop - start, w.shape[1]), w.codes[start:stop], w.scale[start:stop],
-                        w.zero[start:stop])
-
-
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _device_index(device)
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
     return _SIDE_STREAMS[index]
@@ -384,12 +382,12 @@ def _dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: Packed
     inter, hidden = down.shape[1], down.shape[0]
     main = torch.cuda.current_stream(x.device)
     side = _side_stream(x.device)
-    gate = dequant(_rows(gate_up, 0, inter), x.dtype)
+    gate = dequant(gate_up.rows(0, inter), x.dtype)
     up = torch.empty(inter, hidden, device=x.device, dtype=x.dtype)  # allocated on main, written on side
     dn = torch.empty(hidden, inter, device=x.device, dtype=x.dtype)
     side.wait_stream(main)
     with torch.cuda.stream(side):
-        dequant(_rows(gate_up, inter, 2 * inter), x.dtype, out=up)
+        dequant(gate_up.rows(inter, 2 * inter), x.dtype, out=up)
         up_ready = torch.cuda.Event()
         up_ready.record(side)
         dequant(down, x.dtype, out=dn)

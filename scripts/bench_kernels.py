@@ -66,14 +66,16 @@ class Quantized:
         self.inter = dn.shape[1]
 
     def clone(self) -> Quantized:
-        def c(m: PackedMatrix) -> PackedMatrix:
-            return PackedMatrix(m.bits, m.group_size, m.shape, m.codes.clone(), m.scale.clone(), m.zero.clone())
-
-        return Quantized(c(self.gu), c(self.dn))
+        return Quantized(self.gu.map(torch.Tensor.clone), self.dn.map(torch.Tensor.clone))
 
     @property
     def nbytes(self) -> int:
         return self.gu.nbytes + self.dn.nbytes
+
+    def dequantized(self) -> tuple[torch.Tensor, ...]:
+        """(gate, up, down) in float32 by the reference dequantization: what every kernel is checked against."""
+        w = dequantize(self.gu, torch.float32)
+        return w[: self.inter], w[self.inter :], dequantize(self.dn, torch.float32)
 
     def triton(self, x: torch.Tensor) -> torch.Tensor:
         return tk.expert_ffn(x, self.gu, self.dn)
@@ -150,7 +152,7 @@ def check(name: str, hidden: int, inter: int, dense: tuple, q: dict, report: lis
         e = rel(Dense(*dense)(x).float(), ref_dense)
         report.append((name, "bf16", rows, "cublas", e, 2e-2))
         for label, qe in q.items():
-            w = tuple(t for t in _deq_weights(qe))
+            w = qe.dequantized()
             ref = reference(x, w)
             for variant, fn, band in (("triton", qe.triton, 1e-2 if rows <= tk.GEMV_MAX_ROWS else 2e-2),
                                       ("deq+cublas", qe.deq_cublas, 2e-2), ("fused-gemm", qe.fused_gemm, 2e-2),
@@ -166,11 +168,6 @@ def check(name: str, hidden: int, inter: int, dense: tuple, q: dict, report: lis
             report.append((name, label, 0, "dequant kernel bitwise", 0.0 if same else 1.0, 0.5))
             ok &= same
     return ok
-
-
-def _deq_weights(qe: Quantized) -> tuple[torch.Tensor, ...]:
-    w = dequantize(qe.gu, torch.float32)
-    return w[: qe.inter], w[qe.inter :], dequantize(qe.dn, torch.float32)
 
 
 def sweep(name: str, qe: Quantized, label: str, hidden: int) -> list[str]:

@@ -74,7 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import triton_kernels as tk  # noqa: E402
 from quant.hqq_quant import quantize_expert  # noqa: E402
-from quant.packing import PackedMatrix, dequantize, expand_groups, unpack_codes  # noqa: E402
+from quant.packing import PackedMatrix, expand_groups, unpack_codes  # noqa: E402
 
 try:
     from scripts import bench_kernels as bk  # noqa: E402
@@ -210,15 +210,6 @@ def linear_expert(make: Callable[[object], Linear], mats: tuple, inter: int) -> 
     return Built(expert, expert.nbytes, deq)
 
 
-def row_slice(m: PackedMatrix, lo: int, hi: int) -> PackedMatrix:
-    return PackedMatrix(m.bits, m.group_size, (hi - lo, m.shape[1]), m.codes[lo:hi], m.scale[lo:hi], m.zero[lo:hi])
-
-
-def fate_deq(qe: Quantized) -> Weights:
-    w = dequantize(qe.gu, torch.float32)
-    return w[: qe.inter], w[qe.inter :], dequantize(qe.dn, torch.float32)
-
-
 @dataclass
 class Entry:
     library: str
@@ -241,7 +232,7 @@ def entries(lib: str, mod: ModuleType | None, dense: Weights, q: dict[str, Quant
         for label, qe0 in q.items():
             def fate(i: int, qe0: Quantized = qe0) -> Built:
                 qe = qe0 if i == 0 else qe0.clone()
-                return Built(qe.triton, qe.nbytes, lambda: fate_deq(qe))
+                return Built(qe.triton, qe.nbytes, qe.dequantized)
 
             out.append(Entry("fate", f"{label} min-max", fate))
         return out
@@ -254,8 +245,7 @@ def entries(lib: str, mod: ModuleType | None, dense: Weights, q: dict[str, Quant
     if lib == "gemlite":
         out = []
         for label, qe in q.items():
-            packed = (qe.gu, qe.dn) if fuse else (row_slice(qe.gu, 0, inter), row_slice(qe.gu, inter, 2 * inter),
-                                                  qe.dn)
+            packed = (qe.gu, qe.dn) if fuse else (qe.gu.rows(0, inter), qe.gu.rows(inter, 2 * inter), qe.dn)
             out.append(Entry("gemlite", f"{label} (fate codes)",
                              lambda i, p=packed: linear_expert(lambda m: gemlite_linear(mod, m), p, inter)))
         return out

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quant import triton_kernels as tk  # noqa: E402
 from quant.hqq_quant import quantize_matrix  # noqa: E402
-from quant.packing import PackedMatrix, dequantize  # noqa: E402
+from quant.packing import dequantize  # noqa: E402
 
 SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768)}
 TIERS = ((4, 64), (2, 32))
@@ -63,10 +63,6 @@ def configs(rows: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def clone(m: PackedMatrix) -> PackedMatrix:
-    return PackedMatrix(m.bits, m.group_size, m.shape, m.codes.clone(), m.scale.clone(), m.zero.clone())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="mixtral,qwen3")
@@ -92,7 +88,7 @@ def main() -> None:
                 for bits, group in TIERS:
                     m = packed[bits]
                     ref = x.float() @ dequantize(m, torch.float32).T
-                    ms = copies(lambda m=m: clone(m), m.nbytes)
+                    ms = copies(lambda m=m: m.map(torch.Tensor.clone), m.nbytes)
                     t_deq = per_call_us(lambda w, x=x: F.linear(x, tk.dequant(w, x.dtype)), ms)
                     trials, t0 = [], time.perf_counter()
                     for cfg in configs(rows):
