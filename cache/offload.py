@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cache.host_tier import HostTier
+from cache.microbatch import LayerTimes, measure_layer_times, plan_groups
 from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
@@ -117,6 +118,8 @@ class OffloadedExperts:
         self._pending: list[Prefetch] = []
         self._banks: dict[int, Bank] = {}
         self._in_use: list[int] = []  # slots the layer being computed by a decode step reads
+        self.layer_times: LayerTimes | None = None  # measured for a pipelining policy's groups, once
+        self.last_groups: list[list[int]] = []
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -159,6 +162,22 @@ class OffloadedExperts:
         admitted = None if layer in self.full else self._admit(layer, ids, counts)
         self._issue_prefetches(layer)
         return admitted
+
+    def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The prompts of a batch (their lengths) in groups prefilled together: one prompt a group, unless the
+        policy pipelines (klotski), whose groups cache/microbatch.py sizes from measured times."""
+        groups = [[i] for i in range(len(lengths))]
+        if self.policy.pipeline and len(lengths) > 1 and self.layers:
+            if self.layer_times is None:
+                tier = self.transfer_tier or self.policy.miss_tier()
+                host = self.host.get(tier, next(iter(self.layers)), 0)
+                expert = QuantExpert(host.to(self.device), self.layouts[tier], self.backends[tier])
+                self.layer_times = measure_layer_times(host, expert, self.device, self.layouts[tier].hidden,
+                                                       self.dtype, self.policy.ctx.top_k)
+            lacking = [max(0, self.num_experts - s.capacity) for s in self.layers.values()]
+            groups = plan_groups(lengths, self.layer_times, sum(lacking) / len(lacking), self.plan.group_tokens)
+        self.last_groups = groups
+        return groups
 
     # ---- the fused decode step (fate_cli/decode_step.py) ------------------------------------------
 

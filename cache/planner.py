@@ -31,6 +31,7 @@ class Footprint:
     expert_full: int  # one expert at 16 bits, for a layer held whole
     kv_cache: int
     workspace: int
+    token_bytes: int = 0  # activations of one more prompt token prefilled together with others (klotski)
 
     @property
     def fixed(self) -> int:
@@ -49,6 +50,7 @@ class Plan:
     full_layers: tuple[int, ...] = ()  # MoE layers held whole at 16 bits
     shallow_layers: int = 0
     notes: list[str] = field(default_factory=list)
+    group_tokens: int = 0  # prompt tokens whose activations the plan holds room for at once (klotski's groups)
 
     @property
     def offloaded(self) -> bool:
@@ -87,6 +89,8 @@ class Plan:
                 f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {n}/{fp.num_experts} slots"
                 for a, b, n in runs
             ]
+        if self.group_tokens:
+            parts.append(f"room for {self.group_tokens} prompt tokens prefilled together")
         return "; ".join(parts)
 
 

@@ -19,7 +19,9 @@
   gathered offline on held-out text (learned online for models without offline counts) and those
   expected to take a token are prefetched, at most as many as the layer just needed; every policy
   computes resident (hot) experts first and misses (cold) last, so misses' copies hide behind the
-  resident experts' compute.
+  resident experts' compute. Its multi-batch pipeline: a batch's prompts are prefilled in groups that pass
+  through each layer together (one copy of an expert serves the whole group), the group size picked by
+  cache/microbatch.py from measured copy and compute times and the memory its plan sets aside.
 - resident: every expert on the device at the hot tier, the ceiling.
 """
 
@@ -76,6 +78,7 @@ class Policy:
     keep_after_layer = True
     tiers: tuple[str, ...] = ("hot",)  # the tiers its transfers use (the host tier holds these)
     lookahead = False  # whether on_lookahead takes the next layer's router top k+1 in place of on_gate_input
+    pipeline = False  # whether a batch's prompts are prefilled together in groups (cache/microbatch.py)
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -232,6 +235,7 @@ class FMoE(Policy):
 
 class Klotski(Policy):
     name = "klotski"
+    pipeline = True
 
     def __init__(self, ctx: PolicyContext):
         super().__init__(ctx)

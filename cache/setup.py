@@ -6,12 +6,12 @@ refused at once, naming the minimum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan, make_plan
+from cache.planner import Footprint, Plan, make_plan, minimum_budget
 from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_policy
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
@@ -22,6 +22,10 @@ from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
 PREFILL_CHUNK = 512  # tokens whose activations the workspace estimate covers
+# klotski gives up to this share of the expert budget to the activations of prompts prefilled together,
+# for at most GROUP_TOKENS_MAX tokens (16 prompts of PREFILL_CHUNK)
+GROUP_SHARE = 0.1
+GROUP_TOKENS_MAX = 16 * PREFILL_CHUNK
 CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
 
 
@@ -54,6 +58,7 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
         expert_full=3 * h * i * 2,
         kv_cache=kv,
         workspace=(CUDA_WORKSPACE if cuda else 0) + activations,
+        token_bytes=4 * (6 * h + 3 * i),  # float32 bound: hidden-sized tensors, one expert's intermediates
     )
 
 
@@ -80,7 +85,23 @@ def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_
     ceiling); the others split the budget the policy's way."""
     if policy == "resident":
         return make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
-    return make_plan(fp, budget, POLICY_TYPES[policy].split, shallow_layers, whole_first=not one_tier)
+    kind = POLICY_TYPES[policy]
+    reserve = group_reserve(fp, budget) if kind.pipeline else 0
+    plan = make_plan(replace(fp, workspace=fp.workspace + reserve), budget, kind.split, shallow_layers,
+                     whole_first=not one_tier)
+    if kind.pipeline:
+        plan.group_tokens = PREFILL_CHUNK + (reserve // fp.token_bytes if fp.token_bytes else 0)
+    return plan
+
+
+def group_reserve(fp: Footprint, budget: int) -> int:
+    """Bytes a pipelining policy sets aside for the activations of prompts prefilled together: GROUP_SHARE
+    of what the budget leaves for experts, never below the minimum budget's slots."""
+    if not fp.token_bytes:
+        return 0
+    share = int(GROUP_SHARE * max(0, budget - fp.fixed))
+    room = max(0, budget - minimum_budget(fp))
+    return min(share, room, (GROUP_TOKENS_MAX - PREFILL_CHUNK) * fp.token_bytes)
 
 
 def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:

@@ -221,6 +221,9 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         stats = session.offload.sync_stats().as_dict() if session.offload else {}
         peak = torch.cuda.max_memory_allocated() if cuda else None
         plan = session.setup.plan.summary()
+        groups = session.offload.last_groups if session.offload else []
+        if any(len(g) > 1 for g in groups):  # klotski's micro-batches
+            plan += f"; prompts prefilled together in groups of {'+'.join(str(len(g)) for g in groups)}"
         decode = target.decode_mode()
     except torch.OutOfMemoryError:
         session.close()

@@ -175,7 +175,7 @@ class ReplayTarget(Target):
         hot = store.tiers["hot"].layout.nbytes
         workspace = 4 * PREFILL_CHUNK * (2 * hidden + 3 * args.top_k * inter) + 3 * hidden * inter * 4
         fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 3 * hidden * inter * 2, 0,
-                       workspace + (64 * 1024**2 if device.type == "cuda" else 0))
+                       workspace + (64 * 1024**2 if device.type == "cuda" else 0), 4 * (2 * hidden + 3 * inter))
         # the predictors run the bundled model's routers on its recorded router inputs, in float32
         ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
                             {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()},
@@ -199,12 +199,15 @@ class ReplayTarget(Target):
         return self.traces[key]
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
-        from fate_cli.replay import ReplayModel
+        from fate_cli.replay import ReplayModel, merge_steps
 
         steps = self.steps(prompts, gen_len)
-        player = ReplayModel(session.provider, self.hidden, self.device, self.dtype, max(s.tokens for s in steps))
-        steps = player.to_device(steps)
         prefill, decode = steps[: len(prompts)], steps[len(prompts) :]  # one prefill step per prompt
+        groups = session.offload.prefill_groups([s.tokens for s in prefill])  # a replay always offloads
+        prefill = [merge_steps([prefill[i] for i in g]) if len(g) > 1 else prefill[g[0]] for g in groups]
+        player = ReplayModel(session.provider, self.hidden, self.device, self.dtype,
+                             max(s.tokens for s in prefill + decode))
+        prefill, decode = player.to_device(prefill), player.to_device(decode)
         session.provider.begin_request()
         synchronize(self.device)
         t0 = time.perf_counter()

@@ -153,6 +153,13 @@ def generate(
     return GenerationResult(out, stats)
 
 
+def prefill_groups(model: Transformer, lengths: list[int]) -> list[list[int]]:
+    """Which prompts of a batch are prefilled together: the provider's choice (klotski groups them), else
+    each alone."""
+    plan = getattr(model.provider, "prefill_groups", None)
+    return plan(lengths) if plan else [[i] for i in range(len(lengths))]
+
+
 @dataclass
 class BatchResult:
     results: list[GenerationResult]  # one per prompt, in order
@@ -168,7 +175,8 @@ def generate_batch(
     eos_ids: Sequence[int] = (),
     graphs: DecodeGraphs | None = None,
 ) -> BatchResult:
-    """Generate for several prompts at once: each prompt prefilled into its own row of one KV cache, then
+    """Generate for several prompts at once: each prompt prefilled into its own row of one KV cache (alone,
+    or in groups that pass through each layer together where the expert provider asks: klotski), then
     one decode step for all rows together, each row at its own position. Greedy outputs equal generate()'s
     for each prompt alone; a row that has finished idles until every row has."""
     device = model.embed_tokens.weight.device
@@ -185,9 +193,16 @@ def generate_batch(
 
     synchronize(device)
     t0 = time.perf_counter()
-    first = [model(torch.tensor([list(p)], dtype=torch.long, device=device), cache.rows(i, i + 1), 0,
-                   last_only=True)[:, -1] for i, p in enumerate(prompts)]
-    tokens = sampler(torch.cat(first))
+    first: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for group in prefill_groups(model, [len(p) for p in prompts]):
+        inputs = [torch.tensor([list(prompts[i])], dtype=torch.long, device=device) for i in group]
+        if len(group) == 1:
+            logits = model(inputs[0], cache.rows(group[0], group[0] + 1), 0, last_only=True)[:, -1]
+        else:
+            logits = model.prefill_together(inputs, [cache.rows(i, i + 1) for i in group])
+        for i, row in zip(group, logits):
+            first[i] = row
+    tokens = sampler(torch.stack(first))
     ids = tokens.tolist()
     t1 = time.perf_counter()
 

@@ -65,6 +65,21 @@ class Step:
         return self.layers[0].gate_input.shape[0] if self.layers else 0
 
 
+def merge_steps(steps: Sequence[Step]) -> Step:
+    """Prefill steps of several prompts as one step of all their tokens (klotski's groups): per layer, the
+    router inputs stacked and the routing summed. Exact: routing is per token."""
+    merged = Step()
+    for parts in zip(*(s.layers for s in steps)):
+        counts: dict[int, int] = {}
+        for t in parts:
+            for e, n in zip(t.ids, t.counts):
+                counts[e] = counts.get(e, 0) + n
+        ids = sorted(counts)
+        merged.layers.append(LayerTraffic(parts[0].layer, torch.cat([t.gate_input for t in parts]), ids,
+                                          [counts[e] for e in ids]))
+    return merged
+
+
 class TraceRecorder:
     """An ExpertProvider wrapper that keeps each forward step's router inputs and routing."""
 

@@ -91,3 +91,23 @@ def test_run_prompt_errors(tmp_path, args, needle):
     args = [str(tmp_path / "p.txt") if a == "PROMPTS" else str(tmp_path / "empty.txt") if a == "EMPTY" else a
             for a in args]
     assert_one_line_error(fate("run", "tiny", *args), 2, needle)
+
+
+def test_klotski_prefills_prompts_together_with_each_prompts_tokens():
+    """klotski's groups pass through each layer together: each prompt's tokens as alone, fewer copies."""
+    from cache.microbatch import LayerTimes
+
+    ref = open_model("tiny", "cpu", "float32", "resident", "1GB", 4)
+    prompts = [ref.tokenizer.encode(t) for t in TEXTS]
+    alone = [generate(ref.model, p, 6, greedy()).token_ids for p in prompts]
+    moved = {}
+    # scripted times: copies far slower than compute (all four together), then compute covering them (alone)
+    for label, times in (("together", LayerTimes(1.0, 1e-6)), ("alone", LayerTimes(0.0, 1.0))):
+        rt = open_model("tiny", "cpu", "float32", "klotski", "16MB", 4)
+        rt.offload.layer_times = times
+        assert [r.token_ids for r in generate_batch(rt.model, prompts, 6, greedy()).results] == alone
+        assert rt.offload.last_groups == ([[0, 1, 2, 3]] if label == "together" else [[0], [1], [2], [3]])
+        rt.offload.reset_stats()
+        generate_batch(rt.model, prompts, 1, greedy())  # prefill only: the first token comes from it
+        moved[label] = rt.offload.stats.misses
+    assert moved["together"] < moved["alone"]

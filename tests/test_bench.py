@@ -168,6 +168,18 @@ def test_batch_sweep_rows_and_tokens(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_merged_prefill_steps_hold_every_prompts_traffic():
+    from fate_cli.replay import LayerTraffic, Step, merge_steps
+
+    a = Step([LayerTraffic(1, torch.zeros(2, 4), [0, 3], [1, 3]), LayerTraffic(2, torch.zeros(2, 4), [1], [4])])
+    b = Step([LayerTraffic(1, torch.ones(3, 4), [3, 5], [2, 4]), LayerTraffic(2, torch.ones(3, 4), [0, 1], [3, 3])])
+    merged = merge_steps([a, b])
+    assert merged.tokens == 5 and [t.layer for t in merged.layers] == [1, 2]
+    assert (merged.layers[0].ids, merged.layers[0].counts) == ([0, 3, 5], [1, 5, 4])
+    assert (merged.layers[1].ids, merged.layers[1].counts) == ([0, 1], [3, 7])
+    assert merged.layers[1].gate_input[:2].sum() == 0 and merged.layers[1].gate_input[2:].sum() == 12
+
+
 def test_replay_of_a_batch_plays_every_row():
     """A batch's trace: one prefill step per prompt, then steps of one token per prompt."""
     from fate_cli.bench import _load, prompt_set
@@ -183,3 +195,14 @@ def test_replay_of_a_batch_plays_every_row():
     stats = session.offload.stats
     routed = sum(len(t.ids) for s in steps for t in s.layers)
     assert stats.hits + stats.misses == routed and routed >= moe * 6 * target.ctx.top_k
+    # klotski prefills the three prompts as one group (scripted times): the layers see their routing merged
+    from cache.microbatch import LayerTimes
+    from fate_cli.replay import merge_steps
+
+    session = target.session("klotski", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
+    session.offload.layer_times = LayerTimes(1.0, 1e-6)
+    session.run(prompts, 4)
+    assert session.offload.last_groups == [[0, 1, 2]]
+    stats = session.offload.stats
+    routed = sum(len(t.ids) for s in [merge_steps(steps[:3]), *steps[3:]] for t in s.layers)
+    assert stats.hits + stats.misses == routed

@@ -172,3 +172,29 @@ def test_coactivation_gathered_from_a_model(tmp_path):
     moe = list(a.moe_layer_ids)
     for layer in moe[:-1]:  # every token gives top_k x top_k pairs between consecutive MoE layers
         assert co.counts[layer].sum() == 3 * 16 * a.top_k * a.top_k
+
+
+def test_group_size_covers_copies_within_memory():
+    from cache.microbatch import LayerTimes, plan_groups
+
+    times = LayerTimes(copy_s=1e-3, token_s=1e-6)  # 10 copies: 10 ms a layer; a 100-token prompt: 0.1 ms
+    assert plan_groups([100] * 8, times, 10, 10_000) == [list(range(8))]  # 100 prompts would cover: all 8
+    assert plan_groups([100] * 8, times, 10, 350) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # memory for 3 at once
+    assert plan_groups([100] * 8, LayerTimes(1e-3, 5e-6), 2, 10_000) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 4 cover
+    assert plan_groups([100] * 3, LayerTimes(0.0, 1e-6), 10, 10_000) == [[0], [1], [2]]  # nothing to cover
+    assert plan_groups([10, 500, 20], times, 10, 600) == [[0], [1], [2]]  # two of the longest do not fit
+
+
+def test_klotski_plan_sets_memory_aside_for_prompts_prefilled_together():
+    from cache.setup import GROUP_SHARE, PREFILL_CHUNK, plan_slots
+
+    f = Footprint(tuple(range(8)), 32, 4, non_expert=2_000_000, expert_hot=10_000, expert_full=40_000,
+                  kv_cache=500_000, workspace=100_000, token_bytes=100)
+    budget = f.fixed + 1_600_000  # 160 slots of hot-tier size
+    lru, klotski = plan_slots(f, "lru", budget, False), plan_slots(f, "klotski", budget, False)
+    assert lru.group_tokens == 0 and lru.total_slots == 160
+    assert klotski.total_slots == 144  # a tenth of the expert budget (16 slots) held for activations
+    assert klotski.group_tokens == PREFILL_CHUNK + int(GROUP_SHARE * 1_600_000) // 100
+    assert klotski.device_bytes <= budget
+    tight = plan_slots(f, "klotski", minimum_budget(f), False)  # nothing to spare: no group memory
+    assert tight.group_tokens == PREFILL_CHUNK and tight.total_slots == 8 * 4

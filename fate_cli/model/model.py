@@ -29,7 +29,13 @@ class DecoderLayer(nn.Module):
             self.mlp = MLP(args.hidden_size, args.dense_intermediate_size)
 
     def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return self.feed_forward(self.attend(x, rope, cache, pos))
+
+    def attend(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
+        return x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+
+    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Token-wise: any stack of tokens, from one sequence or several."""
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -78,6 +84,19 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.head(x)
+
+    def prefill_together(self, prompts: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
+        """Several prompts ([1, T_i] each, into caches of one row each, from position 0) through each layer
+        together: each attends on its own, then one MoE pass over all their tokens, so an expert is fetched
+        once for the group (klotski's micro-batches). -> the last position's logits [prompts, vocab]."""
+        if self.rope is None:
+            raise RuntimeError("call new_cache() before prefill_together()")
+        lengths = [p.shape[1] for p in prompts]
+        xs = [self.embed_tokens(p)[0] for p in prompts]
+        for layer in self.layers:
+            attended = [layer.attend(x[None], self.rope, c, 0)[0] for x, c in zip(xs, caches)]
+            xs = list(layer.feed_forward(torch.cat(attended)).split(lengths))
+        return self.head(torch.stack([x[-1] for x in xs]))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden states -> logits: final norm, then lm_head (or the tied embedding)."""
