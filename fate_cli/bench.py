@@ -34,6 +34,7 @@ FIELDS = [
     "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "batch", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
+    "request_tokens_per_s",
 ]
 
 
@@ -212,11 +213,12 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         session.run(requests[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
         if session.offload:
             session.offload.reset_stats()
-        pp, tg, tokens = [], [], None
+        pp, tg, whole, tokens = [], [], [], None
         for request in requests[1:]:
             timing = session.run(request, gen_len)
             pp.append(timing.prefill_tokens_per_s)
             tg.append(timing.decode_tokens_per_s)
+            whole.append(timing.request_tokens_per_s)
             tokens = tokens if tokens is not None else timing.token_ids
         stats = session.offload.sync_stats().as_dict() if session.offload else {}
         peak = torch.cuda.max_memory_allocated() if cuda else None
@@ -238,6 +240,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         "bytes_moved": moved, "gb_moved": sum(moved.values()) / 1e9 / max(1, reps),
         "stall_seconds": stats.get("stall_seconds", 0.0) / max(1, reps), "peak_device_bytes": peak, "plan": plan,
         "per_layer": stats.get("per_layer", {}), "decode": decode,
+        "request_tokens_per_s": statistics.mean(whole),
     }
     rows = []
     for test, values in zip(tests, (pp, tg)):

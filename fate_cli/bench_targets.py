@@ -42,6 +42,7 @@ class RunTiming:
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     token_ids: list[int]  # a batch's outputs one after the other
+    request_tokens_per_s: float = 0.0  # prompt and generated tokens over the whole request's time
 
 
 class Session:
@@ -152,7 +153,8 @@ class ModelTarget(Target):
         else:
             batch = generate_batch(self.model, prompts, gen_len, sampler, graphs=self.graphs)
             s, tokens = batch.stats, [t for r in batch.results for t in r.token_ids]
-        return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, tokens)
+        request = (s.prompt_tokens + s.generated_tokens) / (s.prefill_seconds + s.decode_seconds)
+        return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, tokens, request)
 
     def release(self, session: Session) -> None:
         self.model.set_provider(ResidentExperts({}))
@@ -221,4 +223,6 @@ class ReplayTarget(Target):
         t2 = time.perf_counter()
         prompt_tokens = sum(s.tokens for s in prefill)
         decode_tokens = sum(s.tokens for s in decode)
-        return RunTiming(prompt_tokens / (t1 - t0), decode_tokens / (t2 - t1) if decode else 0.0, [])
+        generated = len(prompts) + decode_tokens  # each prompt's first token comes from its prefill
+        return RunTiming(prompt_tokens / (t1 - t0), decode_tokens / (t2 - t1) if decode else 0.0, [],
+                         (prompt_tokens + generated) / (t2 - t0))
