@@ -339,7 +339,8 @@ def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (scripts/sweep_gemm.py, quant/README.md).
     Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one; more rows take
     128 x 128 tiles, or 64 x 64 where those would leave most of the `sms` multiprocessors idle."""
-    block_k = max(group, 128 if k % 128 == 0 else 64)
+    # the widest of 128/64/32 that divides K in whole groups (the bundled model's K=160 takes 32), else a group
+    block_k = next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), group)
     if rows <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 128 if n >= 16384 else 64, "BLOCK_K": block_k, "SWAP": True,
                 "num_warps": 4, "num_stages": 4}

@@ -34,12 +34,13 @@ def test_gemv_and_dequant_against_the_reference(bits, group):
         assert _rel(tk.gemv(x, m).float(), ref) < 1e-2
 
 
-@pytest.mark.parametrize("hidden,inter", [(2048, 768), (512, 1408)])
-def test_expert_ffn(hidden, inter):
+@pytest.mark.parametrize("hidden,inter,tiers", [(2048, 768, ((4, 64), (2, 32))), (512, 1408, ((4, 64), (2, 32))),
+                                                (160, 64, ((4, 32), (2, 32)))])  # the last: the bundled model's
+def test_expert_ffn(hidden, inter, tiers):
     g = torch.Generator(device="cuda").manual_seed(0)
     gate, up, down = (torch.randn(s, device="cuda", generator=g).bfloat16() * 0.02
                       for s in ((inter, hidden), (inter, hidden), (hidden, inter)))
-    for bits, group in ((4, 64), (2, 32)):
+    for bits, group in tiers:
         layout, buf = quantize_expert(gate, up, down, bits, group, method="minmax")
         assert select_backend("cuda", layout) == TRITON
         expert = QuantExpert(buf, layout)
