@@ -23,8 +23,9 @@ from quant.store import QuantParams, TierStore
 
 PREFILL_CHUNK = 512  # tokens whose activations the workspace estimate covers
 # klotski gives up to this share of the expert budget to the activations of prompts prefilled together,
-# for at most GROUP_TOKENS_MAX tokens (16 prompts of PREFILL_CHUNK)
-GROUP_SHARE = 0.1
+# for at most GROUP_TOKENS_MAX tokens (16 prompts of PREFILL_CHUNK); the slots it costs slow its decode
+# (H100 replay at batch 16: a tenth cost 2 of 16 slots a layer, decode 69.5 against lru's 83.1 tokens/s)
+GROUP_SHARE = 0.05
 GROUP_TOKENS_MAX = 16 * PREFILL_CHUNK
 CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
 
@@ -58,7 +59,9 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
         expert_full=3 * h * i * 2,
         kv_cache=kv,
         workspace=(CUDA_WORKSPACE if cuda else 0) + activations,
-        token_bytes=4 * (6 * h + 3 * i),  # float32 bound: hidden-sized tensors, one expert's intermediates
+        # a prompt token prefilled in a group: four hidden-sized tensors, a float32 expert output, one expert's
+        # intermediates (experts run one at a time; attention runs per prompt, within the workspace above)
+        token_bytes=(4 * size + 4) * h + 3 * i * size,
     )
 
 
