@@ -32,6 +32,7 @@ class Footprint:
     kv_cache: int
     workspace: int
     token_bytes: int = 0  # activations of one more prompt token prefilled together with others (klotski)
+    group_bytes: int = 0  # the part of the workspace that holds prompt tokens' activations
 
     @property
     def fixed(self) -> int:

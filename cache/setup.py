@@ -6,12 +6,12 @@ refused at once, naming the minimum.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan, make_plan, minimum_budget
+from cache.planner import Footprint, Plan, make_plan
 from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_policy
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
@@ -22,11 +22,6 @@ from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
 PREFILL_CHUNK = 512  # tokens whose activations the workspace estimate covers
-# klotski gives up to this share of the expert budget to the activations of prompts prefilled together,
-# for at most GROUP_TOKENS_MAX tokens (16 prompts of PREFILL_CHUNK); the slots it costs slow its decode
-# (H100 replay at batch 16: a tenth cost 2 of 16 slots a layer, decode 69.5 against lru's 83.1 tokens/s)
-GROUP_SHARE = 0.05
-GROUP_TOKENS_MAX = 16 * PREFILL_CHUNK
 CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
 
 
@@ -48,7 +43,8 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
     size = torch.finfo(dtype).bits // 8
     kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * context * size
     h, i, k = args.hidden_size, args.moe_intermediate_size, args.top_k
-    activations = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i) + 3 * h * i * 4  # float32 upper bound + dequant scratch
+    prompt = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
+    activations = prompt + 3 * h * i * 4  # and dequant scratch
     hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size).nbytes
     return Footprint(
         moe_layers=tuple(args.moe_layer_ids),
@@ -60,8 +56,9 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
         kv_cache=kv,
         workspace=(CUDA_WORKSPACE if cuda else 0) + activations,
         # a prompt token prefilled in a group: four hidden-sized tensors, a float32 expert output, one expert's
-        # intermediates (experts run one at a time; attention runs per prompt, within the workspace above)
+        # intermediates (experts run one at a time; attention runs per prompt)
         token_bytes=(4 * size + 4) * h + 3 * i * size,
+        group_bytes=prompt,
     )
 
 
@@ -89,22 +86,12 @@ def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_
     if policy == "resident":
         return make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
     kind = POLICY_TYPES[policy]
-    reserve = group_reserve(fp, budget) if kind.pipeline else 0
-    plan = make_plan(replace(fp, workspace=fp.workspace + reserve), budget, kind.split, shallow_layers,
-                     whole_first=not one_tier)
-    if kind.pipeline:
-        plan.group_tokens = PREFILL_CHUNK + (reserve // fp.token_bytes if fp.token_bytes else 0)
+    plan = make_plan(fp, budget, kind.split, shallow_layers, whole_first=not one_tier)
+    if kind.pipeline and fp.token_bytes:
+        # a group's activations use the workspace's (sized for PREFILL_CHUNK tokens at float32 with every
+        # routed expert's intermediates at once) at a token's real cost, plus what the slots leave of the budget
+        plan.group_tokens = (fp.group_bytes + max(0, budget - plan.device_bytes)) // fp.token_bytes
     return plan
-
-
-def group_reserve(fp: Footprint, budget: int) -> int:
-    """Bytes a pipelining policy sets aside for the activations of prompts prefilled together: GROUP_SHARE
-    of what the budget leaves for experts, never below the minimum budget's slots."""
-    if not fp.token_bytes:
-        return 0
-    share = int(GROUP_SHARE * max(0, budget - fp.fixed))
-    room = max(0, budget - minimum_budget(fp))
-    return min(share, room, (GROUP_TOKENS_MAX - PREFILL_CHUNK) * fp.token_bytes)
 
 
 def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:

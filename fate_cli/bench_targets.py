@@ -175,10 +175,11 @@ class ReplayTarget(Target):
         params = QuantParams()
         store = SyntheticStore(hidden, inter, args.moe_layer_ids, args.num_experts, params, name=name)
         hot = store.tiers["hot"].layout.nbytes
-        workspace = 4 * PREFILL_CHUNK * (2 * hidden + 3 * args.top_k * inter) + 3 * hidden * inter * 4
+        activations = 4 * PREFILL_CHUNK * (2 * hidden + 3 * args.top_k * inter)
+        workspace = activations + 3 * hidden * inter * 4 + (64 * 1024**2 if device.type == "cuda" else 0)
         fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 3 * hidden * inter * 2, 0,
-                       workspace + (64 * 1024**2 if device.type == "cuda" else 0),
-                       (3 * hidden + 3 * inter) * dtype.itemsize)  # x, out, an expert's output and intermediates
+                       workspace, (3 * hidden + 3 * inter) * dtype.itemsize,  # x, out, an expert's output and work
+                       activations)
         # the predictors run the bundled model's routers on its recorded router inputs, in float32
         ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
                             {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()},

@@ -185,16 +185,12 @@ def test_group_size_covers_copies_within_memory():
     assert plan_groups([10, 500, 20], times, 10, 600) == [[0], [1], [2]]  # two of the longest do not fit
 
 
-def test_klotski_plan_sets_memory_aside_for_prompts_prefilled_together():
-    from cache.setup import GROUP_SHARE, PREFILL_CHUNK, plan_slots
+def test_klotski_plan_sizes_groups_from_the_workspace_and_spare_budget():
+    from cache.setup import plan_slots
 
     f = Footprint(tuple(range(8)), 32, 4, non_expert=2_000_000, expert_hot=10_000, expert_full=40_000,
-                  kv_cache=500_000, workspace=100_000, token_bytes=100)
-    budget = f.fixed + 1_600_000  # 160 slots of hot-tier size
+                  kv_cache=500_000, workspace=100_000, token_bytes=100, group_bytes=60_000)
+    budget = f.fixed + 1_600_000 + 5_000  # 160 slots of hot-tier size and half a slot to spare
     lru, klotski = plan_slots(f, "lru", budget, False), plan_slots(f, "klotski", budget, False)
-    assert lru.group_tokens == 0 and lru.total_slots == 160
-    assert klotski.total_slots == 152  # a twentieth of the expert budget (8 slots) held for activations
-    assert klotski.group_tokens == PREFILL_CHUNK + int(GROUP_SHARE * 1_600_000) // 100
-    assert klotski.device_bytes <= budget
-    tight = plan_slots(f, "klotski", minimum_budget(f), False)  # nothing to spare: no group memory
-    assert tight.group_tokens == PREFILL_CHUNK and tight.total_slots == 8 * 4
+    assert lru.group_tokens == 0 and lru.total_slots == klotski.total_slots == 160  # no slot given up
+    assert klotski.group_tokens == (60_000 + 5_000) // 100
