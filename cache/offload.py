@@ -173,9 +173,10 @@ class OffloadedExperts:
                 host = self.host.get(tier, next(iter(self.layers)), 0)
                 expert = QuantExpert(host.to(self.device), self.layouts[tier], self.backends[tier])
                 self.layer_times = measure_layer_times(host, expert, self.device, self.layouts[tier].hidden,
-                                                       self.dtype, self.policy.ctx.top_k)
+                                                       self.dtype)
             lacking = [max(0, self.num_experts - s.capacity) for s in self.layers.values()]
-            groups = plan_groups(lengths, self.layer_times, sum(lacking) / len(lacking), self.plan.group_tokens)
+            groups = plan_groups(lengths, self.layer_times, sum(lacking) / len(lacking), self.num_experts,
+                                 self.policy.ctx.top_k, self.plan.group_tokens)
         self.last_groups = groups
         return groups
 

@@ -102,7 +102,7 @@ def test_klotski_prefills_prompts_together_with_each_prompts_tokens():
     alone = [generate(ref.model, p, 6, greedy()).token_ids for p in prompts]
     moved = {}
     # scripted times: copies far slower than compute (all four together), then compute covering them (alone)
-    for label, times in (("together", LayerTimes(1.0, 1e-6)), ("alone", LayerTimes(0.0, 1.0))):
+    for label, times in (("together", LayerTimes(1.0, 0.0, 1e-6)), ("alone", LayerTimes(0.0, 0.0, 1.0))):
         rt = open_model("tiny", "cpu", "float32", "klotski", "16MB", 4)
         rt.offload.layer_times = times
         assert [r.token_ids for r in generate_batch(rt.model, prompts, 6, greedy()).results] == alone

@@ -200,7 +200,7 @@ def test_replay_of_a_batch_plays_every_row():
     from fate_cli.replay import merge_steps
 
     session = target.session("klotski", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
-    session.offload.layer_times = LayerTimes(1.0, 1e-6)
+    session.offload.layer_times = LayerTimes(1.0, 0.0, 1e-6)
     session.run(prompts, 4)
     assert session.offload.last_groups == [[0, 1, 2]]
     stats = session.offload.stats

@@ -177,12 +177,16 @@ def test_coactivation_gathered_from_a_model(tmp_path):
 def test_group_size_covers_copies_within_memory():
     from cache.microbatch import LayerTimes, plan_groups
 
-    times = LayerTimes(copy_s=1e-3, token_s=1e-6)  # 10 copies: 10 ms a layer; a 100-token prompt: 0.1 ms
-    assert plan_groups([100] * 8, times, 10, 10_000) == [list(range(8))]  # 100 prompts would cover: all 8
-    assert plan_groups([100] * 8, times, 10, 350) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # memory for 3 at once
-    assert plan_groups([100] * 8, LayerTimes(1e-3, 5e-6), 2, 10_000) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 4 cover
-    assert plan_groups([100] * 3, LayerTimes(0.0, 1e-6), 10, 10_000) == [[0], [1], [2]]  # nothing to cover
-    assert plan_groups([10, 500, 20], times, 10, 600) == [[0], [1], [2]]  # two of the longest do not fit
+    def groups(times, lengths=(100,) * 8, copies=10, max_tokens=10_000):  # noqa: ANN001, ANN202
+        return plan_groups(list(lengths), LayerTimes(*times), copies, 32, 2, max_tokens)
+
+    # 10 copies: 10 ms a layer; a 100-token prompt computes 0.1 ms: 100 prompts would cover, 8 is the most
+    assert groups((1e-3, 0.0, 5e-7)) == [list(range(8))]
+    assert groups((1e-3, 0.0, 5e-7), max_tokens=350) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # memory for 3
+    assert groups((1e-3, 0.0, 1.25e-5)) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 4 prompts' compute covers the copies
+    assert groups((0.0, 0.0, 1e-6)) == [[i] for i in range(8)]  # nothing to cover, no fixed cost: alone
+    assert groups((0.0, 1e-4, 0.0), lengths=(100,) * 3) == [[0, 1, 2]]  # launch-bound calls: one call for all
+    assert groups((1e-3, 0.0, 5e-7), lengths=(10, 500, 20), max_tokens=600) == [[0], [1], [2]]  # 2 do not fit
 
 
 def test_klotski_plan_sizes_groups_from_the_workspace_and_spare_budget():
