@@ -38,7 +38,7 @@ class LayerTimes:
                 f"{self.row_s * 1e6:.3f} us a row")
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
     fn()  # warm-up: kernels compiled, allocations made
     times = []
     for _ in range(repeats):

@@ -167,7 +167,8 @@ class OffloadedExperts:
         """The prompts of a batch (their lengths) in groups prefilled together: one prompt a group, unless the
         policy pipelines (klotski), whose groups cache/microbatch.py sizes from measured times."""
         groups = [[i] for i in range(len(lengths))]
-        if self.policy.pipeline and len(lengths) > 1 and self.layers:
+        fit = self.plan.group_tokens // max(lengths, default=1)  # prompts the plan has room for at once
+        if self.policy.pipeline and min(fit, len(lengths)) > 1 and self.layers:
             if self.layer_times is None:
                 tier = self.transfer_tier or self.policy.miss_tier()
                 host = self.host.get(tier, next(iter(self.layers)), 0)
