@@ -133,9 +133,12 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     sampler = Sampler(params, runtime.loaded.device)
     generated, prefill_seconds, decode_seconds = 0, 0.0, 0.0
+    prefilled: list[int] = []  # prompts per prefill pass (klotski groups a batch's prompts)
     for group in groups:
         done = generate_batch(runtime.model, [ids[i] for i in group], max_tokens, sampler, runtime.tokenizer.eos_ids,
                               graphs=runtime.graphs)
+        if runtime.offload is not None and len(group) > 1:
+            prefilled += [len(g) for g in runtime.offload.last_groups]
         s = done.stats
         generated += s.generated_tokens
         prefill_seconds += s.prefill_seconds
@@ -157,8 +160,11 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
     if not as_json:
         prompt_tokens = sum(map(len, ids))
         steps = generated - len(ids)  # each prompt's first token comes from its prefill
+        n = len(prefilled)
+        together = (f" | prefilled together in {n} group{'s' if n > 1 else ''} of up to {max(prefilled)}"
+                    if prefilled and max(prefilled) > 1 else "")
         err.print(
-            f"[dim]{len(ids)} prompts in batches of {batch} | prompts {prompt_tokens} tok, "
+            f"[dim]{len(ids)} prompts in batches of {batch}{together} | prompts {prompt_tokens} tok, "
             f"{prompt_tokens / prefill_seconds if prefill_seconds else 0:.1f} tok/s | generated "
             f"{generated} tok, {steps / decode_seconds if decode_seconds else 0:.1f} tok/s decode (all rows)[/dim]"
         )

@@ -74,6 +74,11 @@ def test_run_prompts_file_in_batches(tmp_path):
                 "--temperature", "0")
     assert text.returncode == 0 and "3 prompts in batches of 3" in text.stderr
     assert [p.strip() for p in text.stdout.split("\n\n") if p.strip()] == [r["text"].strip() for r in rows]
+    # klotski prefills the batch's prompts together: on a CPU an expert call's fixed cost dwarfs the copies and
+    # the rows of these short prompts, so the planner puts all three in one group
+    grouped = fate("run", "tiny", "--prompts", str(prompts_file), "--batch", "3", "-n", "4", "--device", "cpu",
+                   "--temperature", "0", "--policy", "klotski", "--vram", "16MB")
+    assert grouped.returncode == 0 and "prefilled together in 1 group of up to 3" in grouped.stderr, grouped.stderr
 
 
 @pytest.mark.parametrize(
