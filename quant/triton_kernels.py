@@ -313,6 +313,21 @@ def planes(h: torch.Tensor, bits: int, act: bool = False) -> torch.Tensor:
     return out
 
 
+# GEMV tiles of the published experts' matrices, (N, K, bits, group) -> tile: the best of a sweep timed in CUDA
+# graphs on cold weights on the H100 (scripts/sweep_gemv.py, quant/README.md). Other shapes are autotuned,
+# whose eager, warm-cache timings pick tiles that move between runs.
+GEMV_TILES: dict[tuple[int, int, int, int], dict] = {
+    (28672, 4096, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
+    (28672, 4096, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    (4096, 14336, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral down
+    (4096, 14336, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    (1536, 2048, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B gate|up
+    (1536, 2048, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8},
+    (2048, 768, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B down
+    (2048, 768, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},
+}
+
+
 def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.dtype | None = None,
          config: dict | None = None) -> torch.Tensor:
     """x [M, K] (or [M, 2K] gate|up with act=True: silu(gate) * up is the input) -> [M, N].
@@ -324,7 +339,7 @@ def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.d
     x = x.contiguous()
     rows = x.shape[0]
     xp = planes(x, w.bits, act)
-    cfg = dict(config) if config else {}
+    cfg = dict(config) if config else dict(GEMV_TILES.get((n, k, w.bits, w.group_size), {}))
     if not cfg and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs
         cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
     split = cfg.pop("SPLIT_K", None) or split_k(n, k, x.device)
