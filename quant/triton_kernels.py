@@ -10,7 +10,8 @@ group is a whole number of words, scale and zero are loaded per word, never per 
 - `_planes_kernel`: the GEMV's input in plane order, float32 [M, cpw, K / cpw] (xp[j, w] = x[w * cpw + j]),
   so that a plane's inputs are contiguous; with ACT it also applies silu(gate) * up to a gate|up output.
 - `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when
-  N alone gives too few programs; tiles autotuned per shape on first use). It never forms W: per word,
+  N alone gives too few programs; tiles from GEMV_TILES for the published experts' matrices, autotuned per
+  shape on first use otherwise). It never forms W: per word,
   part = sum_j q_j x_j and xs = sum_j x_j (summed four codes at a time, so no thread waits on a chain of
   16 adds), then y += scale * (part - zero * xs); per weight that is a
   shift, a mask, an or, a subtract (int to float by the 2^23 trick, not the quarter-rate convert) and a
