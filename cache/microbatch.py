@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+FFN = Callable[[torch.Tensor], torch.Tensor]
 PROBE_ROWS = (32, 512)  # rows of the expert FFN timed: its fixed cost per call and its cost per row
 GROUP_SLACK = 0.1  # the smallest group within this share of the best time per token
 
@@ -52,11 +53,13 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int
     return statistics.median(times)
 
 
-def measure_layer_times(host: torch.Tensor, expert: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+def measure_layer_times(host: torch.Tensor, make_expert: Callable[[torch.Tensor], FFN], device: torch.device,
                         hidden: int, dtype: torch.dtype) -> LayerTimes:
-    """host: one expert's buffer at the tier the policy moves; expert: an expert FFN on the device."""
+    """host: one expert's buffer at the tier the policy moves; make_expert: its FFN from a device copy of it
+    (the buffer the timed copies filled)."""
     dest = torch.empty_like(host, device=device)
     copy_s = _median_seconds(lambda: dest.copy_(host, non_blocking=True), device)
+    expert = make_expert(dest)
     (r1, r2) = PROBE_ROWS
     t1, t2 = (_median_seconds(lambda x=torch.randn(r, hidden, device=device, dtype=dtype): expert(x), device)
               for r in PROBE_ROWS)
@@ -71,6 +74,11 @@ def token_seconds(n: int, mean_len: float, times: LayerTimes, copies: float, exp
     return max(copies * times.copy_s, compute) / tokens
 
 
+def most_together(lengths: Sequence[int], max_tokens: int) -> int:
+    """The most prompts a group can hold: max_tokens of activations, for prompts up to the longest; at least one."""
+    return max(1, min(len(lengths), max_tokens // max(lengths, default=1)))
+
+
 def group_size(lengths: Sequence[int], times: LayerTimes, copies: float, experts: int, top_k: int,
                max_tokens: int) -> int:
     """Prompts per group: the fewest within GROUP_SLACK of the best time per token that fit max_tokens (the
@@ -78,7 +86,7 @@ def group_size(lengths: Sequence[int], times: LayerTimes, copies: float, experts
     if not lengths:
         return 1
     mean_len = sum(lengths) / len(lengths)
-    cap = max(1, min(len(lengths), max_tokens // max(lengths)))
+    cap = most_together(lengths, max_tokens)
     cost = [token_seconds(n, mean_len, times, copies, experts, top_k) for n in range(1, cap + 1)]
     best = min(cost)
     return next(n for n, c in enumerate(cost, 1) if c <= (1 + GROUP_SLACK) * best)

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from cache.host_tier import HostTier
-from cache.microbatch import LayerTimes, measure_layer_times, plan_groups
+from cache.microbatch import LayerTimes, measure_layer_times, most_together, plan_groups
 from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
@@ -167,14 +167,13 @@ class OffloadedExperts:
         """The prompts of a batch (their lengths) in groups prefilled together: one prompt a group, unless the
         policy pipelines (klotski), whose groups cache/microbatch.py sizes from measured times."""
         groups = [[i] for i in range(len(lengths))]
-        fit = self.plan.group_tokens // max(lengths, default=1)  # prompts the plan has room for at once
-        if self.policy.pipeline and min(fit, len(lengths)) > 1 and self.layers:
+        if self.policy.pipeline and most_together(lengths, self.plan.group_tokens) > 1 and self.layers:
             if self.layer_times is None:
                 tier = self.transfer_tier or self.policy.miss_tier()
                 host = self.host.get(tier, next(iter(self.layers)), 0)
-                expert = QuantExpert(host.to(self.device), self.layouts[tier], self.backends[tier])
-                self.layer_times = measure_layer_times(host, expert, self.device, self.layouts[tier].hidden,
-                                                       self.dtype)
+                self.layer_times = measure_layer_times(
+                    host, lambda buf: QuantExpert(buf, self.layouts[tier], self.backends[tier]), self.device,
+                    self.layouts[tier].hidden, self.dtype)
             lacking = [max(0, self.num_experts - s.capacity) for s in self.layers.values()]
             groups = plan_groups(lengths, self.layer_times, sum(lacking) / len(lacking), self.num_experts,
                                  self.policy.ctx.top_k, self.plan.group_tokens)
