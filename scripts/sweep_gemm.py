@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import random
 import sys
 import time
@@ -29,13 +28,17 @@ from quant import triton_kernels as tk  # noqa: E402
 from quant.hqq_quant import quantize_matrix  # noqa: E402
 from quant.packing import dequantize  # noqa: E402
 
-SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768)}
-TIERS = ((4, 64), (2, 32))
+try:
+    from scripts import bench_kernels as bk  # noqa: E402
+except ImportError:  # a `scripts` package elsewhere on sys.path shadows the repo's; this file's folder is on sys.path
+    import bench_kernels as bk  # noqa: E402
+
+SHAPES = bk.SHAPES
+TIERS = tuple((bits, group) for _, bits, group in bk.TIERS)
 
 
 def copies(make, nbytes: int) -> list:
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    return [make() for _ in range(max(2, min(32, math.ceil(2 * l2 / nbytes))))]
+    return [make() for _ in range(bk.rotation(nbytes, cap=32))]
 
 
 def per_call_us(fn, items: list) -> float:
