@@ -6,7 +6,8 @@ Backends, chosen per device and tier (`select_backend`, overridable with FATE_QU
   three F.linear, exactly as DenseExpert would on those weights. Nothing is cached: memory holds only
   the packed tier. Bitwise equal to a DenseExpert built from the dequantized weights.
 - "triton-fused" (quant/triton_kernels.py): on a CUDA GPU with Triton, for INT2/INT4/INT8 tiers whose
-  group size is a multiple of the codes per word and divides both matrix widths. At batch 1 a GEMV with
+  group size is a power of two (up to 1024), a multiple of the codes per word, and divides both matrix
+  widths. At batch 1 a GEMV with
   the dequantization fused into the product computes gate and up in one launch, then down (silu(gate) *
   up applied while laying out its input); at 2-128 rows (any number for small experts) a GEMM with the
   dequantization fused in; at more rows of a large expert, the Triton dequant kernel on a side stream and
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize
+from quant.triton_kernels import MAX_GROUP
 
 CPU = "cpu dequant+matmul"
 TORCH = "torch dequant+matmul"
@@ -33,7 +35,9 @@ def triton_fits(layout: ExpertLayout) -> bool:
     if layout.kind != "quantized" or layout.bits == 3:
         return False
     g = layout.group_size
-    return g % codes_per_word(layout.bits) == 0 and layout.hidden % g == 0 and layout.intermediate % g == 0
+    power_of_two = g & (g - 1) == 0 and g <= MAX_GROUP  # the GEMV sums inputs and products per group
+    return (power_of_two and g % codes_per_word(layout.bits) == 0 and layout.hidden % g == 0
+            and layout.intermediate % g == 0)
 
 
 def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:

@@ -3,20 +3,22 @@
 W [N, K] is stored as int32 words [N, K / cpw] (cpw = 32 // bits codes per word, least significant
 first, along K) with float16 scale and zero [N, K / group]; W[n, k] = (q[n, k] - zero[n, g]) * scale[n, g].
 A kernel loads each word once and walks its
-codes plane by plane: plane j holds code j of every word, i.e. input columns word * cpw + j. Because a
-group is a whole number of words, scale and zero are loaded per word, never per weight. Requirements
-(kernels.triton_fits): bits 2, 4 or 8, group a multiple of cpw, K a multiple of group.
+codes plane by plane: plane j holds code j of every word, i.e. input columns word * cpw + j. A group is
+a whole number of words, so scale and zero are loaded per word or per group, never per weight. Requirements
+(kernels.triton_fits): bits 2, 4 or 8, group a power of two from cpw to MAX_GROUP, K a multiple of group.
 
 - `_planes_kernel`: the GEMV's input in plane order, float32 [M, cpw, K / cpw] (xp[j, w] = x[w * cpw + j]),
-  so that a plane's inputs are contiguous; with ACT it also applies silu(gate) * up to a gate|up output.
+  so that a plane's inputs are contiguous, and its sum over each group; with ACT it also applies
+  silu(gate) * up to a gate|up output.
 - `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when
   N alone gives too few programs; tiles from GEMV_TILES for the published experts' matrices, autotuned per
-  shape on first use otherwise). It never forms W: per word,
-  part = sum_j q_j x_j and xs = sum_j x_j (summed four codes at a time, so no thread waits on a chain of
-  16 adds), then y += scale * (part - zero * xs); per weight that is a
-  shift, a mask, an or, a subtract (int to float by the 2^23 trick, not the quarter-rate convert) and a
-  multiply-add. An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus
-  memsets for split-K).
+  shape on first use otherwise). It never forms W: per word part = sum_j q_j x_j (summed four codes at a
+  time, so no thread waits on a chain of 16 adds), per group y += scale * (sum of parts - zero * xs) with
+  xs the group's input sum from the planes pass; per weight that is a shift, a mask, an or, a subtract
+  (int to float by the 2^23 trick, not the quarter-rate convert) and a multiply-add. Every tensor of a
+  step shares the words' layout (x is loaded broadcast over the rows), so nothing crosses shared memory.
+  An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus memsets for
+  split-K).
 - `_gemm_kernel` (2 to FUSED_MAX_ROWS rows, and every row count of experts under LARGE_EXPERT weights):
   y = x @ W.T with W dequantized tile by tile on chip. Each word, scale and zero is loaded once; a word's
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
@@ -46,6 +48,7 @@ try:
 except Exception:  # no triton, or a broken install: the CPU path does not need it
     HAVE_TRITON = False
 
+MAX_GROUP = 1024  # the GEMV's planes pass sums x over whole groups within one 1024-column block
 TUNE_REPS = 20  # timed calls per tile config when tuning
 GEMV_MAX_ROWS = 1  # more rows: dequantize + cuBLAS (each GEMV row re-reads W; measured in quant/README.md)
 
@@ -58,8 +61,10 @@ def available() -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _planes_kernel(h_ptr, out_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr, BLOCK: tl.constexpr):
-        """out[row, j, w] = v[row, w * CPW + j], v = h (or silu(h[:, :K]) * h[:, K:] with ACT), float32."""
+    def _planes_kernel(h_ptr, out_ptr, xs_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr,
+                       GROUP: tl.constexpr, BLOCK: tl.constexpr):
+        """out[row, j, w] = v[row, w * CPW + j] and xs[row, g] = the sum of v over group g, float32;
+        v = h (or silu(h[:, :K]) * h[:, K:] with ACT). BLOCK is a multiple of GROUP."""
         row = tl.program_id(1)
         k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = k < K
@@ -70,11 +75,14 @@ if HAVE_TRITON:
         else:
             v = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * K + (k % CPW) * (K // CPW) + k // CPW, v, mask=ok)
+        gi = tl.program_id(0) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+        xs = tl.sum(tl.reshape(v, [BLOCK // GROUP, GROUP]), axis=1)
+        tl.store(xs_ptr + row * (K // GROUP) + gi, xs, mask=gi < K // GROUP)
 
     @triton.jit
     def _gemv_kernel(
-        xp_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-        N, K, stride_wn, stride_sn, stride_ym,
+        xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, words_k, groups_k, stride_wn, stride_sn, stride_ym,
         BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -84,51 +92,48 @@ if HAVE_TRITON:
         CPW: tl.constexpr = 32 // BITS
         WPG: tl.constexpr = GROUP // CPW  # words per group
         BLOCK_W: tl.constexpr = BLOCK_K // CPW
+        BLOCK_G: tl.constexpr = BLOCK_K // GROUP
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < N
-        words_k = K // CPW
         xp_row = xp_ptr + row * K  # x in plane order (see _planes_kernel): plane j is contiguous
         k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's share of K
-        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for step in range(0, k_span, BLOCK_K):
-            wc = (pid_k * k_span + step) // CPW + tl.arange(0, BLOCK_W)
+            k0 = pid_k * k_span + step
+            wc = tl.max_contiguous(tl.multiple_of(k0 // CPW, BLOCK_W) + tl.arange(0, BLOCK_W), BLOCK_W)
             w_ok = wc < words_k
-            tile_ok = n_ok[:, None] & w_ok[None, :]
-            words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=tile_ok, other=0)
-            # a word's codes share one group, so scale and zero load per word, not per weight
-            s = tl.load(s_ptr + n[:, None] * stride_sn + (wc // WPG)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + n[:, None] * stride_sn + (wc // WPG)[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
             # a sum per four codes of a word (INT8 one, INT4 two, INT2 four): INT2's 16 codes in one chain of 16
-            # dependent adds made it slower than INT4's 8 on small experts, where each thread's chain, not
-            # bandwidth, sets the time
+            # dependent adds made it slower than INT4's 8 on small experts
             part0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs0 = tl.zeros([BLOCK_W], dtype=tl.float32)
-            xs1 = tl.zeros([BLOCK_W], dtype=tl.float32)
-            xs2 = tl.zeros([BLOCK_W], dtype=tl.float32)
-            xs3 = tl.zeros([BLOCK_W], dtype=tl.float32)
             for j in tl.static_range(CPW):  # plane j: code j of every word, input column word * CPW + j
-                xj = tl.load(xp_row + j * words_k + wc, mask=w_ok, other=0.0)
+                # x loaded broadcast over the tile's rows, so it lands in the words' own layout: as a vector
+                # Triton gave it another layout and converted it through shared memory, once per plane
+                xj = tl.load(xp_row + j * words_k + wc[None, :] + 0 * n[:, None], mask=w_ok[None, :], other=0.0)
                 q = (words >> (j * BITS)) & ((1 << BITS) - 1)
                 # exact int -> float without the quarter-rate convert: 2^23 + q has q in its mantissa
                 qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                if j // 4 == 0:
-                    part0 += qf * xj[None, :]
-                    xs0 += xj
-                elif j // 4 == 1:
-                    part1 += qf * xj[None, :]
-                    xs1 += xj
-                elif j // 4 == 2:
-                    part2 += qf * xj[None, :]
-                    xs2 += xj
+                if j % 4 == 0:
+                    part0 += qf * xj
+                elif j % 4 == 1:
+                    part1 += qf * xj
+                elif j % 4 == 2:
+                    part2 += qf * xj
                 else:
-                    part3 += qf * xj[None, :]
-                    xs3 += xj
+                    part3 += qf * xj
             part = (part0 + part1) + (part2 + part3)
-            xs = (xs0 + xs1) + (xs2 + xs3)
-            acc += s * (part - z * xs[None, :])
+            # per group: scale * (sum q x - zero * sum x), sum x from the planes kernel
+            part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
+            gc = tl.max_contiguous(tl.multiple_of(k0 // GROUP, BLOCK_G) + tl.arange(0, BLOCK_G), BLOCK_G)
+            g_ok = gc < groups_k
+            sz_ok = n_ok[:, None] & g_ok[None, :]
+            s = tl.load(s_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+            xs = tl.load(xs_ptr + row * groups_k + gc, mask=g_ok, other=0.0)
+            acc += s * (part_g - z * xs[None, :])
         y = tl.sum(acc, axis=1)
         out = y_ptr + row * stride_ym + n
         if SPLIT_K == 1:
@@ -158,9 +163,11 @@ if HAVE_TRITON:
     _gemv_tuned = triton.autotune(
         configs=[
             triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-            for bn, bk, w in ((16, 256, 4), (16, 512, 4), (16, 1024, 4), (32, 512, 4), (32, 1024, 8), (64, 512, 8))
+            for bn, bk, w in ((4, 512, 4), (4, 1024, 4), (4, 2048, 4), (8, 1024, 4), (8, 2048, 8), (16, 2048, 8))
         ],
         key=["N", "K", "BITS", "GROUP", "SPLIT_K"],
+        prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
+            c for c in configs if c.kwargs["BLOCK_K"] % kw["GROUP"] == 0] or configs[-1:]},
         reset_to_zero=["y_ptr"],
         do_bench=_bench_within_budget,
     )(_gemv_kernel)
@@ -299,33 +306,38 @@ def split_k(n: int, k: int, device: torch.device) -> int:
 def _check(x: torch.Tensor, w: PackedMatrix) -> None:
     cpw = codes_per_word(w.bits)
     n, k = w.shape
-    if w.bits == 3 or w.group_size % cpw or k % w.group_size:
-        raise ValueError(f"INT{w.bits} g{w.group_size} with K={k} does not fit the Triton kernels")
+    g = w.group_size
+    if w.bits == 3 or g % cpw or k % g or g & (g - 1) or g > MAX_GROUP:
+        raise ValueError(f"INT{w.bits} g{g} with K={k} does not fit the Triton kernels")
     if not (w.codes.is_contiguous() and w.scale.is_contiguous() and w.zero.is_contiguous()):
         raise ValueError("packed tensors must be contiguous")
 
 
-def planes(h: torch.Tensor, bits: int, act: bool = False) -> torch.Tensor:
-    """h [M, K] (or [M, 2K] gate|up with act) -> float32 [M, cpw, K / cpw], the GEMV's input order."""
+def planes(h: torch.Tensor, bits: int, group: int, act: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """h [M, K] (or [M, 2K] gate|up with act) -> the GEMV's input: float32 [M, cpw, K / cpw] in plane order,
+    and float32 [M, K / group] group sums."""
     cpw = codes_per_word(bits)
     rows, k = h.shape[0], h.shape[1] // 2 if act else h.shape[1]
     out = torch.empty(rows, cpw, k // cpw, device=h.device, dtype=torch.float32)
-    _planes_kernel[(triton.cdiv(k, 1024), rows)](h, out, k, h.stride(0), ACT=act, CPW=cpw, BLOCK=1024)
-    return out
+    sums = torch.empty(rows, k // group, device=h.device, dtype=torch.float32)
+    block = max(1024, group)
+    _planes_kernel[(triton.cdiv(k, block), rows)](h, out, sums, k, h.stride(0), ACT=act, CPW=cpw, GROUP=group,
+                                                  BLOCK=block)
+    return out, sums
 
 
 # GEMV tiles of the published experts' matrices, (N, K, bits, group) -> tile: the best of a sweep timed in CUDA
 # graphs on cold weights on the H100 (scripts/sweep_gemv.py, quant/README.md). Other shapes are autotuned,
 # whose eager, warm-cache timings pick tiles that move between runs.
 GEMV_TILES: dict[tuple[int, int, int, int], dict] = {
-    (28672, 4096, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
-    (28672, 4096, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    (4096, 14336, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral down
-    (4096, 14336, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    (1536, 2048, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B gate|up
-    (1536, 2048, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8},
-    (2048, 768, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B down
-    (2048, 768, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},
+    (28672, 4096, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
+    (28672, 4096, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    (4096, 14336, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Mixtral down
+    (4096, 14336, 2, 32): {"BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},
+    (1536, 2048, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B gate|up
+    (1536, 2048, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    (2048, 768, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Qwen3-30B-A3B down
+    (2048, 768, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4},
 }
 
 
@@ -339,17 +351,18 @@ def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.d
     n, k = w.shape
     x = x.contiguous()
     rows = x.shape[0]
-    xp = planes(x, w.bits, act)
+    xp, sums = planes(x, w.bits, w.group_size, act)
     cfg = dict(config) if config else dict(GEMV_TILES.get((n, k, w.bits, w.group_size), {}))
     if not cfg and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs
-        cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4}
+        cfg = {"BLOCK_N": 16, "BLOCK_K": max(256, w.group_size), "num_warps": 4}
     split = cfg.pop("SPLIT_K", None) or split_k(n, k, x.device)
     out_dtype = out_dtype or x.dtype
     if split > 1:
         y = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(rows, n, device=x.device, dtype=out_dtype)
-    args = (xp, w.codes, w.scale, w.zero, y, n, k, w.codes.stride(0), w.scale.stride(0), y.stride(0))
+    args = (xp, sums, w.codes, w.scale, w.zero, y, n, k, k // codes_per_word(w.bits), k // w.group_size,
+            w.codes.stride(0), w.scale.stride(0), y.stride(0))
     if cfg:
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split, rows)](
             *args, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split, **cfg

@@ -1,6 +1,6 @@
 """Expert-FFN kernels on a GPU: correctness against dequantize-then-matmul, then bf16 vs INT4 vs INT2 times.
 
-    python scripts/bench_kernels.py [--shapes mixtral,qwen3] [--quick] [--sweep] [--out FILE.json]
+    python scripts/bench_kernels.py [--shapes mixtral,qwen3] [--quick] [--sweep] [--tiles SWEEP.json] [--out FILE.json]
 
 Needs torch and triton on a CUDA GPU; hqq is optional (without it the weights are quantized with plain
 min-max, which changes the codes, not the kernels' speed). For each expert shape (Mixtral 4096x14336,
@@ -207,9 +207,14 @@ def main() -> None:
     ap.add_argument("--batches", default="1,512", help="rows of x (1 = decode; the targets read 1 and 512)")
     ap.add_argument("--sweep", action="store_true", help="also time tile configurations")
     ap.add_argument("--out", type=Path, help="write all numbers as JSON here")
+    ap.add_argument("--tiles", type=Path, help="GEMV tiles from scripts/sweep_gemv.py --out, in place of GEMV_TILES")
     a = ap.parse_args()
     if not torch.cuda.is_available() or not tk.available():
         sys.exit("needs a CUDA GPU and triton")
+    if a.tiles:
+        for r in json.loads(a.tiles.read_text()):
+            tk.GEMV_TILES[(r["n"], r["k"], r["bits"], r["group"])] = r["best"]
+        print(f"GEMV tiles from {a.tiles}: {len(tk.GEMV_TILES)} matrices")
     torch.manual_seed(0)
     method = "hqq" if hqq_available() else "minmax"
     dev = torch.cuda.get_device_name()

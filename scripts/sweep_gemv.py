@@ -30,18 +30,18 @@ except ImportError:  # a `scripts` package elsewhere on sys.path shadows the rep
     import bench_kernels as bk  # noqa: E402
 
 
-def tiles(n: int, k: int) -> list[dict]:
+def tiles(n: int, k: int, group: int, block_n: list[int], block_k: list[int], warps: list[int]) -> list[dict]:
     auto = tk.split_k(n, k, torch.device("cuda"))
     out = []
-    for bn in (8, 16, 32, 64):
-        for block_k in (256, 512, 1024, 2048):
-            if block_k > 2 * k:
+    for bn in block_n:
+        for bk_ in block_k:
+            if bk_ > 2 * k or bk_ % group:
                 continue
-            for warps in (4, 8):
+            for w in warps:
                 for split in sorted({1, auto, 2 * auto}):
-                    if math.ceil(k / block_k) < split:
+                    if math.ceil(k / bk_) < split:
                         continue
-                    out.append({"BLOCK_N": bn, "BLOCK_K": block_k, "SPLIT_K": split, "num_warps": warps})
+                    out.append({"BLOCK_N": bn, "BLOCK_K": bk_, "SPLIT_K": split, "num_warps": w})
     return out
 
 
@@ -49,7 +49,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--block-n", default="4,8,16", help="BLOCK_N values to try")
+    ap.add_argument("--block-k", default="512,1024,2048", help="BLOCK_K values to try")
+    ap.add_argument("--warps", default="4,8", help="num_warps values to try")
     args = ap.parse_args()
+    grid = [[int(v) for v in a.split(",")] for a in (args.block_n, args.block_k, args.warps)]
     torch.manual_seed(0)
     results = []
     for shape in args.shapes.split(","):
@@ -61,7 +65,7 @@ def main() -> None:
                 copies = [m] + [m.map(torch.clone) for _ in range(bk.rotation(m.nbytes, cap=None) - 1)]
                 x = torch.randn(1, k, device="cuda").bfloat16()
                 timed = []
-                for cfg in tiles(n, k):
+                for cfg in tiles(n, k, group, *grid):
                     us = bk.bench_graph(lambda c, cfg=cfg: lambda xin: tk.gemv(xin, c, config=cfg), copies, x)
                     timed.append((us, cfg))
                     print(f"{shape} {matrix} INT{bits}: {us:7.1f} us {cfg}", flush=True)
