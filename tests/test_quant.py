@@ -15,7 +15,7 @@ from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import load_model
 from fate_cli.model.model import expert_tensor_names
 from quant.hqq_quant import quantize_expert, quantize_matrix
-from quant.kernels import CPU, QuantExpert, dequantized_weights
+from quant.kernels import CPU, QuantExpert, dequantized_weights, triton_fits
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize, pack_codes, unpack_codes
 from quant.provider import TieredExperts, mixed_plan, tiered_provider, uniform_plan
@@ -108,6 +108,15 @@ def test_cpu_kernel_equals_dequantize_then_matmul(bits, group):
         assert _rel(expert(x), exact) < 1e-5
         # bfloat16 activations: within bfloat16 rounding of the float32 result
         assert _rel(expert(x.bfloat16()).float(), exact) < 2e-2
+
+
+def test_which_tiers_fit_the_triton_kernels():
+    """The GEMV sums inputs and products per group in power-of-two tiles: other group sizes (and INT3) take
+    the torch dequant+matmul path on a GPU."""
+    fits = {(bits, group): triton_fits(ExpertLayout.quantized(768, 384, bits, group))
+            for bits, group in ((4, 64), (2, 32), (8, 64), (4, 128), (4, 48), (2, 96), (3, 64), (4, 256))}
+    assert fits == {(4, 64): True, (2, 32): True, (8, 64): True, (4, 128): True, (4, 48): False, (2, 96): False,
+                    (3, 64): False, (4, 256): False}  # 384 is not a multiple of 256
 
 
 # ------------------------------------------------------------------------------------------ the store
