@@ -48,6 +48,7 @@ try:
 except Exception:  # no triton, or a broken install: the CPU path does not need it
     HAVE_TRITON = False
 
+F32_TWO_23 = 0x4B000000  # float32 2^23's bits: or'd with a code below bit 23 it reads 2^23 + the code's value
 MAX_GROUP = 1024  # the GEMV's planes pass sums x over whole groups within one 1024-column block
 TUNE_REPS = 20  # timed calls per tile config when tuning
 GEMV_MAX_ROWS = 1  # more rows: dequantize + cuBLAS (each GEMV row re-reads W; measured in quant/README.md)
@@ -74,18 +75,54 @@ if HAVE_TRITON:
             v = g * tl.sigmoid(g) * u
         else:
             v = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * K + (k % CPW) * (K // CPW) + k // CPW, v, mask=ok)
+        # plane j's inputs scaled by 2^-p, p = its code's bit offset within a half word (see _gemv_kernel);
+        # the scale is built from its exponent bits, so it is an exact power of two
+        p = ((k % CPW) * (32 // CPW)) % 16
+        scale = ((127 - p) << 23).to(tl.float32, bitcast=True)
+        tl.store(out_ptr + row * K + (k % CPW) * (K // CPW) + k // CPW, v * scale, mask=ok)
         gi = tl.program_id(0) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
         xs = tl.sum(tl.reshape(v, [BLOCK // GROUP, GROUP]), axis=1)
         tl.store(xs_ptr + row * (K // GROUP) + gi, xs, mask=gi < K // GROUP)
 
     @triton.jit
+    def _words_tile(w_ptr, n, n_ok, k0, words_k, stride_wn, CPW: tl.constexpr, BLOCK_W: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+        """The GEMV's words for rows n from input column k0 (a multiple of the tile): columns, mask, words."""
+        wc = tl.max_contiguous(tl.multiple_of(k0 // CPW, BLOCK_W) + tl.arange(0, BLOCK_W), BLOCK_W)
+        w_ok = (wc < words_k) | EVEN_K
+        words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+        return wc, w_ok, words
+
+    @triton.jit
+    def _group_tile(s_ptr, z_ptr, n, n_ok, k0, groups_k, stride_sn, GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+                    EVEN_K: tl.constexpr):
+        """The GEMV's scales and zeros for rows n from input column k0, float32: group columns, mask, s, z."""
+        gc = tl.max_contiguous(tl.multiple_of(k0 // GROUP, BLOCK_G) + tl.arange(0, BLOCK_G), BLOCK_G)
+        g_ok = (gc < groups_k) | EVEN_K
+        sz_ok = n_ok[:, None] & g_ok[None, :]
+        s = tl.load(s_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+        return gc, g_ok, s, z
+
+    @triton.jit
+    def _store_rows(y, out, n_ok, SPLIT_K: tl.constexpr):
+        if SPLIT_K == 1:
+            tl.store(out, y.to(out.dtype.element_ty), mask=n_ok)
+        else:
+            tl.atomic_add(out, y, mask=n_ok)
+
+    @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
+                        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+    @triton.jit
     def _gemv_kernel(
         xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-        N, K, words_k, groups_k, stride_wn, stride_sn, stride_ym,
+        N, K, words_k, groups_k, stride_wn, stride_sn, stride_ym, magic,
         BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     ):
+        """magic = 0x4B000000 (2^23's bits), passed at run time: as an immediate, ptxas masked and or'd each
+        code in two instructions; from a register it fuses them into one LOP3. EVEN_K / EVEN_N: no tile
+        overhangs K / N, so the loads need no mask (each masked load zeroed its registers first)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
@@ -94,28 +131,30 @@ if HAVE_TRITON:
         BLOCK_W: tl.constexpr = BLOCK_K // CPW
         BLOCK_G: tl.constexpr = BLOCK_K // GROUP
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
+        n_ok = (n < N) | EVEN_N
         xp_row = xp_ptr + row * K  # x in plane order (see _planes_kernel): plane j is contiguous
         k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # each split's share of K
         acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for step in range(0, k_span, BLOCK_K):
             k0 = pid_k * k_span + step
-            wc = tl.max_contiguous(tl.multiple_of(k0 // CPW, BLOCK_W) + tl.arange(0, BLOCK_W), BLOCK_W)
-            w_ok = wc < words_k
-            words = tl.load(w_ptr + n[:, None] * stride_wn + wc[None, :], mask=n_ok[:, None] & w_ok[None, :], other=0)
+            wc, w_ok, words = _words_tile(w_ptr, n, n_ok, k0, words_k, stride_wn, CPW, BLOCK_W, EVEN_K)
             # a sum per four codes of a word (INT8 one, INT4 two, INT2 four): INT2's 16 codes in one chain of 16
             # dependent adds made it slower than INT4's 8 on small experts
             part0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
             part3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+            high = words >> 16  # codes at bits 16-31, brought down once per word
             for j in tl.static_range(CPW):  # plane j: code j of every word, input column word * CPW + j
                 # x loaded broadcast over the tile's rows, so it lands in the words' own layout: as a vector
                 # Triton gave it another layout and converted it through shared memory, once per plane
                 xj = tl.load(xp_row + j * words_k + wc[None, :] + 0 * n[:, None], mask=w_ok[None, :], other=0.0)
-                q = (words >> (j * BITS)) & ((1 << BITS) - 1)
-                # exact int -> float without the quarter-rate convert: 2^23 + q has q in its mantissa
-                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                # exact int -> float with neither a shift nor the quarter-rate convert: the code, masked in
+                # place at bit p of its half word, or'd into 2^23's bits, is 2^23 + q * 2^p; less 2^23 it is
+                # q * 2^p, and the planes pass scaled this plane's x by 2^-p
+                half = words if j * BITS < 16 else high
+                q = half & (((1 << BITS) - 1) << ((j * BITS) % 16))
+                qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
                 if j % 4 == 0:
                     part0 += qf * xj
                 elif j % 4 == 1:
@@ -127,19 +166,59 @@ if HAVE_TRITON:
             part = (part0 + part1) + (part2 + part3)
             # per group: scale * (sum q x - zero * sum x), sum x from the planes kernel
             part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
-            gc = tl.max_contiguous(tl.multiple_of(k0 // GROUP, BLOCK_G) + tl.arange(0, BLOCK_G), BLOCK_G)
-            g_ok = gc < groups_k
-            sz_ok = n_ok[:, None] & g_ok[None, :]
-            s = tl.load(s_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + n[:, None] * stride_sn + gc[None, :], mask=sz_ok, other=0.0).to(tl.float32)
+            gc, g_ok, s, z = _group_tile(s_ptr, z_ptr, n, n_ok, k0, groups_k, stride_sn, GROUP, BLOCK_G, EVEN_K)
             xs = tl.load(xs_ptr + row * groups_k + gc, mask=g_ok, other=0.0)
             acc += s * (part_g - z * xs[None, :])
-        y = tl.sum(acc, axis=1)
-        out = y_ptr + row * stride_ym + n
-        if SPLIT_K == 1:
-            tl.store(out, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-        else:
-            tl.atomic_add(out, y, mask=n_ok)
+        _store_rows(tl.sum(acc, axis=1), y_ptr + row * stride_ym + n, n_ok, SPLIT_K)
+
+    @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
+                        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+    @triton.jit
+    def _gemv_direct_kernel(
+        x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, words_k, groups_k, stride_xm, stride_wn, stride_sn, stride_ym, magic,
+        ACT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, SPLIT_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        """The GEMV without the planes pass: x read in its own order (a word's codes as a third axis), with
+        silu(gate) * up (ACT) and the group sums computed here, per program. One launch instead of two; the
+        inputs are re-derived by every program, which pays on small experts only (GEMV_TILES says where)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        row = tl.program_id(2)
+        CPW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // CPW
+        BLOCK_W: tl.constexpr = BLOCK_K // CPW
+        BLOCK_G: tl.constexpr = BLOCK_K // GROUP
+        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = (n < N) | EVEN_N
+        j = tl.arange(0, CPW)
+        # code j sits at bit p = (j * BITS) % 16 of its half word; x is scaled by 2^-p (exact) to match
+        shift = (j * BITS) % 16
+        x_scale = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+        x_row = x_ptr + row * stride_xm
+        k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+        acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+        for step in range(0, k_span, BLOCK_K):
+            k0 = pid_k * k_span + step
+            wc, w_ok, words = _words_tile(w_ptr, n, n_ok, k0, words_k, stride_wn, CPW, BLOCK_W, EVEN_K)
+            col = wc[None, :, None] * CPW + j[None, None, :] + 0 * n[:, None, None]  # broadcast over rows
+            x_ok = w_ok[None, :, None] & (j[None, None, :] < CPW)
+            if ACT:
+                g = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)
+                u = tl.load(x_row + K + col, mask=x_ok, other=0.0).to(tl.float32)
+                v = g * tl.sigmoid(g) * u
+            else:
+                v = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)
+            half = tl.where(j[None, None, :] * BITS < 16, words[:, :, None], words[:, :, None] >> 16)
+            q = half & (((1 << BITS) - 1) << shift)[None, None, :]
+            qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
+            part = tl.sum(qf * (v * x_scale[None, None, :]), axis=2)
+            part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
+            xs_g = tl.sum(tl.reshape(tl.sum(v, axis=2), [BLOCK_N, BLOCK_G, WPG]), axis=2)
+            gc, g_ok, s, z = _group_tile(s_ptr, z_ptr, n, n_ok, k0, groups_k, stride_sn, GROUP, BLOCK_G, EVEN_K)
+            acc += s * (part_g - z * xs_g)
+        _store_rows(tl.sum(acc, axis=1), y_ptr + row * stride_ym + n, n_ok, SPLIT_K)
 
     def _bench_within_budget(fn, quantiles=None):  # noqa: ANN001, ANN202 - triton's do_bench signature
         """Time one tile config without Triton's default L2 flush: its ~256 MB scratch buffer would break
@@ -327,17 +406,19 @@ def planes(h: torch.Tensor, bits: int, group: int, act: bool = False) -> tuple[t
 
 
 # GEMV tiles of the published experts' matrices, (N, K, bits, group) -> tile: the best of a sweep timed in CUDA
-# graphs on cold weights on the H100 (scripts/sweep_gemv.py, quant/README.md). Other shapes are autotuned,
-# whose eager, warm-cache timings pick tiles that move between runs.
+# graphs on cold weights on the H100 (scripts/sweep_gemv.py, quant/README.md); DIRECT: the direct kernel won
+# (Qwen3's small matrices, where the planes pass's launch costs more than re-deriving the inputs). Other
+# shapes are autotuned (planes path), whose eager, warm-cache timings pick tiles that move between runs.
 GEMV_TILES: dict[tuple[int, int, int, int], dict] = {
-    (28672, 4096, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
-    (28672, 4096, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    (4096, 14336, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Mixtral down
-    (4096, 14336, 2, 32): {"BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},
-    (1536, 2048, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8},  # Qwen3-30B-A3B gate|up
-    (1536, 2048, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    (2048, 768, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Qwen3-30B-A3B down
-    (2048, 768, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 512, "SPLIT_K": 1, "num_warps": 4},
+    (28672, 4096, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
+    (28672, 4096, 2, 32): {"BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    (4096, 14336, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},  # Mixtral down
+    (4096, 14336, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
+    # Qwen3-30B-A3B gate|up, then down
+    (1536, 2048, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
+    (1536, 2048, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
+    (2048, 768, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4, "DIRECT": True},
+    (2048, 768, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
 }
 
 
@@ -345,24 +426,32 @@ def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.d
          config: dict | None = None) -> torch.Tensor:
     """x [M, K] (or [M, 2K] gate|up with act=True: silu(gate) * up is the input) -> [M, N].
 
-    config: {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps"} to bypass the autotuner (sweeps, tests).
+    config: {"BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "DIRECT"} to bypass the autotuner (sweeps,
+    tests); DIRECT runs `_gemv_direct_kernel` (no planes pass).
     """
     _check(x, w)
     n, k = w.shape
     x = x.contiguous()
     rows = x.shape[0]
-    xp, sums = planes(x, w.bits, w.group_size, act)
     cfg = dict(config) if config else dict(GEMV_TILES.get((n, k, w.bits, w.group_size), {}))
     if not cfg and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs
         cfg = {"BLOCK_N": 16, "BLOCK_K": max(256, w.group_size), "num_warps": 4}
     split = cfg.pop("SPLIT_K", None) or split_k(n, k, x.device)
+    direct = cfg.pop("DIRECT", False)
     out_dtype = out_dtype or x.dtype
     if split > 1:
         y = torch.zeros(rows, n, device=x.device, dtype=torch.float32)
     else:
         y = torch.empty(rows, n, device=x.device, dtype=out_dtype)
-    args = (xp, sums, w.codes, w.scale, w.zero, y, n, k, k // codes_per_word(w.bits), k // w.group_size,
-            w.codes.stride(0), w.scale.stride(0), y.stride(0))
+    shape = (n, k, k // codes_per_word(w.bits), k // w.group_size)
+    if direct:
+        _gemv_direct_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split, rows)](
+            x, w.codes, w.scale, w.zero, y, *shape, x.stride(0), w.codes.stride(0), w.scale.stride(0), y.stride(0),
+            F32_TWO_23, ACT=act, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split, **cfg)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
+    xp, sums = planes(x, w.bits, w.group_size, act)
+    args = (xp, sums, w.codes, w.scale, w.zero, y, *shape, w.codes.stride(0), w.scale.stride(0), y.stride(0),
+            F32_TWO_23)
     if cfg:
         _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), split, rows)](
             *args, BITS=w.bits, GROUP=w.group_size, SPLIT_K=split, **cfg

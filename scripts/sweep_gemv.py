@@ -6,7 +6,7 @@ matrix (R x its bytes > 2 x L2, so each call reads from HBM; scripts/bench_kerne
 rotation, without its cap on R) and reports the time per call; the best tile per (N, K, bits, group) goes
 into `GEMV_TILES`.
 
-    python3 scripts/sweep_gemv.py [--shapes mixtral,qwen3] [--out sweep_gemv.json]
+    python3 scripts/sweep_gemv.py [--shapes mixtral,qwen3] [--direct] [--out sweep_gemv.json]
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ except ImportError:  # a `scripts` package elsewhere on sys.path shadows the rep
     import bench_kernels as bk  # noqa: E402
 
 
-def tiles(n: int, k: int, group: int, block_n: list[int], block_k: list[int], warps: list[int]) -> list[dict]:
+def tiles(n: int, k: int, group: int, block_n: list[int], block_k: list[int], warps: list[int],
+          direct: bool) -> list[dict]:
     auto = tk.split_k(n, k, torch.device("cuda"))
     out = []
     for bn in block_n:
@@ -41,7 +42,9 @@ def tiles(n: int, k: int, group: int, block_n: list[int], block_k: list[int], wa
                 for split in sorted({1, auto, 2 * auto}):
                     if math.ceil(k / bk_) < split:
                         continue
-                    out.append({"BLOCK_N": bn, "BLOCK_K": bk_, "SPLIT_K": split, "num_warps": w})
+                    for d in (False, True) if direct else (False,):
+                        cfg = {"BLOCK_N": bn, "BLOCK_K": bk_, "SPLIT_K": split, "num_warps": w}
+                        out.append({**cfg, "DIRECT": True} if d else cfg)
     return out
 
 
@@ -52,6 +55,7 @@ def main() -> None:
     ap.add_argument("--block-n", default="4,8,16", help="BLOCK_N values to try")
     ap.add_argument("--block-k", default="512,1024,2048", help="BLOCK_K values to try")
     ap.add_argument("--warps", default="4,8", help="num_warps values to try")
+    ap.add_argument("--direct", action="store_true", help="also time the direct kernel (no planes pass)")
     args = ap.parse_args()
     grid = [[int(v) for v in a.split(",")] for a in (args.block_n, args.block_k, args.warps)]
     torch.manual_seed(0)
@@ -65,7 +69,7 @@ def main() -> None:
                 copies = [m] + [m.map(torch.clone) for _ in range(bk.rotation(m.nbytes, cap=None) - 1)]
                 x = torch.randn(1, k, device="cuda").bfloat16()
                 timed = []
-                for cfg in tiles(n, k, group, *grid):
+                for cfg in tiles(n, k, group, *grid, args.direct):
                     us = bk.bench_graph(lambda c, cfg=cfg: lambda xin: tk.gemv(xin, c, config=cfg), copies, x)
                     timed.append((us, cfg))
                     print(f"{shape} {matrix} INT{bits}: {us:7.1f} us {cfg}", flush=True)

@@ -28,9 +28,12 @@ def test_gemv_and_dequant_against_the_reference(bits, group):
     for rows in (1, 3):
         x = torch.randn(rows, 1024, device="cuda").bfloat16()
         ref = x.float() @ ref_w.T
-        for split in (1, 4):
-            cfg = {"BLOCK_N": 32, "BLOCK_K": max(256, group), "SPLIT_K": split, "num_warps": 4}
+        h = torch.randn(rows, 2048, device="cuda")  # a gate|up output: the GEMV applies silu(gate) * up
+        ref_act = (F.silu(h[:, :1024]) * h[:, 1024:]) @ ref_w.T
+        for split, direct in ((1, False), (4, False), (1, True), (4, True)):
+            cfg = {"BLOCK_N": 32, "BLOCK_K": max(256, group), "SPLIT_K": split, "num_warps": 4, "DIRECT": direct}
             assert _rel(tk.gemv(x, m, out_dtype=torch.float32, config=cfg), ref) < 1e-5
+            assert _rel(tk.gemv(h, m, act=True, out_dtype=torch.float32, config=cfg), ref_act) < 1e-5
         assert _rel(tk.gemv(x, m).float(), ref) < 1e-2
 
 
