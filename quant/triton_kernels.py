@@ -278,22 +278,27 @@ if HAVE_TRITON:
 
 
     @triton.jit
-    def _plane(words, s, z, j: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
-        """Code j of every word, dequantized: (q - zero) * scale in float32 as packing.dequantize, in DTYPE."""
-        q = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
-        qf = q.to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float (2^23 + q, minus 2^23)
-        return ((qf - z) * s).to(DTYPE)
+    def _plane(words, high, s, b, magic, j: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
+        """Code j of every word, dequantized: (q - zero) * scale as packing.dequantize rounds it, in DTYPE.
+        The code is masked in place at bit p of its half word (no shift) and read as 2^23 + q * 2^p (see
+        _gemv_kernel); q * 2^p * (scale * 2^-p) + b, b = -zero * scale, is one FMA whose product and b are
+        exact in float32 (fp16 operands), so it rounds once, as (q - zero) * scale does."""
+        half = words if j * BITS < 16 else high
+        qf = ((half & (((1 << BITS) - 1) << ((j * BITS) % 16))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+        return (qf * (s * (1.0 / (1 << ((j * BITS) % 16)))) + b).to(DTYPE)
 
     @triton.jit
-    def _planes4(words, s, z, b: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
-        """Codes b, b + step, b + 2 step, b + 3 step of every word, joined into new trailing dims [.., 2, 2]
+    def _planes4(words, high, s, b, magic, c: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr,
+                 DTYPE: tl.constexpr):
+        """Codes c, c + step, c + 2 step, c + 3 step of every word, joined into new trailing dims [.., 2, 2]
         that flatten in that order. tl.join's new dim is the last, so the outer join picks the lowest bit."""
-        return tl.join(tl.join(_plane(words, s, z, b, BITS, DTYPE), _plane(words, s, z, b + 2 * step, BITS, DTYPE)),
-                       tl.join(_plane(words, s, z, b + step, BITS, DTYPE),
-                               _plane(words, s, z, b + 3 * step, BITS, DTYPE)))
+        return tl.join(tl.join(_plane(words, high, s, b, magic, c, BITS, DTYPE),
+                               _plane(words, high, s, b, magic, c + 2 * step, BITS, DTYPE)),
+                       tl.join(_plane(words, high, s, b, magic, c + step, BITS, DTYPE),
+                               _plane(words, high, s, b, magic, c + 3 * step, BITS, DTYPE)))
 
     @triton.jit
-    def _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn,
+    def _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, magic,
                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 DTYPE: tl.constexpr):
         """W[n, k0:k0 + BLOCK_K] dequantized, [BLOCK_N, BLOCK_K] in DTYPE. Each word, scale and zero is
@@ -309,20 +314,24 @@ if HAVE_TRITON:
         z = tl.load(z_ptr + n[:, None] * stride_sn + gc[None, :], mask=n_ok[:, None], other=0.0).to(tl.float32)
         # a group is a whole number of words: each word takes its group's scale and zero
         s = tl.reshape(tl.broadcast_to(s[:, :, None], [BLOCK_N, GROUPS, WORDS // GROUPS]), [BLOCK_N, WORDS])
-        z = tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, GROUPS, WORDS // GROUPS]), [BLOCK_N, WORDS])
+        b = -tl.reshape(tl.broadcast_to(z[:, :, None], [BLOCK_N, GROUPS, WORDS // GROUPS]), [BLOCK_N, WORDS]) * s
+        high = words >> 16
         if CPW == 4:
-            t = _planes4(words, s, z, 0, 1, BITS, DTYPE)
+            t = _planes4(words, high, s, b, magic, 0, 1, BITS, DTYPE)
         elif CPW == 8:
-            t = tl.join(_planes4(words, s, z, 0, 2, BITS, DTYPE), _planes4(words, s, z, 1, 2, BITS, DTYPE))
+            t = tl.join(_planes4(words, high, s, b, magic, 0, 2, BITS, DTYPE),
+                        _planes4(words, high, s, b, magic, 1, 2, BITS, DTYPE))
         else:
-            t = tl.join(tl.join(_planes4(words, s, z, 0, 4, BITS, DTYPE), _planes4(words, s, z, 2, 4, BITS, DTYPE)),
-                        tl.join(_planes4(words, s, z, 1, 4, BITS, DTYPE), _planes4(words, s, z, 3, 4, BITS, DTYPE)))
+            t = tl.join(tl.join(_planes4(words, high, s, b, magic, 0, 4, BITS, DTYPE),
+                                _planes4(words, high, s, b, magic, 2, 4, BITS, DTYPE)),
+                        tl.join(_planes4(words, high, s, b, magic, 1, 4, BITS, DTYPE),
+                                _planes4(words, high, s, b, magic, 3, 4, BITS, DTYPE)))
         return tl.reshape(t, [BLOCK_N, BLOCK_K])
 
     @triton.jit
     def _gemm_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
-        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+        M, N, K, stride_xm, stride_wn, stride_sn, stride_ym, magic,
         BITS: tl.constexpr, GROUP: tl.constexpr, SWAP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -343,7 +352,8 @@ if HAVE_TRITON:
         else:
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            w = _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, BITS, GROUP, BLOCK_N, BLOCK_K, DTYPE)
+            w = _w_tile(w_ptr, s_ptr, z_ptr, n, n_ok, k0, stride_wn, stride_sn, magic, BITS, GROUP, BLOCK_N, BLOCK_K,
+                        DTYPE)
             if SWAP:
                 xt = tl.load(x_ptr + m[None, :] * stride_xm + (k0 + kk)[:, None], mask=m_ok[None, :], other=0.0)
                 acc = tl.dot(w, xt, acc)
@@ -503,7 +513,7 @@ def gemm(x: torch.Tensor, w: PackedMatrix, config: dict | None = None) -> torch.
     y = torch.empty(rows, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(rows, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](x, w.codes, w.scale, w.zero, y, rows, n, k, x.stride(0), w.codes.stride(0),
-                       w.scale.stride(0), y.stride(0), BITS=w.bits, GROUP=w.group_size, **cfg)
+                       w.scale.stride(0), y.stride(0), F32_TWO_23, BITS=w.bits, GROUP=w.group_size, **cfg)
     return y
 
 
