@@ -1,4 +1,4 @@
-"""A layer's routed experts for one decode step in two launches, weights read from fixed slots.
+"""A layer's routed experts for one decode step in two passes, weights read from fixed slots.
 
 A bank is where a layer's experts sit on the device: stacked 16-bit matrices (`DenseBank`), or a cache's
 slots, one uint8 buffer per slot in quant/layout.py's format at the hot or the cold tier (`PackedBank`).
@@ -14,8 +14,9 @@ The kernels round where the eager path (fate_cli/model/moe.py over quant/kernels
 model gives its greedy tokens: a dense bank keeps h and silu(gate) * up in the activation dtype (as
 F.linear and F.silu do), a packed bank keeps h in float32 (as the batch-1 GEMV does); each expert's
 output is rounded, scaled by its weight, rounded, and summed in the activation dtype one expert at a time.
-A packed pass dequantizes group-wise inside the product, as quant/triton_kernels.py's GEMV does (per
-word: sum_j q_j x_j and sum_j x_j, then scale * (part - zero * xs)); each pair's tier picks the bit width.
+A packed pass is quant/triton_kernels.py's GEMV: its input is first laid out by the planes kernel (plane
+order, group sums, silu(gate) * up for pass 2) once per distinct tier format, then each program runs the
+GEMV's step (`gemv_step`) on its pair's slot at the tier the table names. A dense pass is one launch.
 An expert with no slot gives zeros: the warm-up before a graph capture runs on whatever the table holds.
 
 `moe_ffn` runs the Triton kernels on a CUDA device, and `moe_ffn_reference` (plain torch, float32,
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize
-from quant.triton_kernels import HAVE_TRITON, available
+from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, planes
 
 FUSED = "triton fused-moe"
 REFERENCE = "torch reference"
@@ -91,6 +92,8 @@ def fused_fits(bank: Bank) -> bool:
         g = lay.group_size
         if g % codes_per_word(lay.bits) or lay.hidden % g or lay.intermediate % g:
             return False
+        if g & (g - 1) or g > PACKED_BLOCK_K:  # the packed pass sums per group within a tile's power-of-two shape
+            return False
     return True
 
 
@@ -139,7 +142,7 @@ def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
 
 BLOCK_N = 32
 DENSE_BLOCK_K = 128
-PACKED_BLOCK_W = 32  # words per tile: 256 columns of INT4, 512 of INT2
+PACKED_BLOCK_K = 256  # input columns per tile (32 words of INT4, 16 of INT2)
 COMBINE_BLOCK = 512
 
 
@@ -154,18 +157,24 @@ def _launch(bank: Bank, x: torch.Tensor, ids: torch.Tensor, out: torch.Tensor, n
                             TOPK=topk, ACT=act, ROUND=rounded, BLOCK_N=BLOCK_N, BLOCK_K=DENSE_BLOCK_K, num_warps=4)
         return
     prefix = "down" if act else "gate_up"
-    offsets, consts = [], {}
+    offsets, consts, inputs, laid_out = [], {}, [], {}
     for i, lay in enumerate(bank.layouts):
         offsets += [lay.segment(f"{prefix}.{part}").offset for part in ("codes", "scale", "zero")]
         consts[f"BITS{i}"], consts[f"GROUP{i}"] = lay.bits, lay.group_size
-    _packed_kernel[grid](x, ids, bank.table, bank.buf, out, n, k, x.stride(0), bank.buf.stride(0), num_experts,
-                         *offsets, **consts, TOPK=topk, ACT=act, BLOCK_N=BLOCK_N, BLOCK_W=PACKED_BLOCK_W,
-                         num_warps=4)
+        key = (lay.bits, lay.group_size)
+        if key not in laid_out:  # the input in plane order and its group sums, once per distinct tier format
+            laid_out[key] = planes(x, lay.bits, lay.group_size, act)
+        inputs += laid_out[key]
+    _packed_kernel[grid](*inputs, ids, bank.table, bank.buf, out, n, k, bank.buf.stride(0), num_experts,
+                         *offsets, F32_TWO_23, **consts, TOPK=topk, ACT=act, BLOCK_N=BLOCK_N,
+                         BLOCK_K=PACKED_BLOCK_K, num_warps=4)
 
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    from quant.triton_kernels import gemv_step
 
     @triton.jit
     def _input(x_row, col, ok, K, ACT: tl.constexpr, ROUND: tl.constexpr = False):
@@ -203,42 +212,26 @@ if HAVE_TRITON:
         tl.store(y_ptr + p * N + n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=n_ok)
 
     @triton.jit
-    def _packed_rows(base, codes_off, scale_off, zero_off, x_row, n, n_ok, K,
-                     ACT: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
-        """sum_k W[n, k] v[k] for BLOCK_N rows of one packed matrix at `base` (a slot's first byte)."""
+    def _packed_rows(base, codes_off, scale_off, zero_off, xp_row, xs_row, n, n_ok, K, magic,
+                     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k W[n, k] v[k] for BLOCK_N rows of one packed matrix at `base` (a slot's first byte), from the
+        input in plane order and its group sums (quant/triton_kernels.py's planes pass and GEMV step)."""
         CPW: tl.constexpr = 32 // BITS
-        WPG: tl.constexpr = GROUP // CPW
-        words_k = K // CPW
-        groups_k = K // GROUP
         codes = (base + codes_off).to(tl.pointer_type(tl.int32))
         scales = (base + scale_off).to(tl.pointer_type(tl.float16))
         zeros = (base + zero_off).to(tl.pointer_type(tl.float16))
-        acc = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-        for w0 in range(0, words_k, BLOCK_W):
-            wc = w0 + tl.arange(0, BLOCK_W)
-            w_ok = wc < words_k
-            tile_ok = n_ok[:, None] & w_ok[None, :]
-            words = tl.load(codes + n[:, None] * words_k + wc[None, :], mask=tile_ok, other=0)
-            g = n[:, None] * groups_k + (wc // WPG)[None, :]
-            s = tl.load(scales + g, mask=tile_ok, other=0.0).to(tl.float32)
-            z = tl.load(zeros + g, mask=tile_ok, other=0.0).to(tl.float32)
-            part = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            xs = tl.zeros([BLOCK_W], dtype=tl.float32)
-            for j in tl.static_range(CPW):  # code j of every word: input column word * CPW + j
-                xj = _input(x_row, wc * CPW + j, w_ok, K, ACT)
-                q = (words >> (j * BITS)) & ((1 << BITS) - 1)
-                qf = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # exact int -> float
-                part += qf * xj[None, :]
-                xs += xj
-            acc += s * (part - z * xs[None, :])
+        acc = tl.zeros([BLOCK_N, BLOCK_K // GROUP], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc += gemv_step(codes, scales, zeros, xp_row, xs_row, n, n_ok, k0, K // CPW, K // GROUP, K // CPW,
+                             K // GROUP, magic, BITS, GROUP, BLOCK_N, BLOCK_K, False)
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _packed_kernel(x_ptr, ids_ptr, table_ptr, buf_ptr, y_ptr, N, K, stride_x, stride_slot, E,
-                       c0, s0, z0, c1, s1, z1,
+    def _packed_kernel(xp0_ptr, xs0_ptr, xp1_ptr, xs1_ptr, ids_ptr, table_ptr, buf_ptr, y_ptr, N, K, stride_slot, E,
+                       c0, s0, z0, c1, s1, z1, magic,
                        BITS0: tl.constexpr, GROUP0: tl.constexpr, BITS1: tl.constexpr, GROUP1: tl.constexpr,
-                       TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr):
+                       TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """xp{t} / xs{t}: the input rows laid out for tier t (plane order and group sums)."""
         p = tl.program_id(1)
         expert = tl.load(ids_ptr + p)
         slot = tl.load(table_ptr + expert)
@@ -247,12 +240,13 @@ if HAVE_TRITON:
         n_ok = n < N
         rows_ok = n_ok & (slot >= 0)
         row = p if ACT else p // TOPK
-        x_row = x_ptr + row * stride_x
         base = buf_ptr + tl.maximum(slot, 0).to(tl.int64) * stride_slot
         if tier == 0:
-            y = _packed_rows(base, c0, s0, z0, x_row, n, rows_ok, K, ACT, BITS0, GROUP0, BLOCK_N, BLOCK_W)
+            y = _packed_rows(base, c0, s0, z0, xp0_ptr + row * K, xs0_ptr + row * (K // GROUP0), n, rows_ok, K, magic,
+                             BITS0, GROUP0, BLOCK_N, BLOCK_K)
         else:
-            y = _packed_rows(base, c1, s1, z1, x_row, n, rows_ok, K, ACT, BITS1, GROUP1, BLOCK_N, BLOCK_W)
+            y = _packed_rows(base, c1, s1, z1, xp1_ptr + row * K, xs1_ptr + row * (K // GROUP1), n, rows_ok, K, magic,
+                             BITS1, GROUP1, BLOCK_N, BLOCK_K)
         tl.store(y_ptr + p * N + n, y, mask=n_ok)
 
     @triton.jit

@@ -111,6 +111,49 @@ if HAVE_TRITON:
         else:
             tl.atomic_add(out, y, mask=n_ok)
 
+    @triton.jit
+    def gemv_step(w_ptr, s_ptr, z_ptr, xp_row, xs_row, n, n_ok, k0, words_k, groups_k, stride_wn, stride_sn, magic,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr):
+        """One BLOCK_K-wide step of the GEMV for rows n: [BLOCK_N, BLOCK_K / GROUP] float32 terms to add up.
+        xp_row / xs_row: one input row in plane order and its group sums (see _planes_kernel)."""
+        CPW: tl.constexpr = 32 // BITS
+        WPG: tl.constexpr = GROUP // CPW  # words per group
+        BLOCK_W: tl.constexpr = BLOCK_K // CPW
+        BLOCK_G: tl.constexpr = BLOCK_K // GROUP
+        wc, w_ok, words = _words_tile(w_ptr, n, n_ok, k0, words_k, stride_wn, CPW, BLOCK_W, EVEN_K)
+        # a sum per four codes of a word (INT8 one, INT4 two, INT2 four): INT2's 16 codes in one chain of 16
+        # dependent adds made it slower than INT4's 8 on small experts
+        part0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        part1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        part2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        part3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
+        high = words >> 16  # codes at bits 16-31, brought down once per word
+        for j in tl.static_range(CPW):  # plane j: code j of every word, input column word * CPW + j
+            # x loaded broadcast over the tile's rows, so it lands in the words' own layout: as a vector
+            # Triton gave it another layout and converted it through shared memory, once per plane
+            xj = tl.load(xp_row + j * words_k + wc[None, :] + 0 * n[:, None], mask=w_ok[None, :], other=0.0)
+            # exact int -> float with neither a shift nor the quarter-rate convert: the code, masked in
+            # place at bit p of its half word, or'd into 2^23's bits, is 2^23 + q * 2^p; less 2^23 it is
+            # q * 2^p, and the planes pass scaled this plane's x by 2^-p
+            half = words if j * BITS < 16 else high
+            q = half & (((1 << BITS) - 1) << ((j * BITS) % 16))
+            qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
+            if j % 4 == 0:
+                part0 += qf * xj
+            elif j % 4 == 1:
+                part1 += qf * xj
+            elif j % 4 == 2:
+                part2 += qf * xj
+            else:
+                part3 += qf * xj
+        part = (part0 + part1) + (part2 + part3)
+        # per group: scale * (sum q x - zero * sum x), sum x from the planes kernel
+        part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
+        gc, g_ok, s, z = _group_tile(s_ptr, z_ptr, n, n_ok, k0, groups_k, stride_sn, GROUP, BLOCK_G, EVEN_K)
+        xs = tl.load(xs_row + gc, mask=g_ok, other=0.0)
+        return s * (part_g - z * xs[None, :])
+
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
                         "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
     @triton.jit
@@ -126,9 +169,6 @@ if HAVE_TRITON:
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
-        CPW: tl.constexpr = 32 // BITS
-        WPG: tl.constexpr = GROUP // CPW  # words per group
-        BLOCK_W: tl.constexpr = BLOCK_K // CPW
         BLOCK_G: tl.constexpr = BLOCK_K // GROUP
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = (n < N) | EVEN_N
@@ -137,38 +177,8 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
         for step in range(0, k_span, BLOCK_K):
             k0 = pid_k * k_span + step
-            wc, w_ok, words = _words_tile(w_ptr, n, n_ok, k0, words_k, stride_wn, CPW, BLOCK_W, EVEN_K)
-            # a sum per four codes of a word (INT8 one, INT4 two, INT2 four): INT2's 16 codes in one chain of 16
-            # dependent adds made it slower than INT4's 8 on small experts
-            part0 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            part1 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            part2 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            part3 = tl.zeros([BLOCK_N, BLOCK_W], dtype=tl.float32)
-            high = words >> 16  # codes at bits 16-31, brought down once per word
-            for j in tl.static_range(CPW):  # plane j: code j of every word, input column word * CPW + j
-                # x loaded broadcast over the tile's rows, so it lands in the words' own layout: as a vector
-                # Triton gave it another layout and converted it through shared memory, once per plane
-                xj = tl.load(xp_row + j * words_k + wc[None, :] + 0 * n[:, None], mask=w_ok[None, :], other=0.0)
-                # exact int -> float with neither a shift nor the quarter-rate convert: the code, masked in
-                # place at bit p of its half word, or'd into 2^23's bits, is 2^23 + q * 2^p; less 2^23 it is
-                # q * 2^p, and the planes pass scaled this plane's x by 2^-p
-                half = words if j * BITS < 16 else high
-                q = half & (((1 << BITS) - 1) << ((j * BITS) % 16))
-                qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
-                if j % 4 == 0:
-                    part0 += qf * xj
-                elif j % 4 == 1:
-                    part1 += qf * xj
-                elif j % 4 == 2:
-                    part2 += qf * xj
-                else:
-                    part3 += qf * xj
-            part = (part0 + part1) + (part2 + part3)
-            # per group: scale * (sum q x - zero * sum x), sum x from the planes kernel
-            part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
-            gc, g_ok, s, z = _group_tile(s_ptr, z_ptr, n, n_ok, k0, groups_k, stride_sn, GROUP, BLOCK_G, EVEN_K)
-            xs = tl.load(xs_ptr + row * groups_k + gc, mask=g_ok, other=0.0)
-            acc += s * (part_g - z * xs[None, :])
+            acc += gemv_step(w_ptr, s_ptr, z_ptr, xp_row, xs_ptr + row * groups_k, n, n_ok, k0, words_k, groups_k,
+                             stride_wn, stride_sn, magic, BITS, GROUP, BLOCK_N, BLOCK_K, EVEN_K)
         _store_rows(tl.sum(acc, axis=1), y_ptr + row * stride_ym + n, n_ok, SPLIT_K)
 
     @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
