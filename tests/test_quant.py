@@ -110,6 +110,22 @@ def test_cpu_kernel_equals_dequantize_then_matmul(bits, group):
         assert _rel(expert(x.bfloat16()).float(), exact) < 2e-2
 
 
+def test_which_banks_fit_the_fused_moe_pass():
+    """The captured step's packed pass runs the GEMV step over 256-column tiles: power-of-two groups up to 256."""
+    from quant.moe_kernels import PackedBank, fused_fits
+
+    def bank(*tiers):
+        layouts = tuple(ExpertLayout.quantized(1536, 1536, bits, group) for bits, group in tiers)
+        return PackedBank(torch.zeros(2, max(lay.nbytes for lay in layouts), dtype=torch.uint8), layouts,
+                          torch.zeros(2, 4, dtype=torch.int32))
+
+    assert fused_fits(bank((4, 64), (2, 32)))
+    assert fused_fits(bank((8, 256), (4, 128)))
+    assert not fused_fits(bank((4, 64), (4, 48)))  # 48 divides 1536 but is not a power of two
+    assert not fused_fits(bank((4, 256), (2, 512)))  # a group wider than a tile
+    assert not fused_fits(bank((4, 64), (3, 64)))  # INT3 codes straddle words
+
+
 def test_which_tiers_fit_the_triton_kernels():
     """The GEMV sums inputs and products per group in power-of-two tiles: other group sizes (and INT3) take
     the torch dequant+matmul path on a GPU."""
