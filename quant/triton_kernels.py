@@ -14,11 +14,15 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
   N alone gives too few programs; tiles from GEMV_TILES for the published experts' matrices, autotuned per
   shape on first use otherwise). It never forms W: per word part = sum_j q_j x_j (summed four codes at a
   time, so no thread waits on a chain of 16 adds), per group y += scale * (sum of parts - zero * xs) with
-  xs the group's input sum from the planes pass; per weight that is a shift, a mask, an or, a subtract
-  (int to float by the 2^23 trick, not the quarter-rate convert) and a multiply-add. Every tensor of a
-  step shares the words' layout (x is loaded broadcast over the rows), so nothing crosses shared memory.
-  An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus memsets for
-  split-K).
+  xs the group's input sum from the planes pass; per weight that is one LOP3 (the code masked in place and
+  or'd into 2^23's bits: int to float without a shift or the quarter-rate convert), a subtract and a
+  multiply-add. Every tensor of a step shares the words' layout (x is loaded broadcast over the rows), so
+  nothing crosses shared memory. `gemv_step` is one step of it (quant/moe_kernels.py's packed pass runs it
+  too). An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus memsets
+  for split-K).
+- `_gemv_direct_kernel` (batch 1, where GEMV_TILES says DIRECT): the GEMV without the planes pass, x read
+  in its own order with silu(gate) * up and the group sums computed in each program; an expert's FFN in
+  two launches.
 - `_gemm_kernel` (2 to FUSED_MAX_ROWS rows, and every row count of experts under LARGE_EXPERT weights):
   y = x @ W.T with W dequantized tile by tile on chip. Each word, scale and zero is loaded once; a word's
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
