@@ -1,6 +1,7 @@
 """Tile sweep of the fused dequant GEMM (quant.triton_kernels.gemm) against dequantize + cuBLAS and bf16 cuBLAS.
 
-    python3 scripts/sweep_gemm.py [--shapes mixtral,qwen3] [--rows 4,16,64,128,512] [--budget-s 20] [--out F.json]
+    python3 scripts/sweep_gemm.py [--shapes mixtral,qwen3] [--rows 4,16,64,128,512] [--budget-s 20] [--tiers 4:64]
+                                  [--wide-swap] [--out F.json]
 
 Per expert matrix (gate|up [2I, H] and down [H, I]), tier (INT4 g64, INT2 g32) and row count: the time of
 one product y = x @ W.T with x [rows, K] bf16, for every tile configuration tried (within --budget-s
@@ -34,7 +35,6 @@ except ImportError:  # a `scripts` package elsewhere on sys.path shadows the rep
     import bench_kernels as bk  # noqa: E402
 
 SHAPES = bk.SHAPES
-TIERS = tuple((bits, group) for _, bits, group in bk.TIERS)
 
 
 def copies(make, nbytes: int) -> list:
@@ -51,14 +51,15 @@ def per_call_us(fn, items: list) -> float:
     return do_bench(run, warmup=10, rep=60, return_mode="median") * 1000 / len(items)
 
 
-def configs(rows: int, seed: int = 0) -> list[dict]:
-    """Candidate tiles for `rows` rows, in a fixed shuffled order (a time budget then samples them all)."""
+def configs(rows: int, seed: int = 0, wide_swap: bool = False) -> list[dict]:
+    """Candidate tiles for `rows` rows, in a fixed shuffled order (a time budget then samples them all).
+    wide_swap: also the W tile as the wide operand with more than 64 rows of x."""
     bm0 = min(128, max(16, 1 << (rows - 1).bit_length()))
     bms = sorted({bm0, max(16, bm0 // 2)} | ({256} if rows >= 256 else set()))
     out = []
     for bm, bn, bk, (warps, stages), swap in itertools.product(
             bms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (4, 4), (8, 2)), (True, False)):
-        if bm * bn > 256 * 128 or (bm >= 128 and bn >= 256 and warps == 4) or (swap and bm > 64):
+        if bm * bn > 256 * 128 or (bm >= 128 and bn >= 256 and warps == 4) or (swap and bm > 64 and not wide_swap):
             continue
         out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "num_warps": warps,
                     "num_stages": stages})
@@ -71,6 +72,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="mixtral,qwen3")
     ap.add_argument("--rows", default="4,16,64,128,512")
     ap.add_argument("--budget-s", type=float, default=20.0, help="seconds of tile trials per case")
+    ap.add_argument("--wide-swap", action="store_true", help="try SWAP tiles above 64 rows of x too")
+    ap.add_argument("--tiers", default=",".join(f"{bits}:{group}" for _, bits, group in bk.TIERS),
+                    help="bits:group of the tiers to sweep")
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if not torch.cuda.is_available() or not tk.available():
@@ -84,17 +88,18 @@ def main() -> None:
         for what, (n, k) in (("gate_up", (2 * inter, hidden)), ("down", (hidden, inter))):
             w16 = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
             dense = copies(lambda w16=w16: w16.clone(), w16.nbytes)
-            packed = {bits: quantize_matrix(w16, bits, group, method="minmax") for bits, group in TIERS}
+            tiers = [tuple(int(v) for v in t.split(":")) for t in a.tiers.split(",")]
+            packed = {bits: quantize_matrix(w16, bits, group, method="minmax") for bits, group in tiers}
             for rows in (int(r) for r in a.rows.split(",")):
                 x = torch.randn(rows, k, device="cuda").bfloat16()
                 t_bf16 = per_call_us(lambda w, x=x: F.linear(x, w), dense)
-                for bits, group in TIERS:
+                for bits, group in tiers:
                     m = packed[bits]
                     ref = x.float() @ dequantize(m, torch.float32).T
                     ms = copies(lambda m=m: m.map(torch.Tensor.clone), m.nbytes)
                     t_deq = per_call_us(lambda w, x=x: F.linear(x, tk.dequant(w, x.dtype)), ms)
                     trials, t0 = [], time.perf_counter()
-                    for cfg in configs(rows):
+                    for cfg in configs(rows, wide_swap=a.wide_swap):
                         if time.perf_counter() - t0 > a.budget_s:
                             break
                         if k % cfg["BLOCK_K"] or cfg["BLOCK_K"] % group:
