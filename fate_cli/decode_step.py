@@ -1,4 +1,4 @@
-"""The decode step with fixed shapes: CUDA graphs replayed every token, each MoE layer's experts in two launches.
+"""The decode step with fixed shapes: CUDA graphs replayed every token, each MoE layer's experts in two passes.
 
 An eager decode step of an MoE model launches hundreds of small kernels from Python (per layer: norms,
 attention, the router, then three matmuls per routed expert), so on a GPU it is bound by launches long
