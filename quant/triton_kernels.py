@@ -501,8 +501,9 @@ def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16, out: torch.Ten
 
 def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (scripts/sweep_gemm.py, quant/README.md).
-    Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one; more rows take
-    128 x 128 tiles, or 64 x 64 where those would leave most of the `sms` multiprocessors idle."""
+    Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one, and up to 128
+    rows of a wide matrix (Mixtral's gate|up) too; more rows take 128 x 128 tiles, or 64 x 64 where those would
+    leave most of the `sms` multiprocessors idle."""
     # the widest of 128/64/32 that divides K in whole groups (the bundled model's K=160 takes 32), else a group
     block_k = next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), group)
     if rows <= 16:
@@ -511,6 +512,8 @@ def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     if rows <= 64:
         return {"BLOCK_M": max(16, triton.next_power_of_2(rows)), "BLOCK_N": 64, "BLOCK_K": block_k, "SWAP": True,
                 "num_warps": 4, "num_stages": 4}
+    if rows <= 128 and n >= 16384:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": block_k, "SWAP": True, "num_warps": 4, "num_stages": 3}
     tile = 128 if triton.cdiv(n, 128) * triton.cdiv(rows, 128) >= sms else 64
     return {"BLOCK_M": tile, "BLOCK_N": tile, "BLOCK_K": block_k, "SWAP": False, "num_warps": 8, "num_stages": 3}
 
