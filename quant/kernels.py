@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from quant.layout import ExpertLayout
-from quant.packing import codes_per_word, dequantize
-from quant.triton_kernels import MAX_GROUP
+from quant.packing import dequantize
+from quant.triton_kernels import tier_fits
 
 CPU = "cpu dequant+matmul"
 TORCH = "torch dequant+matmul"
@@ -32,12 +32,8 @@ TRITON = "triton-fused"
 
 
 def triton_fits(layout: ExpertLayout) -> bool:
-    if layout.kind != "quantized" or layout.bits == 3:
-        return False
-    g = layout.group_size
-    power_of_two = g & (g - 1) == 0 and g <= MAX_GROUP  # the GEMV sums inputs and products per group
-    return (power_of_two and g % codes_per_word(layout.bits) == 0 and layout.hidden % g == 0
-            and layout.intermediate % g == 0)
+    return layout.kind == "quantized" and tier_fits(layout.bits, layout.group_size, layout.hidden,
+                                                    layout.intermediate)
 
 
 def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:

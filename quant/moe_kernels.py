@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from quant.layout import ExpertLayout
-from quant.packing import codes_per_word, dequantize
-from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, planes
+from quant.packing import dequantize
+from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, planes, tier_fits
 
 FUSED = "triton fused-moe"
 REFERENCE = "torch reference"
@@ -86,15 +86,9 @@ def fused_fits(bank: Bank) -> bool:
     """Whether the Triton kernels take this bank (packed tiers: bits 2, 4 or 8 in whole words per group)."""
     if isinstance(bank, DenseBank):
         return True
-    for lay in bank.layouts:
-        if lay.kind != "quantized" or lay.bits == 3:
-            return False
-        g = lay.group_size
-        if g % codes_per_word(lay.bits) or lay.hidden % g or lay.intermediate % g:
-            return False
-        if g & (g - 1) or g > PACKED_BLOCK_K:  # the packed pass sums per group within a tile's power-of-two shape
-            return False
-    return True
+    # the packed pass sums per group within one 256-column tile
+    return all(lay.kind == "quantized" and tier_fits(lay.bits, lay.group_size, lay.hidden, lay.intermediate,
+                                                     max_group=PACKED_BLOCK_K) for lay in bank.layouts)
 
 
 def backend_for(device: torch.device, bank: Bank) -> str:

@@ -406,12 +406,19 @@ def split_k(n: int, k: int, device: torch.device) -> int:
     return 1 if 2 * n_blocks >= sms else max(1, min(k // 512, sms // n_blocks))
 
 
+def tier_fits(bits: int, group: int, *widths: int, max_group: int = MAX_GROUP) -> bool:
+    """Whether INT{bits} in groups of `group` fits the Triton kernels for matrices of these input widths: bits 2,
+    4 or 8 (INT3 codes straddle words), the group a whole number of words and a power of two up to max_group
+    (the GEMV sums inputs and products per group in power-of-two tiles), every width a multiple of it."""
+    if bits == 3 or group % codes_per_word(bits) or group & (group - 1) or group > max_group:
+        return False
+    return all(width % group == 0 for width in widths)
+
+
 def _check(x: torch.Tensor, w: PackedMatrix) -> None:
-    cpw = codes_per_word(w.bits)
     n, k = w.shape
-    g = w.group_size
-    if w.bits == 3 or g % cpw or k % g or g & (g - 1) or g > MAX_GROUP:
-        raise ValueError(f"INT{w.bits} g{g} with K={k} does not fit the Triton kernels")
+    if not tier_fits(w.bits, w.group_size, k):
+        raise ValueError(f"INT{w.bits} g{w.group_size} with K={k} does not fit the Triton kernels")
     if not (w.codes.is_contiguous() and w.scale.is_contiguous() and w.zero.is_contiguous()):
         raise ValueError("packed tensors must be contiguous")
 
