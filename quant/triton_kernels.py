@@ -65,6 +65,22 @@ def available() -> bool:
 
 if HAVE_TRITON:
 
+    # EVEN_K / EVEN_N: no GEMV tile overhangs K / N, so its loads need no mask
+    _EVEN_TILES = {"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
+                   "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}
+
+    @triton.jit
+    def _exp2_neg(p):
+        """2^-p, exactly, for integers p in [0, 126]: a float32 built from its exponent bits."""
+        return ((127 - p) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _code_times_2p(half, p, magic, BITS: tl.constexpr):
+        """The BITS-bit code at bit p of `half` as float32 q * 2^p, exactly, with neither a shift nor the
+        quarter-rate int-to-float convert: masked in place and or'd into 2^23's bits (magic, held in a register
+        so that mask-and-or is one LOP3), it reads 2^23 + q * 2^p (p + BITS <= 16 < 23); less 2^23, q * 2^p."""
+        return ((half & (((1 << BITS) - 1) << p)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+
     @triton.jit
     def _planes_kernel(h_ptr, out_ptr, xs_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK: tl.constexpr):
@@ -81,8 +97,7 @@ if HAVE_TRITON:
             v = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
         # plane j's inputs scaled by 2^-p, p = its code's bit offset within a half word (see _gemv_kernel);
         # the scale is built from its exponent bits, so it is an exact power of two
-        p = ((k % CPW) * (32 // CPW)) % 16
-        scale = ((127 - p) << 23).to(tl.float32, bitcast=True)
+        scale = _exp2_neg(((k % CPW) * (32 // CPW)) % 16)
         tl.store(out_ptr + row * K + (k % CPW) * (K // CPW) + k // CPW, v * scale, mask=ok)
         gi = tl.program_id(0) * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
         xs = tl.sum(tl.reshape(v, [BLOCK // GROUP, GROUP]), axis=1)
@@ -137,12 +152,9 @@ if HAVE_TRITON:
             # x loaded broadcast over the tile's rows, so it lands in the words' own layout: as a vector
             # Triton gave it another layout and converted it through shared memory, once per plane
             xj = tl.load(xp_row + j * words_k + wc[None, :] + 0 * n[:, None], mask=w_ok[None, :], other=0.0)
-            # exact int -> float with neither a shift nor the quarter-rate convert: the code, masked in
-            # place at bit p of its half word, or'd into 2^23's bits, is 2^23 + q * 2^p; less 2^23 it is
-            # q * 2^p, and the planes pass scaled this plane's x by 2^-p
+            # q * 2^p for code j at bit p of its half word; the planes pass scaled this plane's x by 2^-p
             half = words if j * BITS < 16 else high
-            q = half & (((1 << BITS) - 1) << ((j * BITS) % 16))
-            qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
+            qf = _code_times_2p(half, (j * BITS) % 16, magic, BITS)
             if j % 4 == 0:
                 part0 += qf * xj
             elif j % 4 == 1:
@@ -158,8 +170,7 @@ if HAVE_TRITON:
         xs = tl.load(xs_row + gc, mask=g_ok, other=0.0)
         return s * (part_g - z * xs[None, :])
 
-    @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
-                        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+    @triton.heuristics(_EVEN_TILES)
     @triton.jit
     def _gemv_kernel(
         xp_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
@@ -168,8 +179,8 @@ if HAVE_TRITON:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         """magic = 0x4B000000 (2^23's bits), passed at run time: as an immediate, ptxas masked and or'd each
-        code in two instructions; from a register it fuses them into one LOP3. EVEN_K / EVEN_N: no tile
-        overhangs K / N, so the loads need no mask (each masked load zeroed its registers first)."""
+        code in two instructions; from a register it fuses them into one LOP3. EVEN_K / EVEN_N drop the loads'
+        masks (each masked load zeroed its registers first)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
@@ -185,8 +196,7 @@ if HAVE_TRITON:
                              stride_wn, stride_sn, magic, BITS, GROUP, BLOCK_N, BLOCK_K, EVEN_K)
         _store_rows(tl.sum(acc, axis=1), y_ptr + row * stride_ym + n, n_ok, SPLIT_K)
 
-    @triton.heuristics({"EVEN_K": lambda a: a["K"] % (a["SPLIT_K"] * a["BLOCK_K"]) == 0,
-                        "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
+    @triton.heuristics(_EVEN_TILES)
     @triton.jit
     def _gemv_direct_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
@@ -209,7 +219,7 @@ if HAVE_TRITON:
         j = tl.arange(0, CPW)
         # code j sits at bit p = (j * BITS) % 16 of its half word; x is scaled by 2^-p (exact) to match
         shift = (j * BITS) % 16
-        x_scale = ((127 - shift) << 23).to(tl.float32, bitcast=True)
+        x_scale = _exp2_neg(shift)
         x_row = x_ptr + row * stride_xm
         k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
         acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
@@ -225,8 +235,7 @@ if HAVE_TRITON:
             else:
                 v = tl.load(x_row + col, mask=x_ok, other=0.0).to(tl.float32)
             half = tl.where(j[None, None, :] * BITS < 16, words[:, :, None], words[:, :, None] >> 16)
-            q = half & (((1 << BITS) - 1) << shift)[None, None, :]
-            qf = (q | magic).to(tl.float32, bitcast=True) - 8388608.0
+            qf = _code_times_2p(half, shift[None, None, :], magic, BITS)
             part = tl.sum(qf * (v * x_scale[None, None, :]), axis=2)
             part_g = tl.sum(tl.reshape(part, [BLOCK_N, BLOCK_G, WPG]), axis=2)
             xs_g = tl.sum(tl.reshape(tl.sum(v, axis=2), [BLOCK_N, BLOCK_G, WPG]), axis=2)
@@ -294,11 +303,11 @@ if HAVE_TRITON:
     @triton.jit
     def _plane(words, high, s, b, magic, j: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr):
         """Code j of every word, dequantized: (q - zero) * scale as packing.dequantize rounds it, in DTYPE.
-        The code is masked in place at bit p of its half word (no shift) and read as 2^23 + q * 2^p (see
-        _gemv_kernel); q * 2^p * (scale * 2^-p) + b, b = -zero * scale, is one FMA whose product and b are
+        The code is read as q * 2^p where it sits at bit p of its half word (_code_times_2p);
+        q * 2^p * (scale * 2^-p) + b, b = -zero * scale, is one FMA whose product and b are
         exact in float32 (fp16 operands), so it rounds once, as (q - zero) * scale does."""
         half = words if j * BITS < 16 else high
-        qf = ((half & (((1 << BITS) - 1) << ((j * BITS) % 16))) | magic).to(tl.float32, bitcast=True) - 8388608.0
+        qf = _code_times_2p(half, (j * BITS) % 16, magic, BITS)
         return (qf * (s * (1.0 / (1 << ((j * BITS) % 16)))) + b).to(DTYPE)
 
     @triton.jit
