@@ -28,9 +28,11 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
   tile is the product's wide left operand (SWAP: (W x^T)^T), so 16 rows of x fill a tensor-core tile.
   Tiles per row count from the H100 sweep (`gemm_config`, scripts/sweep_gemm.py).
-- `_dequant_kernel`: W to the activation dtype. Many rows of a large expert (Mixtral's, at 512 rows) run
-  as dequantize + cuBLAS, each matrix dequantized on a side stream while the previous one's product runs
-  (`_dequant_ffn_overlapped`): cuBLAS's GEMM is faster there than any fused GEMM we wrote (quant/README.md).
+- Many rows of a large expert (Mixtral's, at 512 rows): on a Hopper GPU the warp-specialized GEMM of
+  quant/hopper_gemm.py (W dequantized into shared memory by warps of its own while the tensor cores
+  multiply; no bf16 copy of the weights); elsewhere `_dequant_kernel` (W to the activation dtype) and
+  cuBLAS, each matrix dequantized on a side stream while the previous one's product runs
+  (`_dequant_ffn_overlapped`). quant/README.md has the measurements.
 
 Importing this module needs neither Triton nor a GPU; `available()` says whether the kernels can run.
 """
@@ -582,7 +584,7 @@ def _dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: Packed
     return F.linear(h, dn)
 
 
-FUSED_MAX_ROWS = 128  # more rows of a large expert: dequantize + cuBLAS (measured, quant/README.md)
+FUSED_MAX_ROWS = 128  # more rows of a large expert: Hopper's wgmma GEMM or dequantize + cuBLAS (quant/README.md)
 LARGE_EXPERT = 1 << 24  # weights in gate|up from which that holds (Mixtral's 58.7M: yes; Qwen3's 3.1M: no)
 
 
@@ -594,6 +596,10 @@ def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> to
     inter = down.shape[1]
     large = x.shape[0] > FUSED_MAX_ROWS and gate_up.shape[0] * gate_up.shape[1] >= LARGE_EXPERT
     if large:
+        from quant import hopper_gemm
+
+        if hopper_gemm.usable(x, gate_up, down):  # Hopper: no bf16 copy of the weights (quant/README.md)
+            return hopper_gemm.expert_ffn(x, gate_up, down)
         return _dequant_ffn_overlapped(x, gate_up, down)
     if x.dtype in (torch.bfloat16, torch.float16):
         h = gemm(x, gate_up)

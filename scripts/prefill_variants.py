@@ -17,7 +17,11 @@ float32 dequantize-then-matmul and timed as a CUDA graph over copies of the expe
 - piped C/D: the same chunks, chunk i + 1 dequantized on a side stream while chunk i's product runs
   (three buffers in turn);
 - carveout S: the runtime's overlapped path with cuBLAS told to leave S multiprocessors free
-  (torch._C._set_sm_carveout_experimental), where this torch has it.
+  (torch._C._set_sm_carveout_experimental), where this torch has it;
+- wgmma S/W/X/XS/WS/RS/P/PP/PR: quant/hopper_gemm.py (Hopper only): PP warps (PR registers each) dequantize
+  W into shared memory while P warps run the tensor cores; tiles of W rows of W by X rows of x, rings of XS x
+  tiles, WS W tiles and RS packed W tiles, K in S parts; each matrix is also timed alone, beside cuBLAS on its
+  bf16 weights.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from quant import hopper_gemm as hg  # noqa: E402
 from quant import triton_kernels as tk  # noqa: E402
 from quant.hqq_quant import quantize_matrix  # noqa: E402
 from quant.packing import PackedMatrix, codes_per_word, dequantize  # noqa: E402
@@ -146,6 +151,19 @@ def carveout_fn(sms: int):  # noqa: ANN201
     return run
 
 
+WS_KEYS = ("split", "block_w", "block_x", "x_stages", "w_stages", "raw_stages", "warps", "producer_warps",
+           "producer_regs")
+
+
+def wgmma_ffn(inter: int, cfg: dict):  # noqa: ANN201
+    def make(w: tuple[PackedMatrix, PackedMatrix]):  # noqa: ANN202
+        def run(xin: torch.Tensor) -> torch.Tensor:
+            h = hg.gemm(xin, w[0], **{**cfg, "split": 1})  # the split is for down, whose W has few tiles
+            return hg.gemm(F.silu(h[:, :inter]) * h[:, inter:], w[1], **cfg)
+        return run
+    return make
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="mixtral")
@@ -153,6 +171,8 @@ def main() -> None:
     ap.add_argument("--tiers", default="4:64,2:32")
     ap.add_argument("--chunks", default="2048/3584,1024/2048,3584/7168")
     ap.add_argument("--carveouts", default="16,32")
+    ap.add_argument("--wgmma", default="1/128/256/4/3/4/8/4/152", help="S/W/X/XS/WS/RS/P/PP/PR: splits of K, rows "
+                    "of W and of x per tile, x, W and packed-W stages, MMA warps, dequantizing warps, their registers")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -185,7 +205,7 @@ def main() -> None:
                 F.silu(F.linear(xin, tk.dequant(w[0].rows(0, inter)))) * F.linear(
                     xin, tk.dequant(w[0].rows(inter, 2 * inter))), tk.dequant(w[1])),
         }
-        for spec in args.chunks.split(","):
+        for spec in filter(None, args.chunks.split(",")):
             c, dd = (int(v) for v in spec.split("/"))
             if inter % c or inter % dd or dd % group:
                 continue
@@ -197,6 +217,13 @@ def main() -> None:
                 variants[f"carveout {sms}"] = lambda w, sms=sms: lambda xin, w=w: carveout_fn(sms)(w[0], w[1], xin)
         else:
             print("no torch._C._set_sm_carveout_experimental in this torch: carveout variants skipped")
+        wgmma = [dict(zip(WS_KEYS, (int(v) for v in spec.split("/"))))
+                 for spec in args.wgmma.split(",") if spec]
+        if wgmma and not hg.available(dev):
+            print("not a Hopper GPU, or no Gluon in this Triton: wgmma variants skipped")
+            wgmma = []
+        for cfg in wgmma:
+            variants["wgmma " + "/".join(map(str, cfg.values()))] = wgmma_ffn(inter, cfg)
         for name, make in variants.items():
             try:
                 err = bk.rel(make(copies[0])(x), ref)
@@ -208,6 +235,18 @@ def main() -> None:
                   flush=True)
             results.append({"variant": name, "bits": bits, "group": group, "us": us, "vs_bf16": us / bf16_us,
                             "rel_err": err})
+        h = torch.randn(args.rows, inter, device=dev).bfloat16()
+        for i, (what, inp) in enumerate((("gate|up", x), ("down", h))):
+            mats = [torch.cat(w[:2]) if i == 0 else w[2] for w in dense_copies[:4]] if bits == 4 else []
+            cublas = bk.bench_graph(lambda w: lambda xi: F.linear(xi, w), mats, inp) if mats else None
+            del mats
+            for cfg in wgmma:
+                us = bk.bench_graph(lambda w, i=i, cfg=cfg: lambda xi: hg.gemm(xi, w[i], **cfg), copies, inp)
+                name = "wgmma " + "/".join(map(str, cfg.values()))
+                print(f"INT{bits} g{group} {what} alone: {name} {us:.1f} us"
+                      + (f", cuBLAS bf16 {cublas:.1f} us" if cublas else ""), flush=True)
+                results.append({"variant": f"{name} {what}", "bits": bits, "group": group, "us": us,
+                                "cublas_bf16_us": cublas})
         del copies
         torch.cuda.empty_cache()
     if args.out:

@@ -135,6 +135,26 @@ def test_which_tiers_fit_the_triton_kernels():
                     (3, 64): False, (4, 256): False}  # 384 is not a multiple of 256
 
 
+def test_which_matrices_the_hopper_gemm_takes():
+    """The warp-specialized prefill GEMM reads 64-column steps of whole groups by TMA (16-byte rows), and halves
+    K for matrices whose tiles leave most multiprocessors idle (Mixtral's down at 512 rows)."""
+    from quant import hopper_gemm as hg
+    from quant.hqq_quant import quantize_matrix
+
+    assert hg.fits(4, 64, 28672, 4096) and hg.fits(2, 32, 4096, 14336, split=2) and hg.fits(8, 64, 4096, 14336)
+    assert not hg.fits(4, 64, 4096, 14336 + 32)  # K not in whole steps
+    assert not hg.fits(4, 48, 4096, 14400)  # not a power of two
+    assert not hg.fits(2, 8, 4096, 14336)  # eight groups a step: more than the scales' pairs it reads
+    assert not hg.fits(4, 128, 4096, 192, split=2)  # halves of 96 columns
+    assert hg.tma_ready(quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax"))  # 16 groups: 32 bytes
+    assert not hg.tma_ready(quantize_matrix(torch.randn(64, 768), 4, 64, method="minmax"))  # 12 groups: 24 bytes
+    assert hg.down_split(512, 4096, 14336, 4, 64, sms=132) == 2  # 2 x 32 tiles on 132 SMs
+    assert hg.down_split(512, 28672, 4096, 4, 64, sms=132) == 1  # gate|up: 448 tiles
+    assert hg.down_split(512, 4096, 14336 + 64, 4, 64, sms=132) == 1  # halves of 7200: not whole steps
+    x = torch.randn(300, 1024, dtype=torch.bfloat16)
+    assert not hg.usable(x, quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax"))  # no Hopper here
+
+
 # ------------------------------------------------------------------------------------------ the store
 
 

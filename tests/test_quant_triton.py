@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quant import hopper_gemm as hg
 from quant import triton_kernels as tk
 from quant.hqq_quant import quantize_expert, quantize_matrix
 from quant.kernels import TRITON, QuantExpert, dequantized_weights, select_backend
@@ -38,7 +39,9 @@ def test_gemv_and_dequant_against_the_reference(bits, group):
 
 
 @pytest.mark.parametrize("hidden,inter,tiers", [(2048, 768, ((4, 64), (2, 32))), (512, 1408, ((4, 64), (2, 32))),
-                                                (160, 64, ((4, 32), (2, 32)))])  # the last: the bundled model's
+                                                (160, 64, ((4, 32), (2, 32))),  # the bundled model's
+                                                (2048, 4096, ((4, 64), (2, 32)))])  # large: 300 rows take the
+# prefill path of large experts (Hopper's wgmma GEMM, elsewhere dequantize + cuBLAS)
 def test_expert_ffn(hidden, inter, tiers):
     g = torch.Generator(device="cuda").manual_seed(0)
     gate, up, down = (torch.randn(s, device="cuda", generator=g).bfloat16() * 0.02
@@ -86,3 +89,27 @@ def test_overlapped_dequant_ffn_matches_the_plain_one():
     gw, uw, dw = dequantized_weights(buf, layout, torch.bfloat16)
     plain = F.linear(F.silu(F.linear(x, gw)) * F.linear(x, uw), dw)
     assert torch.equal(tk._dequant_ffn_overlapped(x, gu, dn), plain)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and hg.available(torch.device("cuda"))),
+                    reason="needs a Hopper GPU and Triton's Gluon")
+@pytest.mark.parametrize("bits,group", [(4, 64), (2, 32), (8, 64), (4, 128), (2, 16)])
+def test_wgmma_gemm_against_the_reference(bits, group):
+    configs = [{}, {"split": 2}, {"block_w": 256, "block_x": 128, "x_stages": 3, "w_stages": 2, "raw_stages": 2,
+                                  "producer_warps": 8, "producer_regs": 88}]
+    # 200 rows: a part-filled W tile; K = 8 groups (the fewest whose float16 rows TMA takes whole): for groups
+    # of 16 and 32, fewer steps than the rings have slots
+    for n, k in ((448, 2048), (200, 8 * group)):
+        w = torch.randn(n, k, device="cuda") * 0.02
+        m = quantize_matrix(w, bits, group, method="minmax")
+        assert hg.tma_ready(m)
+        ref_w = dequantize(m, torch.float32)
+        for rows in (1, 17, 256, 300, 600):
+            x = torch.randn(rows, k, device="cuda").bfloat16()
+            ref = x.float() @ ref_w.T
+            for cfg in configs:
+                if not hg.fits(bits, group, n, k, cfg.get("split", 1)):
+                    continue
+                y = hg.gemm(x, m, **cfg)
+                assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+                assert _rel(y.float(), ref) < 1e-2, (n, k, rows, cfg)
