@@ -176,17 +176,15 @@ if HAVE_GLUON:
             s0, z0 = s1, z1
             s1 = _load_pairs(s_ptr, rows, rows_ok, k0 + 2 * BLOCK_K, k_end, stride_p, GROUP, BLOCK_K, WARPS)
             z1 = _load_pairs(z_ptr, rows, rows_ok, k0 + 2 * BLOCK_K, k_end, stride_p, GROUP, BLOCK_K, WARPS)
-            fence_async_shared()
-            gl.thread_barrier()  # every thread has read the slot before TMA refills it
-            if i + RS < steps:
-                _load_raw(codes_desc, raw_words.index(rs), raw_ready.index(rs), k0 + RS * BLOCK_K, off_w, BITS)
             w = _row_dequant(words, sc, b, magic, BITS, BLOCK_K, L4)
             wb = i % WB
             mbarrier.wait(w_empty.index(wb), ((i // WB) & 1) ^ 1)
             w_smem.index(wb).store(w)
             fence_async_shared()
-            gl.thread_barrier()  # every producer thread's stores, before the one arrive
+            gl.thread_barrier()  # every producer thread's stores (and reads of the raw slot), before the one arrive
             mbarrier.arrive(w_ready.index(wb), count=1)
+            if i + RS < steps:  # the raw slot is read by every thread: TMA refills it
+                _load_raw(codes_desc, raw_words.index(rs), raw_ready.index(rs), k0 + RS * BLOCK_K, off_w, BITS)
 
     @gluon.jit
     def _consumer(x_desc, x_smem, x_ready, w_smem, w_ready, w_empty, k_begin, k_end, off_x,
