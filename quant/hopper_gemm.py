@@ -7,7 +7,7 @@ WARPGROUP.DEPBAR after every HGMMA), so at 512 rows of a Mixtral expert it loses
 Gluon, Triton's lower-level dialect, exposes shared memory, mbarriers, TMA, the asynchronous wgmma and
 warp specialization, which lets the two overlap:
 
-- producer warps (PRODUCER_WARPS, one W row each): W's packed words arrive by TMA into a ring RS steps ahead,
+- producer warps (PRODUCER_WARPS, a thread per W row): W's packed words arrive by TMA into a ring RS steps ahead,
   its scales and zeros (read as int32 pairs of float16 groups) into registers two steps ahead; each 64-column
   step of the W tile is dequantized into a ring of bf16 tiles in shared memory;
 - consumer warps (num_warps, two warpgroups): x's tiles arrive by TMA into their own ring; one asynchronous
@@ -55,11 +55,12 @@ def available(device: torch.device) -> bool:
 
 
 def fits(bits: int, group: int, n: int, k: int, split: int = 1) -> bool:
-    """Shapes the kernel takes: each split of K in whole 64-column steps and whole groups, groups a power of two
-    from 16 (at most four groups a step) holding whole words. TMA also needs 16-byte rows (`tma_ready`)."""
+    """Shapes the kernel takes (any number n of W rows): each split of K in whole 64-column steps and whole
+    groups, groups a power of two from 16 (at most four groups a step) holding whole words. TMA also needs
+    16-byte rows (`tma_ready`)."""
     part = k // split
     return (bits in (2, 4, 8) and k % split == 0 and part % BLOCK_K == 0 and part % group == 0
-            and group % (32 // bits) == 0 and group & (group - 1) == 0 and group >= 16 and n % 8 == 0)
+            and group % (32 // bits) == 0 and group & (group - 1) == 0 and group >= 16)
 
 
 def tma_ready(w: PackedMatrix) -> bool:
@@ -73,8 +74,8 @@ if HAVE_GLUON:
 
     @gluon.constexpr_function
     def _row_layout(BITS, GROUP, BLOCK_K, WARPS):  # noqa: ANN001, ANN202, N803 - constexpr arguments
-        """A W tile's step as [rows, groups, words per group, codes per word], each thread holding whole row
-        steps (its words in two 16-byte loads, its scales once per group), a warp 32 rows."""
+        """A W tile's step as [rows, groups, words per group, codes per word], a thread holding a whole row step
+        (its scale and zero once per group), a warp 32 rows."""
         cpw = 32 // BITS
         groups = BLOCK_K // GROUP if BLOCK_K > GROUP else 1
         return gl.BlockedLayout([1, groups, BLOCK_K // cpw // groups, cpw], [32, 1, 1, 1], [WARPS, 1, 1, 1],
