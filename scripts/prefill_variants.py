@@ -20,8 +20,8 @@ float32 dequantize-then-matmul and timed as a CUDA graph over copies of the expe
   (torch._C._set_sm_carveout_experimental), where this torch has it;
 - wgmma S/W/X/XS/WS/RS/P/PP/PR: quant/hopper_gemm.py (Hopper only): PP warps (PR registers each) dequantize
   W into shared memory while P warps run the tensor cores; tiles of W rows of W by X rows of x, rings of XS x
-  tiles, WS W tiles and RS packed W tiles, K in S parts; each matrix is also timed alone, beside cuBLAS on its
-  bf16 weights.
+  tiles, WS W tiles and RS packed W tiles, down's K in S parts (gate|up's whole, as in the runtime); each
+  matrix is also timed alone, beside cuBLAS on its bf16 weights.
 """
 
 from __future__ import annotations
@@ -171,8 +171,9 @@ def main() -> None:
     ap.add_argument("--tiers", default="4:64,2:32")
     ap.add_argument("--chunks", default="2048/3584,1024/2048,3584/7168")
     ap.add_argument("--carveouts", default="16,32")
-    ap.add_argument("--wgmma", default="1/128/256/4/3/4/8/4/152", help="S/W/X/XS/WS/RS/P/PP/PR: splits of K, rows "
-                    "of W and of x per tile, x, W and packed-W stages, MMA warps, dequantizing warps, their registers")
+    ap.add_argument("--wgmma", default="2/128/256/4/3/4/8/4/152", help="S/W/X/XS/WS/RS/P/PP/PR: splits of down's "
+                    "K, rows of W and of x per tile, x, W and packed-W stages, MMA warps, dequantizing warps, their "
+                    "registers (the default: what the runtime runs on Mixtral at 512 rows)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -241,7 +242,8 @@ def main() -> None:
             cublas = bk.bench_graph(lambda w: lambda xi: F.linear(xi, w), mats, inp) if mats else None
             del mats
             for cfg in wgmma:
-                us = bk.bench_graph(lambda w, i=i, cfg=cfg: lambda xi: hg.gemm(xi, w[i], **cfg), copies, inp)
+                run = {**cfg, "split": 1} if i == 0 else cfg  # gate|up whole, as in wgmma_ffn
+                us = bk.bench_graph(lambda w, i=i, run=run: lambda xi: hg.gemm(xi, w[i], **run), copies, inp)
                 name = "wgmma " + "/".join(map(str, cfg.values()))
                 print(f"INT{bits} g{group} {what} alone: {name} {us:.1f} us"
                       + (f", cuBLAS bf16 {cublas:.1f} us" if cublas else ""), flush=True)
