@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant import triton_kernels as tk
 from quant.packing import PackedMatrix
 
 try:
@@ -40,12 +41,13 @@ try:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    from quant.triton_kernels import _code_times_2p, _exp2_neg
+
     HAVE_GLUON = True
 except ImportError:  # an older Triton, or none
     HAVE_GLUON = False
 
 BLOCK_K = 64  # columns of K per step: one 128-byte swizzled row of bf16
-F32_TWO_23 = 0x4B000000  # float32 2^23's bits
 
 
 def available(device: torch.device) -> bool:
@@ -104,10 +106,8 @@ if HAVE_GLUON:
         hi = (v >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
         if GROUPS == 1:  # one group a step: the pair's half is the group's parity
             out = gl.where((k0 // GROUP) % 2 == 0, lo, hi)
-        elif GROUPS == 2:
-            out = gl.reshape(gl.join(lo, hi), [BLOCK_W, 2])
-        else:  # GROUPS == 4: two pairs
-            out = gl.reshape(gl.join(lo, hi), [BLOCK_W, 4])
+        else:  # two or four groups a step: one or two whole pairs, low half first
+            out = gl.reshape(gl.join(lo, hi), [BLOCK_W, GROUPS])
         return gl.convert_layout(out, sz_layout)
 
     @gluon.jit
@@ -138,8 +138,7 @@ if HAVE_GLUON:
         bit = (c * BITS)[None, None, None, :]
         p = bit % 16
         half = gl.where(bit >= 16, words >> 16, words)
-        qf = ((half & (((1 << BITS) - 1) << p)) | magic).to(gl.float32, bitcast=True) - 8388608.0
-        w = gl.fma(qf, sc * ((127 - p) << 23).to(gl.float32, bitcast=True), b)
+        w = gl.fma(_code_times_2p(half, p, magic, BITS), sc * _exp2_neg(p), b)
         return gl.reshape(w.to(gl.bfloat16), [words.shape[0], BLOCK_K])
 
     @gluon.jit
@@ -289,7 +288,7 @@ def gemm(x: torch.Tensor, w: PackedMatrix, split: int = 1, block_w: int = 128, b
     codes_desc = _desc(w.codes, [block_w, BLOCK_K // (32 // w.bits)], gl.int32)
     s_pairs, z_pairs = w.scale.view(torch.int32), w.zero.view(torch.int32)  # pairs of float16 groups
     grid = (triton_cdiv(rows, block_x) * triton_cdiv(n, block_w), split)
-    _ws_gemm_kernel[grid](x_desc, codes_desc, s_pairs, z_pairs, y, rows, n, k, s_pairs.stride(0), n, F32_TWO_23,
+    _ws_gemm_kernel[grid](x_desc, codes_desc, s_pairs, z_pairs, y, rows, n, k, s_pairs.stride(0), n, tk.F32_TWO_23,
                           BITS=w.bits, GROUP=w.group_size, BLOCK_W=block_w, BLOCK_X=block_x, BLOCK_K=BLOCK_K,
                           XS=x_stages, WB=w_stages, RS=raw_stages, SPLIT=split, PRODUCER_WARPS=producer_warps,
                           PRODUCER_REGS=producer_regs, num_warps=warps)
@@ -313,6 +312,5 @@ def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> to
     """down(silu(gate x) * up x) for many rows of x by the warp-specialized GEMM (`usable` says when)."""
     inter = down.shape[1]
     h = gemm(x, gate_up)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    split = down_split(x.shape[0], down.shape[0], inter, down.bits, down.group_size, sms)
+    split = down_split(x.shape[0], down.shape[0], inter, down.bits, down.group_size, tk._sm_count(x.device))
     return gemm(F.silu(h[:, :inter]) * h[:, inter:], down, split=split)
