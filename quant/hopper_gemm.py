@@ -261,7 +261,7 @@ if HAVE_GLUON:
         gl.store(out, acc.to(y_ptr.dtype.element_ty), mask=(n_out < N)[:, None] & (m_out < M)[None, :])
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -287,7 +287,7 @@ def gemm(x: torch.Tensor, w: PackedMatrix, split: int = 1, block_w: int = 128, b
     x_desc = _desc(x, [block_x, BLOCK_K], gl.bfloat16)
     codes_desc = _desc(w.codes, [block_w, BLOCK_K // (32 // w.bits)], gl.int32)
     s_pairs, z_pairs = w.scale.view(torch.int32), w.zero.view(torch.int32)  # pairs of float16 groups
-    grid = (triton_cdiv(rows, block_x) * triton_cdiv(n, block_w), split)
+    grid = (_cdiv(rows, block_x) * _cdiv(n, block_w), split)
     _ws_gemm_kernel[grid](x_desc, codes_desc, s_pairs, z_pairs, y, rows, n, k, s_pairs.stride(0), n, tk.F32_TWO_23,
                           BITS=w.bits, GROUP=w.group_size, BLOCK_W=block_w, BLOCK_X=block_x, BLOCK_K=BLOCK_K,
                           XS=x_stages, WB=w_stages, RS=raw_stages, SPLIT=split, PRODUCER_WARPS=producer_warps,
@@ -304,7 +304,7 @@ def usable(x: torch.Tensor, *matrices: PackedMatrix) -> bool:
 def down_split(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> int:
     """Split K in two where the tiles would leave more than a quarter of the multiprocessors idle (Mixtral's down
     at 512 rows: 64 tiles on 132 SMs) and the halves hold whole steps and groups."""
-    tiles = triton_cdiv(rows, 256) * triton_cdiv(n, 128)
+    tiles = _cdiv(rows, 256) * _cdiv(n, 128)
     return 2 if tiles < 0.75 * sms and fits(bits, group, n, k, 2) else 1
 
 
