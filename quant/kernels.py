@@ -10,8 +10,9 @@ Backends, chosen per device and tier (`select_backend`, overridable with FATE_QU
   widths. At batch 1 a GEMV with
   the dequantization fused into the product computes gate and up in one launch, then down (silu(gate) *
   up applied while laying out its input); at 2-128 rows (any number for small experts) a GEMM with the
-  dequantization fused in; at more rows of a large expert, on a Hopper GPU a warp-specialized GEMM that
-  dequantizes into shared memory (quant/hopper_gemm.py), elsewhere the Triton dequant kernel on a side stream
+  dequantization fused in; at more rows of a large expert, on a Hopper GPU (2 and 4 bits) a warp-specialized GEMM
+  that dequantizes into the tensor cores' registers (quant/hopper_gemm.py), elsewhere the Triton dequant kernel on
+  a side stream
   and cuBLAS (quant/README.md has the measurements behind each choice).
 - "torch dequant+matmul": the CPU path on a GPU, where Triton is missing or the tier does not fit it.
 """

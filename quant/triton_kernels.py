@@ -28,9 +28,10 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
   tile is the product's wide left operand (SWAP: (W x^T)^T), so 16 rows of x fill a tensor-core tile.
   Tiles per row count from the H100 sweep (`gemm_config`, scripts/sweep_gemm.py).
-- Many rows of a large expert (Mixtral's, at 512 rows): on a Hopper GPU the warp-specialized GEMM of
-  quant/hopper_gemm.py (W dequantized into shared memory by warps of its own while the tensor cores
-  multiply; no bf16 copy of the weights); elsewhere `_dequant_kernel` (W to the activation dtype) and
+- Many rows of a large expert (Mixtral's, at 512 rows): on a Hopper GPU, for 2- and 4-bit tiers, the
+  warp-specialized GEMM of quant/hopper_gemm.py (W dequantized into the tensor cores' A registers, one
+  warpgroup's dequantization overlapping the other's product; no bf16 copy of the weights); elsewhere, and for
+  8 bits, `_dequant_kernel` (W to the activation dtype) and
   cuBLAS, each matrix dequantized on a side stream while the previous one's product runs
   (`_dequant_ffn_overlapped`). quant/README.md has the measurements.
 
@@ -84,6 +85,14 @@ if HAVE_TRITON:
         return ((half & (((1 << BITS) - 1) << p)) | magic).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _act_row(h_row, k, ok, K, ACT: tl.constexpr):
+        """h[row, k] in float32, or silu(h[row, k]) * h[row, K + k] (ACT, h = [gate | up])."""
+        if ACT:
+            g = tl.load(h_row + k, mask=ok, other=0.0).to(tl.float32)
+            return g * tl.sigmoid(g) * tl.load(h_row + K + k, mask=ok, other=0.0).to(tl.float32)
+        return tl.load(h_row + k, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _planes_kernel(h_ptr, out_ptr, xs_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr,
                        GROUP: tl.constexpr, BLOCK: tl.constexpr):
         """out[row, j, w] = v[row, w * CPW + j] and xs[row, g] = the sum of v over group g, float32;
@@ -91,12 +100,7 @@ if HAVE_TRITON:
         row = tl.program_id(1)
         k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = k < K
-        if ACT:
-            g = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
-            u = tl.load(h_ptr + row * stride_hm + K + k, mask=ok, other=0.0).to(tl.float32)
-            v = g * tl.sigmoid(g) * u
-        else:
-            v = tl.load(h_ptr + row * stride_hm + k, mask=ok, other=0.0).to(tl.float32)
+        v = _act_row(h_ptr + row * stride_hm, k, ok, K, ACT)
         # plane j's inputs scaled by 2^-p, p = its code's bit offset within a half word (see _gemv_kernel);
         # the scale is built from its exponent bits, so it is an exact power of two
         scale = _exp2_neg(((k % CPW) * (32 // CPW)) % 16)

@@ -18,10 +18,10 @@ float32 dequantize-then-matmul and timed as a CUDA graph over copies of the expe
   (three buffers in turn);
 - carveout S: the runtime's overlapped path with cuBLAS told to leave S multiprocessors free
   (torch._C._set_sm_carveout_experimental), where this torch has it;
-- wgmma S/W/X/XS/WS/RS/P/PP/PR: quant/hopper_gemm.py (Hopper only): PP warps (PR registers each) dequantize
-  W into shared memory while P warps run the tensor cores; tiles of W rows of W by X rows of x, rings of XS x
-  tiles, WS W tiles and RS packed W tiles, down's K in S parts (gate|up's whole, as in the runtime); each
-  matrix is also timed alone, beside cuBLAS on its bf16 weights.
+- wgmma S/X/ST: quant/hopper_gemm.py (Hopper only): two warpgroups dequantize W into their wgmma A registers
+  while a loader warp brings x and the packed words by TMA; tiles of 128 W rows by X rows of x, a ring of ST
+  steps, down's K in S parts (gate|up's whole, as in the runtime); each matrix is also timed alone, beside cuBLAS
+  on its bf16 weights.
 """
 
 from __future__ import annotations
@@ -151,15 +151,14 @@ def carveout_fn(sms: int):  # noqa: ANN201
     return run
 
 
-WS_KEYS = ("split", "block_w", "block_x", "x_stages", "w_stages", "raw_stages", "warps", "producer_warps",
-           "producer_regs")
+WS_KEYS = ("split", "block_x", "stages")
 
 
 def wgmma_ffn(inter: int, cfg: dict):  # noqa: ANN201
     def make(w: tuple[PackedMatrix, PackedMatrix]):  # noqa: ANN202
         def run(xin: torch.Tensor) -> torch.Tensor:
             h = hg.gemm(xin, w[0], **{**cfg, "split": 1})  # the split is for down, whose W has few tiles
-            return hg.gemm(F.silu(h[:, :inter]) * h[:, inter:], w[1], **cfg)
+            return hg.gemm(hg.interleave(h, w[1].bits, act=True), w[1], **cfg, interleaved=True)
         return run
     return make
 
@@ -171,9 +170,8 @@ def main() -> None:
     ap.add_argument("--tiers", default="4:64,2:32")
     ap.add_argument("--chunks", default="2048/3584,1024/2048,3584/7168")
     ap.add_argument("--carveouts", default="16,32")
-    ap.add_argument("--wgmma", default="2/128/256/4/3/4/8/4/152", help="S/W/X/XS/WS/RS/P/PP/PR: splits of down's "
-                    "K, rows of W and of x per tile, x, W and packed-W stages, MMA warps, dequantizing warps, their "
-                    "registers (the default: what the runtime runs on Mixtral at 512 rows)")
+    ap.add_argument("--wgmma", default="2/256/5", help="S/X/ST: splits of down's K, rows of x per tile, ring "
+                    "slots (the default: what the runtime runs on Mixtral at 512 rows)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 
 from fate_cli.errors import BadModel, ModelNotFound
@@ -136,23 +137,51 @@ def test_which_tiers_fit_the_triton_kernels():
 
 
 def test_which_matrices_the_hopper_gemm_takes():
-    """The warp-specialized prefill GEMM reads 64-column steps of whole groups by TMA (16-byte rows), and halves
-    K for matrices whose tiles leave most multiprocessors idle (Mixtral's down at 512 rows)."""
+    """The warp-specialized prefill GEMM takes 2- and 4-bit W in 64-column steps whose 16-column quarters lie in one
+    group, reads the words by TMA (16-byte rows), and halves K for matrices whose tiles leave most multiprocessors
+    idle (Mixtral's down at 512 rows)."""
     from quant import hopper_gemm as hg
     from quant.hqq_quant import quantize_matrix
 
-    assert hg.fits(4, 64, 28672, 4096) and hg.fits(2, 32, 4096, 14336, split=2) and hg.fits(8, 64, 4096, 14336)
+    assert hg.fits(4, 64, 28672, 4096) and hg.fits(2, 32, 4096, 14336, split=2) and hg.fits(2, 16, 4096, 1024)
+    assert not hg.fits(8, 64, 4096, 14336)  # 8 bits: dequantize + cuBLAS
     assert not hg.fits(4, 64, 4096, 14336 + 32)  # K not in whole steps
     assert not hg.fits(4, 48, 4096, 14400)  # not a power of two
-    assert not hg.fits(2, 8, 4096, 14336)  # eight groups a step: more than the scales' pairs it reads
+    assert not hg.fits(2, 8, 4096, 14336)  # groups smaller than a thread's 16 columns
     assert not hg.fits(4, 128, 4096, 192, split=2)  # halves of 96 columns
-    assert hg.tma_ready(quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax"))  # 16 groups: 32 bytes
-    assert not hg.tma_ready(quantize_matrix(torch.randn(64, 768), 4, 64, method="minmax"))  # 12 groups: 24 bytes
+    assert hg.tma_ready(quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax"))  # rows of 512 bytes
+    assert not hg.tma_ready(quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax").map(
+        lambda t: t[:, 1:] if t.dtype == torch.int32 else t))  # rows start 4 bytes in
     assert hg.down_split(512, 4096, 14336, 4, 64, sms=132) == 2  # 2 x 32 tiles on 132 SMs
     assert hg.down_split(512, 28672, 4096, 4, 64, sms=132) == 1  # gate|up: 448 tiles
     assert hg.down_split(512, 4096, 14336 + 64, 4, 64, sms=132) == 1  # halves of 7200: not whole steps
     x = torch.randn(300, 1024, dtype=torch.bfloat16)
     assert not hg.usable(x, quantize_matrix(torch.randn(64, 1024), 4, 64, method="minmax"))  # no Hopper here
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_hopper_gemm_column_order(bits):
+    """Each thread of the wgmma A fragment holds positions 16 b + 8 s + 2 c + hh of a step, 16 columns from one or
+    two of its words, a code and the one 16 // bits further in one bf16x2 register: x's columns go in that order
+    (`step_order`). It is a permutation of each step, so it changes no product; down's input, silu(gate) * up, is
+    written in it directly."""
+    from quant import hopper_gemm as hg
+
+    order = hg.step_order(bits)
+    assert sorted(order) == list(range(64)) and order != list(range(64))
+    half = 16 // bits
+    for c in range(4):  # thread c's positions: its 16 columns, and each register pair a code and its twin
+        cols = [order[16 * b + 8 * s + 2 * c + hh] for b in range(4) for s in range(2) for hh in range(2)]
+        assert sorted(cols) == list(range(16 * c, 16 * c + 16))
+        assert all(order[p + 1] - order[p] == half for p in range(2 * c, 64, 8))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 128, generator=g), torch.randn(3, 128, generator=g)
+    full = order + [64 + j for j in order]
+    xi = hg.interleave(x, bits)
+    assert torch.equal(xi, x[:, full])
+    assert torch.allclose(xi @ w[:, full].T, x @ w.T, atol=1e-5)
+    h = torch.randn(5, 256, generator=g)
+    assert torch.equal(hg.interleave(h, bits, act=True), hg.interleave(F.silu(h[:, :128]) * h[:, 128:], bits))
 
 
 # ------------------------------------------------------------------------------------------ the store
