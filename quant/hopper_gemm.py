@@ -50,6 +50,8 @@ except ImportError:  # an older Triton, or none
     HAVE_GLUON = False
 
 BLOCK_K = 64  # columns of K per step: one 128-byte swizzled row of bf16 x
+BLOCK_W = 128  # W rows per tile: two MMA warpgroups of 64
+BLOCK_X = 256  # x rows per tile (the default; the wgmma's N)
 BF16X2_128 = 0x43004300  # bf16 128.0 in both halves: or'd with a code below bit 7 it reads 128 + the code
 BF16X2_ONE = 0x3F803F80
 
@@ -289,9 +291,9 @@ def _desc(t: torch.Tensor, block: list[int], dtype):  # noqa: ANN001, ANN202 - a
     return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
 
 
-def gemm(x: torch.Tensor, w: PackedMatrix, split: int = 1, block_x: int = 256, stages: int = 5,
+def gemm(x: torch.Tensor, w: PackedMatrix, split: int = 1, block_x: int = BLOCK_X, stages: int = 5,
          interleaved: bool = False, mma_regs: int = 232, loader_regs: int = 40) -> torch.Tensor:
-    """x [M, K] bf16 @ W.T -> [M, N] bf16 (Hopper only: `available`), W tiles of 128 rows. The defaults are the
+    """x [M, K] bf16 @ W.T -> [M, N] bf16 (Hopper only: `available`), W tiles of BLOCK_W rows. The defaults are the
     H100's best for Mixtral's matrices at 512 rows (quant/README.md); `split` parts of K are summed in float32.
     `interleaved`: x's columns are already in `step_order` for W's bits (`interleave`)."""
     n, k = w.shape
@@ -306,11 +308,11 @@ def gemm(x: torch.Tensor, w: PackedMatrix, split: int = 1, block_x: int = 256, s
     y = torch.empty((split, rows, n) if split > 1 else (rows, n), device=x.device,
                     dtype=torch.float32 if split > 1 else x.dtype)
     x_desc = _desc(x, [block_x, BLOCK_K], gl.bfloat16)
-    codes_desc = _desc(w.codes, [128, BLOCK_K // (32 // w.bits)], gl.int32)
-    grid = (_cdiv(rows, block_x) * _cdiv(n, 128), split)
+    codes_desc = _desc(w.codes, [BLOCK_W, BLOCK_K // (32 // w.bits)], gl.int32)
+    grid = (_cdiv(rows, block_x) * _cdiv(n, BLOCK_W), split)
     _ws_gemm_kernel[grid](x_desc, codes_desc, w.scale, w.zero, y, rows, n, k, w.scale.stride(0), n, BF16X2_128,
                           BF16X2_ONE, BITS=w.bits, GROUP=w.group_size, BLOCK_X=block_x, S=stages, SPLIT=split,
-                          MMA_REGS=mma_regs, LOADER_REGS=loader_regs, num_warps=4)
+                          MMA_REGS=mma_regs, LOADER_REGS=loader_regs, num_warps=BLOCK_W // 32)
     return y.sum(0, dtype=torch.float32).to(x.dtype) if split > 1 else y
 
 
@@ -323,7 +325,7 @@ def usable(x: torch.Tensor, *matrices: PackedMatrix) -> bool:
 def down_split(rows: int, n: int, k: int, bits: int, group: int, sms: int) -> int:
     """Split K in two where the tiles would leave more than a quarter of the multiprocessors idle (Mixtral's down
     at 512 rows: 64 tiles on 132 SMs) and the halves hold whole steps and groups."""
-    tiles = _cdiv(rows, 256) * _cdiv(n, 128)
+    tiles = _cdiv(rows, BLOCK_X) * _cdiv(n, BLOCK_W)
     return 2 if tiles < 0.75 * sms and fits(bits, group, n, k, 2) else 1
 
 
