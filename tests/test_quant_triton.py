@@ -113,6 +113,20 @@ def test_wgmma_gemm_against_the_reference(bits, group):
                 assert _rel(y.float(), ref) < 1e-2, (n, k, rows, cfg)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_the_permutation_kernel_follows_step_order(bits):
+    """The Triton kernel that permutes x's columns on the GPU writes step_order's permutation (which the CPU path
+    and its tests use), and for down's input the same permutation of silu(gate) * up."""
+    if not hg.HAVE_GLUON:
+        pytest.skip("needs Triton's Gluon")
+    x = torch.randn(7, 320, device="cuda").bfloat16()  # five 64-column steps
+    cols = torch.tensor([64 * t + j for t in range(5) for j in hg.step_order(bits)], device="cuda")
+    assert torch.equal(hg.interleave(x, bits), x[:, cols])
+    h = torch.randn(7, 640, device="cuda").bfloat16()
+    act = F.silu(h[:, :320].float()) * h[:, 320:].float()
+    torch.testing.assert_close(hg.interleave(h, bits, act=True).float(), act[:, cols], rtol=2 ** -7, atol=1e-6)
+
+
 def _pair_weights(m) -> torch.Tensor:  # noqa: ANN001 - a PackedMatrix
     """The bf16 weights the 2- and 4-bit wgmma GEMM makes: (q - C) * bf16(scale) + bf16((C - zero) * scale), C the
     codes' middle, rounded once to bf16."""
