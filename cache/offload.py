@@ -7,7 +7,7 @@ One step through MoE layer l:
                               compute waits only for the slots it reads
 Layers the plan holds whole (layer 0, at 16 bits) are on the device from the start.
 
-The graph-captured decode step (fate_cli/decode_step.py) reads experts through each layer's device table
+The graph-captured decode step (fate_cli/engine/decode_step.py) reads experts through each layer's device table
 (expert -> slot, tier; quant/moe_kernels.py) instead of callables: after the router it calls
 `prepare(l, ids, counts)` (the same bookkeeping as `experts`, then the table and the slots' ready events),
 replays the layer's kernels, then `finish(l)`.
@@ -180,7 +180,7 @@ class OffloadedExperts:
         self.last_groups = groups
         return groups
 
-    # ---- the fused decode step (fate_cli/decode_step.py) ------------------------------------------
+    # ---- the fused decode step (fate_cli/engine/decode_step.py) ------------------------------------------
 
     def bank(self, layer: int) -> Bank:
         """Where the layer's experts sit for the fused kernels: the stacked 16-bit experts of a layer held

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from cache.budget import format_size
 from fate_cli.errors import ResourceError
 
-FATE_SHALLOW_FRACTION = 4 / 24  # Fate caches layers 0-3 fully on a 24-layer model
+FATE_SHALLOW_LAYERS = 4  # Fate caches layers 0-3 fully (Qwen1.5-MoE, DeepSeek-MoE: 24 and 28 layers)
+FATE_DEPTH = 24
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,7 @@ class Plan:
 
 def default_shallow_layers(num_moe_layers: int) -> int:
     """Fate's 4 of 24 layers, scaled with depth (at least the first layer)."""
-    return max(1, math.ceil(num_moe_layers * FATE_SHALLOW_FRACTION))
+    return max(1, math.ceil(num_moe_layers * FATE_SHALLOW_LAYERS / FATE_DEPTH))
 
 
 def minimum_budget(fp: Footprint) -> int:

@@ -6,7 +6,7 @@ import sys
 
 import typer
 
-from fate_cli.errors import EXIT_RESOURCES, FateError
+from fate_cli.errors import EXIT_RESOURCES, FateError, oom_line
 
 app = typer.Typer(
     add_completion=False,
@@ -212,8 +212,3 @@ def os_error_line(err: OSError) -> str:
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
         return f"cannot write{where} ({err.strerror}); set FATE_HOME to a writable folder"
     return f"{err.strerror or err}{where}"
-
-
-def oom_line() -> str:
-    return ("the GPU ran out of memory: other programs may hold some of it, or the plan underestimated a "
-            "workspace; run again with a lower --vram (e.g. 80% of what you gave), or close other GPU programs")

@@ -24,10 +24,10 @@ import torch
 from cache.budget import auto_budget, format_size, parse_size
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
+from fate_cli.engine.coactivation import offline_coactivation
+from fate_cli.engine.runtime import device_label, dtype_name, pick_device, pick_dtype
 from fate_cli.errors import FateError, UsageError
 from fate_cli.registry import BUNDLED_ROOT
-from fate_cli.runtime import device_label, dtype_name, pick_device, pick_dtype
-from predictors.coactivation import offline_coactivation
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
 FIELDS = [
@@ -128,7 +128,7 @@ def open_target(name: str | None, device: torch.device, dtype: torch.dtype, tran
 
 
 def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, transfer_bits: int | None) -> Target:
-    from fate_cli.replay import is_replay, replay_shape
+    from fate_cli.engine.replay import is_replay, replay_shape
     from fate_cli.synthetic import is_synthetic
 
     if is_replay(name):
@@ -144,10 +144,10 @@ def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, tra
                                name=name)
         return ModelTarget(name, "synthetic", random_model(args, device, dtype), store, device, dtype, transfer_bits)
     loaded, resolved = _load(name, device, dtype, resident=False)
+    from fate_cli.engine.stores import open_store
     from fate_cli.model.loader import load_resident_experts
-    from fate_cli.runtime import _open_store
 
-    store = _open_store(resolved, build=True)
+    store = open_store(resolved, build=True)
     a, ckpt = loaded.args, loaded.checkpoint
     target = ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
                          lambda: load_resident_experts(a, ckpt, device, dtype))
@@ -160,8 +160,8 @@ class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's f
 
 
 def check_target_name(name: str) -> None:
+    from fate_cli.engine.replay import is_replay, replay_shape
     from fate_cli.registry import resolve
-    from fate_cli.replay import is_replay, replay_shape
     from fate_cli.synthetic import is_synthetic, synthetic_args
 
     if is_replay(name):

@@ -27,12 +27,12 @@ from cache.setup import (
     routers,
     transfer_tier_for,
 )
-from fate_cli.decode_step import DecodeGraphs
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
+from fate_cli.engine.coactivation import bundled_coactivation
+from fate_cli.engine.decode_step import DecodeGraphs
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
+from fate_cli.engine.runtime import DEFAULT_CONTEXT
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.model import Transformer
-from fate_cli.runtime import DEFAULT_CONTEXT
-from predictors.coactivation import bundled_coactivation
 from quant.kernels import dense_weights, select_backend
 from quant.store import QuantParams
 
@@ -194,7 +194,7 @@ class ReplayTarget(Target):
         return OffloadSetup(plan, policy, budget, full_precision=False)
 
     def steps(self, prompts: Sequence[Sequence[int]], gen_len: int) -> list:
-        from fate_cli.replay import record, record_batch
+        from fate_cli.engine.replay import record, record_batch
 
         key = (tuple(map(tuple, prompts)), gen_len)
         if key not in self.traces:
@@ -203,7 +203,7 @@ class ReplayTarget(Target):
         return self.traces[key]
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
-        from fate_cli.replay import ReplayModel, merge_steps
+        from fate_cli.engine.replay import ReplayModel, merge_steps
 
         steps = self.steps(prompts, gen_len)
         prefill, decode = steps[: len(prompts)], steps[len(prompts) :]  # one prefill step per prompt

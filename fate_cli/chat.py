@@ -13,11 +13,11 @@ from dataclasses import replace
 from rich.console import Console
 from rich.live import Live
 
-from fate_cli.errors import FateError, ResourceError
-from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.runtime import DEFAULT_CONTEXT, Runtime, open_model
+from fate_cli.errors import FateError, ResourceError, oom_line
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
-from fate_cli.runtime import DEFAULT_CONTEXT, Runtime, open_model
 from fate_cli.tokenizer import Message, StreamDecoder
 
 HELP = """commands:
@@ -200,8 +200,6 @@ def interactive_loop(session: ChatSession, err: Console, with_panel: bool) -> No
         except RuntimeError as error:  # torch.OutOfMemoryError: the session survives, the turn is dropped
             if "out of memory" not in str(error):
                 raise
-            from fate_cli.app import oom_line
-
             if session.runtime.loaded.device.type == "cuda":
                 import torch
 

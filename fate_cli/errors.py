@@ -47,3 +47,9 @@ class ResourceError(FateError):
 
 class Busy(FateError):
     exit_code = EXIT_BUSY
+
+
+def oom_line() -> str:
+    """What to tell a user whose GPU ran out of memory mid-run."""
+    return ("the GPU ran out of memory: other programs may hold some of it, or the plan underestimated a "
+            "workspace; run again with a lower --vram (e.g. 80% of what you gave), or close other GPU programs")

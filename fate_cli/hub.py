@@ -449,7 +449,7 @@ def after_pull(name: str, model_dir: Path, record: dict[str, Any], quantize: boo
         return
     import torch
 
-    from fate_cli.quantize import quantize_model_for
+    from fate_cli.engine.stores import quantize_model_for
     from fate_cli.registry import ResolvedModel
     from quant.store import QuantParams
 

@@ -12,17 +12,11 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.filesize import decimal as human_size
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fate_cli.engine.runtime import dtype_name, pick_device, pick_dtype
+from fate_cli.engine.stores import quantize_model_for, store_dir_of
 from fate_cli.errors import ModelNotFound, UsageError
-from fate_cli.registry import BUNDLED_ROOT, ResolvedModel, resolve
-from fate_cli.runtime import dtype_name, pick_device, pick_dtype
-
-
-def _store_dir(resolved: ResolvedModel) -> Path:
-    from quant.store import default_store_dir
-
-    return default_store_dir(resolved.path, resolved.name)
+from fate_cli.registry import BUNDLED_ROOT, resolve
 
 
 def _tier_summary(manifest: dict) -> str:
@@ -37,30 +31,6 @@ def _tier_summary(manifest: dict) -> str:
 
 def _store_size(manifest: dict) -> int:
     return sum(f["size"] for f in manifest["files"].values())
-
-
-def quantize_model_for(
-    resolved: ResolvedModel,
-    params,  # noqa: ANN001 - quant.store.QuantParams
-    console: Console | None = None,
-):  # noqa: ANN201 - quant.store.BuildResult
-    """Build the store of a resolved model with a rich progress display on stderr (also for `fate pull`)."""
-    from quant.store import quantize_model
-
-    err = console or Console(stderr=True, highlight=False, soft_wrap=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        tasks: dict[str, int] = {}
-
-        def report(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                label = "hashing the checkpoint (MB)" if phase == "hash" else "quantizing experts"
-                tasks[phase] = progress.add_task(label, total=None)
-            scale = 1 << 20 if phase == "hash" else 1
-            progress.update(tasks[phase], completed=done // scale, total=max(total // scale, 1))
-
-        return quantize_model(resolved.path, _store_dir(resolved), params, progress=report)
 
 
 def quantize_command(
@@ -92,7 +62,7 @@ def quantize_command(
     params.validate()
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[dim]quantizing {resolved.name} with {method} on {dev.type} into {_store_dir(resolved)}[/dim]")
+    err.print(f"[dim]quantizing {resolved.name} with {method} on {dev.type} into {store_dir_of(resolved)}[/dim]")
     result = quantize_model_for(resolved, params, err)
     m = result.manifest
     size = human_size(_store_size(m))
@@ -111,7 +81,7 @@ def verify_command(model: str) -> None:
     from quant.store import check_store
 
     resolved = resolve(model)
-    store_dir = _store_dir(resolved)
+    store_dir = store_dir_of(resolved)
     manifest = check_store(store_dir, resolved.path, deep=True, name=resolved.name)
     rev = manifest["source"].get("revision")
     source = f"revision {rev[:12]}" if rev else f"{len(manifest['source']['files'])} source files unchanged"
@@ -133,7 +103,7 @@ def perplexity_command(
     from fate_cli.model.loader import load_model
     from fate_cli.perplexity import perplexity
     from fate_cli.tokenizer import Tokenizer
-    from quant.provider import TIER_CHOICES, tiered_provider
+    from cache.tiered import TIER_CHOICES, tiered_provider
 
     choices = [t.strip() for t in tiers.split(",") if t.strip()]
     for c in choices:
@@ -142,7 +112,7 @@ def perplexity_command(
     resolved = resolve(model)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    torch.set_flush_denormal(True)  # as fate_cli.runtime.open_model: trained weights make denormals, slow on CPUs
+    torch.set_flush_denormal(True)  # trained weights make denormals, slow on CPUs
     path = Path(file) if file else BUNDLED_ROOT / "tiny" / "heldout.txt"
     try:
         text = path.read_text(encoding="utf-8")
@@ -154,13 +124,13 @@ def perplexity_command(
     if any(c != "bf16" for c in choices):  # refuse a missing, damaged or stale store before any work
         from quant.store import check_store
 
-        check_store(_store_dir(resolved), resolved.path, deep=False, name=resolved.name)
+        check_store(store_dir_of(resolved), resolved.path, deep=False, name=resolved.name)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     rows = []
     for choice in choices:
         provider = None
         if choice != "bf16":
-            provider = tiered_provider(_store_dir(resolved), resolved.path, choice, dev, dt, name=resolved.name)
+            provider = tiered_provider(store_dir_of(resolved), resolved.path, choice, dev, dt, name=resolved.name)
         loaded = load_model(resolved.path, dev, dt, provider=provider)
         experts = loaded.model.layers[loaded.args.moe_layer_ids[0]].mlp.provider
         what = experts.describe() if choice != "bf16" else f"experts: {dtype_name(dt)} (checkpoint weights)"

@@ -11,10 +11,10 @@ import sys
 
 from rich.console import Console
 
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import Runtime, open_model
 from fate_cli.errors import UsageError
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.registry import resolve
-from fate_cli.runtime import Runtime, open_model
 from fate_cli.tokenizer import Message, StreamDecoder, Tokenizer
 
 

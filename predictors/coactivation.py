@@ -1,22 +1,17 @@
 """Klotski's co-activation prefetcher: which experts of the next layer follow the ones just routed.
 
 counts[l][i, j] is how many tokens went to expert i of MoE layer l and to expert j of the next MoE
-layer, gathered offline by running the model over held-out text (`gather`), and, when no offline
+layer, gathered offline by running the model over held-out text (fate_cli/engine/coactivation.py), and, when no offline
 counts exist for a model, learned from its own routing as it runs. Given a layer's routed experts
 and their token counts, the next layer's experts are scored by sum_i tokens_i * P(j | i).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from functools import lru_cache
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-
-GATHER_TOKENS = 4096  # held-out tokens run through the bundled model for its offline counts
-GATHER_WINDOW = 512
 
 
 class Coactivation:
@@ -68,38 +63,3 @@ class Coactivation:
         score = (torch.tensor(list(tokens), dtype=torch.float32)[:, None] * cond).sum(0)
         values, order = torch.sort(score, descending=True)
         return [int(e) for e, v in zip(order[:n], values[:n]) if v > 0 and v >= min_score]
-
-
-def gather(model, token_ids: Sequence[int], window: int = GATHER_WINDOW) -> Coactivation:  # noqa: ANN001
-    """Offline counts: the model's routing of token_ids (prefill, window by window)."""
-    from cache.setup import routers
-    from fate_cli.replay import record
-    from predictors.cross_layer import predict_next
-
-    args = model.args
-    gates = {layer: weight.float().cpu() for layer, weight in routers(model).items()}
-    co = Coactivation(list(args.moe_layer_ids), args.num_experts)
-    windows = [list(token_ids[i : i + window]) for i in range(0, len(token_ids) - window + 1, window)]
-    for steps in record(model, windows, 1):  # the prompt's step routes every token of the window
-        co.add_step({t.layer: predict_next(t.gate_input, gates[t.layer], args.top_k) for t in steps[0].layers})
-    return co
-
-
-@lru_cache(maxsize=1)
-def bundled_coactivation() -> Coactivation:
-    """The bundled model's counts on the second half of its held-out text (bench prompts come from the first)."""
-    from fate_cli.model.loader import load_model
-    from fate_cli.registry import BUNDLED_ROOT
-    from fate_cli.tokenizer import Tokenizer
-
-    root = BUNDLED_ROOT / "tiny"
-    ids = Tokenizer(root).encode((root / "heldout.txt").read_text(encoding="utf-8"), add_special_tokens=False)
-    model = load_model(root, torch.device("cpu"), torch.float32).model
-    return gather(model, ids[len(ids) // 2 :][:GATHER_TOKENS])
-
-
-def offline_coactivation(model_path: Path) -> Callable[[], Coactivation] | None:
-    """Where a model's offline counts come from (for now the bundled model's only), or None: learn online."""
-    from fate_cli.registry import is_bundled_default
-
-    return bundled_coactivation if is_bundled_default(model_path) else None

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from quant.layout import ExpertLayout
-from quant.packing import dequantize
+from quant.packing import PackedMatrix, dequantize
 from quant.triton_kernels import tier_fits
 
 CPU = "cpu dequant+matmul"
@@ -64,8 +64,6 @@ class QuantExpert:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == TRITON:
-            from quant.triton_kernels import expert_ffn
-
             return expert_ffn(x, self.gate_up, self.down)
         i = self.layout.intermediate
         w = dequantize(self.gate_up, x.dtype)
@@ -90,3 +88,30 @@ def dense_weights(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -
     i = layout.intermediate
     gate_up, down = v["gate_up"].to(dtype), v["down"].to(dtype)
     return gate_up[:i], gate_up[i:], down
+
+
+FUSED_MAX_ROWS = 128  # more rows of a large expert: Hopper's wgmma GEMM or dequantize + cuBLAS (quant/README.md)
+LARGE_EXPERT = 1 << 24  # weights in gate|up from which that holds (Mixtral's 58.7M: yes; Qwen3's 3.1M: no)
+
+
+def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+    """down(silu(gate x) * up x) for x [M, H] on the GPU, from packed gate_up [2I, H] and down [H, I]: the fused
+    GEMV at batch 1, the fused GEMM at a few rows, and for many rows of a large expert Hopper's wgmma GEMM or
+    dequantize + cuBLAS."""
+    from quant import hopper_gemm
+    from quant import triton_kernels as tk
+
+    if x.shape[0] <= tk.GEMV_MAX_ROWS:
+        h = tk.gemv(x, gate_up, out_dtype=torch.float32)
+        return tk.gemv(h, down, act=True, out_dtype=x.dtype)
+    inter = down.shape[1]
+    large = x.shape[0] > FUSED_MAX_ROWS and gate_up.shape[0] * gate_up.shape[1] >= LARGE_EXPERT
+    if large:
+        if hopper_gemm.usable(x, gate_up, down):  # Hopper: no bf16 copy of the weights (quant/README.md)
+            return hopper_gemm.expert_ffn(x, gate_up, down)
+        return tk.dequant_ffn_overlapped(x, gate_up, down)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        h = tk.gemm(x, gate_up)
+        return tk.gemm(F.silu(h[:, :inter]) * h[:, inter:], down)
+    h = F.linear(x, tk.dequant(gate_up, x.dtype))
+    return F.linear(F.silu(h[:, :inter]) * h[:, inter:], tk.dequant(down, x.dtype))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +31,33 @@ ST_DTYPES = {
     "I64": torch.int64,
 }
 INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class ExpertSet:
+    """Which tensors of a checkpoint are the routed experts, and their shapes: what a tier store is built from.
+
+    Expert e of MoE layer l is three matrices named model.layers.l.<module>.experts.e.<proj>.weight, gate and up
+    [intermediate, hidden] and down [hidden, intermediate]."""
+
+    family: str
+    layers: tuple[int, ...]
+    num_experts: int
+    hidden: int
+    intermediate: int
+    module: str = "mlp"
+    proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+
+    def names(self, layer: int, expert: int) -> tuple[str, str, str]:
+        """(gate, up, down) tensor names of one expert in the checkpoint."""
+        base = f"model.layers.{layer}.{self.module}.experts.{expert}"
+        return tuple(f"{base}.{name}.weight" for name in self.proj_names)  # type: ignore[return-value]
+
+    @property
+    def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(gate, up, down) shapes."""
+        h, i = self.hidden, self.intermediate
+        return (i, h), (i, h), (h, i)
 HASH_CHUNK = 8 << 20
 
 

@@ -45,13 +45,10 @@ from pathlib import Path
 import torch
 
 from fate_cli.errors import BadModel, Busy, ModelNotFound, UsageError
-from fate_cli.model.args import ModelArgs
-from fate_cli.model.loader import expert_shapes, load_args
-from fate_cli.model.model import expert_tensor_names
 from quant.hqq_quant import METHODS, hqq_settings, hqq_version, quantize_matrix
 from quant.layout import ALIGN, ExpertLayout, dtype_name
 from quant.packing import PackedMatrix
-from quant.source import SourceReader, file_record, source_files
+from quant.source import ExpertSet, SourceReader, file_record, source_files
 
 FORMAT = "fate-tiers"
 FORMAT_VERSION = 1
@@ -127,25 +124,11 @@ def expert_key(tier: str, layer: int, expert: int) -> str:
 # ------------------------------------------------------------------------------------------ where
 
 
-def default_store_dir(model_path: Path, name: str) -> Path:
-    """Where the store of the model in `model_path` (asked for as `name`) lives."""
-    from fate_cli.registry import BUNDLED_ROOT, fate_home, models_dir
-
-    path = model_path.resolve()
-    if path.is_relative_to(models_dir().resolve()):
-        return model_path / TIERS_DIRNAME
-    if path.is_relative_to(BUNDLED_ROOT.resolve()):
-        return fate_home() / "tiers" / path.name
-    digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
-    return fate_home() / "tiers" / f"{path.name}-{digest}"
-
-
 # ------------------------------------------------------------------------------------------ plans
 
 
-def plan_tiers(args: ModelArgs, params: QuantParams, source_dtype: torch.dtype) -> dict[str, TierPlan]:
-    h, i = args.hidden_size, args.moe_intermediate_size
-    layers = tuple(args.moe_layer_ids)
+def plan_tiers(experts: ExpertSet, params: QuantParams, source_dtype: torch.dtype) -> dict[str, TierPlan]:
+    h, i, layers = experts.hidden, experts.intermediate, experts.layers
     tiers = {
         "hot": TierPlan("hot", ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size), layers),
         "cold": TierPlan("cold", ExpertLayout.quantized(h, i, params.cold_bits, params.cold_group_size), layers),
@@ -333,11 +316,8 @@ def _hash_sources(model_dir: Path, known: dict, progress: Progress | None) -> di
     return {name: records[name] for name in names}
 
 
-def _source_info(model_dir: Path, files: dict) -> dict:
-    from fate_cli.registry import pull_record
-
-    record = pull_record(model_dir)
-    return {"path": str(model_dir.resolve()), "repo": record.get("repo"), "revision": record.get("revision"),
+def _source_info(model_dir: Path, files: dict, origin: dict) -> dict:
+    return {"path": str(model_dir.resolve()), "repo": origin.get("repo"), "revision": origin.get("revision"),
             "files": files}
 
 
@@ -402,11 +382,11 @@ class _ExpertBuild:
                 self.w.write_at(lay.segment(f"down.{part}").offset, getattr(p, part))
 
 
-def _check_source(args: ModelArgs, reader: SourceReader) -> torch.dtype:
+def _check_source(experts: ExpertSet, reader: SourceReader) -> torch.dtype:
     dtype = None
-    for layer in args.moe_layer_ids:
-        for e in range(args.num_experts):
-            for name, shape in zip(expert_tensor_names(args, layer, e), expert_shapes(args)):
+    for layer in experts.layers:
+        for e in range(experts.num_experts):
+            for name, shape in zip(experts.names(layer, e), experts.shapes):
                 if name not in reader:
                     raise BadModel(f"{reader.dir}: tensor {name} is missing from the checkpoint; re-download the model")
                 if reader.shape(name) != shape:
@@ -420,23 +400,24 @@ def _check_source(args: ModelArgs, reader: SourceReader) -> torch.dtype:
     return dtype or torch.bfloat16
 
 
-def quantize_model(
-    model_dir: Path, store_dir: Path, params: QuantParams | None = None, progress: Progress | None = None
+def build_store(
+    model_dir: Path, store_dir: Path, experts: ExpertSet, params: QuantParams | None = None,
+    progress: Progress | None = None, origin: dict | None = None,
 ) -> BuildResult:
-    """Build (or finish, or confirm) the tier store of the checkpoint in `model_dir` at `store_dir`."""
+    """Build (or finish, or confirm) the tier store of `experts` of the checkpoint in `model_dir` at `store_dir`.
+    origin: where the checkpoint came from ({"repo", "revision"} of a pull), recorded in the manifest."""
     params = params or QuantParams()
     params.validate()
     t0 = time.perf_counter()
-    args = load_args(model_dir)
     reader = SourceReader(model_dir)
-    source_dtype = _check_source(args, reader)
+    source_dtype = _check_source(experts, reader)
     with store_lock(store_dir):
         existing = _read_json(store_dir / MANIFEST)
         journal = _read_json(store_dir / PROGRESS)
         known = ((existing or {}).get("source") or {}).get("files") or (journal or {}).get("sources") or {}
         sources = _hash_sources(model_dir, known, progress)
-        tiers = plan_tiers(args, params, source_dtype)
-        shards = plan_shards(tiers, args.num_experts, params.max_shard_bytes)
+        tiers = plan_tiers(experts, params, source_dtype)
+        shards = plan_shards(tiers, experts.num_experts, params.max_shard_bytes)
         fingerprint = _fingerprint(params, sources, tiers, shards)
 
         if existing and existing.get("complete") and existing.get("fingerprint") == fingerprint:
@@ -465,8 +446,8 @@ def quantize_model(
         if progress:
             progress("quantize", 0, total)
         try:
-            for layer in args.moe_layer_ids:
-                for e in range(args.num_experts):
+            for layer in experts.layers:
+                for e in range(experts.num_experts):
                     todo = [t for t in tiers.values() if (t.name, layer, e) in pending]
                     if not todo:
                         continue
@@ -476,7 +457,7 @@ def quantize_model(
                             writers[tier.name] = _ShardWriter(store_dir, pending[(tier.name, layer, e)], tier.layout)
                         writers[tier.name].begin(expert_key(tier.name, layer, e))
                         builds.append(_ExpertBuild(writers[tier.name], tier, params))
-                    for which, name in zip(("gate", "up", "down"), expert_tensor_names(args, layer, e)):
+                    for which, name in zip(("gate", "up", "down"), experts.names(layer, e)):
                         w = reader.get(name)
                         for b in builds:
                             b.add(which, w)
@@ -493,7 +474,8 @@ def quantize_model(
             for writer in writers.values():
                 writer.abandon()
 
-        manifest = _manifest(model_dir, args, params, source_dtype, sources, tiers, shards, journal, fingerprint)
+        manifest = _manifest(model_dir, experts, params, source_dtype, _source_info(model_dir, sources, origin or {}),
+                             tiers, shards, journal, fingerprint)
         _write_json_atomic(store_dir / MANIFEST, manifest)
         (store_dir / PROGRESS).unlink(missing_ok=True)
         return BuildResult(
@@ -513,7 +495,7 @@ def _journal_from_manifest(manifest: dict) -> dict:
     return {"fingerprint": manifest.get("fingerprint"), "shards": shards}
 
 
-def _manifest(model_dir, args, params, source_dtype, sources, tiers, shards, journal, fingerprint) -> dict:
+def _manifest(model_dir, experts, params, source_dtype, source, tiers, shards, journal, fingerprint) -> dict:
     records = journal["shards"]
     experts = {}
     for shard in shards:
@@ -530,14 +512,14 @@ def _manifest(model_dir, args, params, source_dtype, sources, tiers, shards, jou
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "model": {
-            "family": args.family,
-            "hidden_size": args.hidden_size,
-            "moe_intermediate_size": args.moe_intermediate_size,
-            "num_experts": args.num_experts,
-            "moe_layers": list(args.moe_layer_ids),
+            "family": experts.family,
+            "hidden_size": experts.hidden,
+            "moe_intermediate_size": experts.intermediate,
+            "num_experts": experts.num_experts,
+            "moe_layers": list(experts.layers),
             "source_dtype": dtype_name(source_dtype),
         },
-        "source": _source_info(model_dir, sources),
+        "source": source,
         "params": params.to_json(),
         "quantizer": quantizer,
         "tiers": {

@@ -23,7 +23,7 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
 - `_gemv_direct_kernel` (batch 1, where GEMV_TILES says DIRECT): the GEMV without the planes pass, x read
   in its own order with silu(gate) * up and the group sums computed in each program; an expert's FFN in
   two launches.
-- `_gemm_kernel` (2 to FUSED_MAX_ROWS rows, and every row count of experts under LARGE_EXPERT weights):
+- `_gemm_kernel` (2 to quant/kernels.py's FUSED_MAX_ROWS rows, every row count of experts under LARGE_EXPERT weights):
   y = x @ W.T with W dequantized tile by tile on chip. Each word, scale and zero is loaded once; a word's
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
   tile is the product's wide left operand (SWAP: (W x^T)^T), so 16 rows of x fill a tensor-core tile.
@@ -33,7 +33,7 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
   warpgroup's dequantization overlapping the other's product; no bf16 copy of the weights); elsewhere, and for
   8 bits, `_dequant_kernel` (W to the activation dtype) and
   cuBLAS, each matrix dequantized on a side stream while the previous one's product runs
-  (`_dequant_ffn_overlapped`). quant/README.md has the measurements.
+  (`dequant_ffn_overlapped`). quant/README.md has the measurements.
 
 Importing this module needs neither Triton nor a GPU; `available()` says whether the kernels can run.
 """
@@ -566,7 +566,7 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return _SIDE_STREAMS[index]
 
 
-def _dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+def dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
     """Many rows of a large expert: cuBLAS on dequantized weights, each matrix dequantized on a side stream
     while the previous one's product runs (gate first, then up under gate's product, down under up's)."""
     inter, hidden = down.shape[1], down.shape[0]
@@ -586,27 +586,3 @@ def _dequant_ffn_overlapped(x: torch.Tensor, gate_up: PackedMatrix, down: Packed
     h = F.silu(g) * F.linear(x, up)
     main.wait_stream(side)
     return F.linear(h, dn)
-
-
-FUSED_MAX_ROWS = 128  # more rows of a large expert: Hopper's wgmma GEMM or dequantize + cuBLAS (quant/README.md)
-LARGE_EXPERT = 1 << 24  # weights in gate|up from which that holds (Mixtral's 58.7M: yes; Qwen3's 3.1M: no)
-
-
-def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
-    """down(silu(gate x) * up x) for x [M, H], from packed gate_up [2I, H] and down [H, I]."""
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        h = gemv(x, gate_up, out_dtype=torch.float32)
-        return gemv(h, down, act=True, out_dtype=x.dtype)
-    inter = down.shape[1]
-    large = x.shape[0] > FUSED_MAX_ROWS and gate_up.shape[0] * gate_up.shape[1] >= LARGE_EXPERT
-    if large:
-        from quant import hopper_gemm
-
-        if hopper_gemm.usable(x, gate_up, down):  # Hopper: no bf16 copy of the weights (quant/README.md)
-            return hopper_gemm.expert_ffn(x, gate_up, down)
-        return _dequant_ffn_overlapped(x, gate_up, down)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        h = gemm(x, gate_up)
-        return gemm(F.silu(h[:, :inter]) * h[:, inter:], down)
-    h = F.linear(x, dequant(gate_up, x.dtype))
-    return F.linear(F.silu(h[:, :inter]) * h[:, inter:], dequant(down, x.dtype))

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from fate_cli.bench import open_target, parse_budgets, prompt_set
-from fate_cli.replay import ReplayModel
+from fate_cli.engine.replay import ReplayModel
 
 
 def main() -> None:

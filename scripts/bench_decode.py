@@ -1,4 +1,4 @@
-"""Decode speed of the captured step (fate_cli/decode_step.py) against fate's eager path and transformers' eager
+"""Decode speed of the captured step (fate_cli/engine/decode_step.py) against fate's eager path and transformers' eager
 generate, on synthetic shapes of real models, with each row's memory-bandwidth floor. All rows in one run.
 
     PYTHONPATH=. python3 scripts/bench_decode.py --shapes olmoe-1b-7b,qwen3-30b-a3b -p 128 -n 64 --out rows.jsonl

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.model.loader import load_model
 from fate_cli.registry import BUNDLED_ROOT
 from fate_cli.tokenizer import Tokenizer

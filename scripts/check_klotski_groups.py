@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 
 from cache.microbatch import LayerTimes
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
-from fate_cli.runtime import open_model
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import open_model
 
 TEXTS = ["The hacker ethic", "What does hack mean? It is a word that", "In Python, a list comprehension", "Unix",
          "A kludge is", "The Jargon File says that a hacker"]

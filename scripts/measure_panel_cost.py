@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.live import Live
 
 from fate_cli.chat import PANEL_REFRESH_PER_S, ChatSession
-from fate_cli.generate import SamplingParams
+from fate_cli.engine.generate import SamplingParams
+from fate_cli.engine.runtime import open_model
 from fate_cli.panel import ChatPanel
-from fate_cli.runtime import open_model
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fate_cli.engine.runtime import open_model
 from fate_cli.perplexity import perplexity
-from fate_cli.runtime import open_model
 from predictors.evaluate import GateInputRecorder, routing_report
 
 CARD_START, CARD_END = "<!-- metrics:start -->", "<!-- metrics:end -->"

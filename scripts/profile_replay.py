@@ -18,7 +18,7 @@ import time
 import torch
 
 from fate_cli.bench import open_target, parse_budgets, prompt_set
-from fate_cli.replay import ReplayModel
+from fate_cli.engine.replay import ReplayModel
 
 
 def union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

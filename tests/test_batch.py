@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import open_model
 from fate_cli.model.loader import load_model
-from fate_cli.runtime import open_model
 from tests.helpers import assert_one_line_error
 from tests.test_cli_run import fate
 from tests.tiny_models import make_tiny_model

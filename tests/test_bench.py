@@ -10,8 +10,8 @@ import torch
 
 from fate_cli.bench import BENCH_ORDER, FIELDS, parse_budgets
 from fate_cli.bench_targets import ReplayTarget
+from fate_cli.engine.replay import record
 from fate_cli.errors import UsageError
-from fate_cli.replay import record
 from predictors.cross_layer import predict_next
 from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - a fixture
 from tests.test_cli_run import fate
@@ -169,7 +169,7 @@ def test_batch_sweep_rows_and_tokens(tmp_path):
 
 @pytest.mark.usefixtures("one_thread")
 def test_merged_prefill_steps_hold_every_prompts_traffic():
-    from fate_cli.replay import LayerTraffic, Step, merge_steps
+    from fate_cli.engine.replay import LayerTraffic, Step, merge_steps
 
     a = Step([LayerTraffic(1, torch.zeros(2, 4), [0, 3], [1, 3]), LayerTraffic(2, torch.zeros(2, 4), [1], [4])])
     b = Step([LayerTraffic(1, torch.ones(3, 4), [3, 5], [2, 4]), LayerTraffic(2, torch.ones(3, 4), [0, 1], [3, 3])])
@@ -197,7 +197,7 @@ def test_replay_of_a_batch_plays_every_row():
     assert stats.hits + stats.misses == routed and routed >= moe * 6 * target.ctx.top_k
     # klotski prefills the three prompts as one group (scripted times): the layers see their routing merged
     from cache.microbatch import LayerTimes
-    from fate_cli.replay import merge_steps
+    from fate_cli.engine.replay import merge_steps
 
     session = target.session("klotski", int(target.footprint.fixed + 0.5 * target.footprint.all_hot))
     session.offload.layer_times = LayerTimes(1.0, 0.0, 1e-6)

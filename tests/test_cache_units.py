@@ -161,8 +161,8 @@ def test_coactivation_counts_and_scores():
 
 
 def test_coactivation_gathered_from_a_model(tmp_path):
+    from fate_cli.engine.coactivation import gather
     from fate_cli.model.loader import load_model
-    from predictors.coactivation import gather
     from tests.tiny_models import make_tiny_model
 
     path = make_tiny_model(tmp_path / "m", family="mixtral")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fate_cli.chat import ChatSession
-from fate_cli.generate import SamplingParams
-from fate_cli.runtime import open_model
+from fate_cli.engine.generate import SamplingParams
+from fate_cli.engine.runtime import open_model
 
 
 @pytest.fixture(scope="module")

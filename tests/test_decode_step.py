@@ -1,4 +1,4 @@
-"""The fixed-shape decode step (fate_cli/decode_step.py) against the eager forward, the reference.
+"""The fixed-shape decode step (fate_cli/engine/decode_step.py) against the eager forward, the reference.
 
 On a CPU the step runs uncaptured with the torch reference of the fused expert kernels: what is tested
 here is its structure (positions in a device tensor, masked attention over the whole cache, device-side
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fate_cli.decode_step import DecodeGraphs, unavailable
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.decode_step import DecodeGraphs, unavailable
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import open_model
 from fate_cli.model.loader import load_model
-from fate_cli.runtime import open_model
 from tests.tiny_models import FAMILIES, make_tiny_model
 
 CPU = torch.device("cpu")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fate_cli.decode_step import DecodeGraphs
-from fate_cli.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.decode_step import DecodeGraphs
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import open_model
 from fate_cli.model.loader import load_model
-from fate_cli.runtime import open_model
 from quant.layout import ExpertLayout
 from quant.moe_kernels import FUSED, DenseBank, PackedBank, backend_for, moe_ffn, moe_ffn_reference
 from quant.synthetic import random_quantized
@@ -127,7 +127,8 @@ def test_graph_step_logits_in_bfloat16():
 @pytest.fixture(scope="module")
 def fitting_model(tmp_path_factory):
     """A tiny random qwen3_moe whose widths the fused kernels take (hidden 128, experts 64 wide), its store."""
-    from quant.store import QuantParams, TierStore, quantize_model
+    from fate_cli.engine.stores import quantize_model
+    from quant.store import QuantParams, TierStore
 
     root = tmp_path_factory.mktemp("fits")
     path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fate_cli.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.model.loader import load_model
 from tests.tiny_models import make_tiny_model
 

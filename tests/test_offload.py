@@ -14,9 +14,10 @@ from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan
 from cache.policies import HOT_SHARE, MIN_SHARE, PolicyContext, make_policy
 from cache.setup import routers
+from fate_cli.engine.stores import quantize_model
 from fate_cli.model.loader import load_model
 from predictors.cross_layer import router_probs
-from quant.store import QuantParams, TierStore, quantize_model
+from quant.store import QuantParams, TierStore
 from tests.tiny_models import make_tiny_model
 
 POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "klotski", "resident"]

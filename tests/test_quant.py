@@ -10,17 +10,17 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.stores import quantize_model
 from fate_cli.errors import BadModel, ModelNotFound
-from fate_cli.generate import Sampler, SamplingParams, generate
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import load_model
-from fate_cli.model.model import expert_tensor_names
 from quant.hqq_quant import quantize_expert, quantize_matrix
 from quant.kernels import CPU, QuantExpert, dequantized_weights, triton_fits
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize, pack_codes, unpack_codes
-from quant.provider import TieredExperts, mixed_plan, tiered_provider, uniform_plan
-from quant.store import QuantParams, TierStore, check_store, quantize_model
+from cache.tiered import TieredExperts, mixed_tiers, tiered_provider, uniform_tiers
+from quant.store import QuantParams, TierStore, check_store
 from tests.helpers import one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model
 
@@ -235,14 +235,14 @@ def test_store_holds_what_quantize_expert_makes(tiny):
     from fate_cli.model.loader import load_args
 
     args = load_args(model)
-    args_names = expert_tensor_names(args, 1, 5)
+    args_names = args.experts.names(1, 5)
     gate, up, down = (reader.get(n) for n in args_names)
     for tier, bits, group in (("hot", 4, 64), ("cold", 2, 32)):
         layout, buf = quantize_expert(gate, up, down, bits, group)
         assert layout == ts.tiers[tier].layout
         assert torch.equal(ts.read(tier, 1, 5), buf)
     dense = ts.tiers["dense"].layout.views(ts.read("dense", 0, 3))
-    names = expert_tensor_names(args, 0, 3)
+    names = args.experts.names(0, 3)
     assert torch.equal(dense["gate_up"], torch.cat([reader.get(names[0]), reader.get(names[1])]).bfloat16())
     assert torch.equal(dense["down"], reader.get(names[2]).bfloat16())
 
@@ -272,7 +272,7 @@ def test_greedy_tokens_from_a_tier_match_dequantized_weights(tiny, choice):
     provider = ours.model.layers[0].mlp.provider
     assert isinstance(provider, TieredExperts)
     ts = TierStore.open(store, model)
-    plan = uniform_plan(ours.args, choice) if choice != "mixed" else mixed_plan(ours.args, ts)
+    plan = uniform_tiers(ours.args, choice) if choice != "mixed" else mixed_tiers(ours.args, ts)
     assert provider.plan == plan
     ref = load_model(model, provider=lambda args, ckpt: _dequantized_reference(args, ts, plan))
     sampler = lambda: Sampler(SamplingParams(temperature=0), torch.device("cpu"))  # noqa: E731
@@ -385,7 +385,7 @@ def test_bundled_model_int4_within_3_percent_of_bf16_perplexity(tmp_path):
     result = quantize_model(model, store, QuantParams())
     assert result.written_shards == 3
     ids = Tokenizer(model).encode((model / "heldout.txt").read_text(encoding="utf-8"), add_special_tokens=False)
-    # as every command does (fate_cli.runtime.open_model): trained weights make denormals, slow on CPUs;
+    # as every command does (fate_cli.engine.runtime.open_model): trained weights make denormals, slow on CPUs;
     # torch has no getter to restore the previous state, and the commands never turn it off again
     torch.set_flush_denormal(True)
     ppl = {}

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from quant.store import QuantParams, default_store_dir, quantize_model
+from fate_cli.engine.stores import default_store_dir, quantize_model
+from quant.store import QuantParams
 from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model
 

@@ -88,7 +88,7 @@ def test_overlapped_dequant_ffn_matches_the_plain_one():
     x = torch.randn(300, hidden, device="cuda", generator=g).bfloat16()
     gw, uw, dw = dequantized_weights(buf, layout, torch.bfloat16)
     plain = F.linear(F.silu(F.linear(x, gw)) * F.linear(x, uw), dw)
-    assert torch.equal(tk._dequant_ffn_overlapped(x, gu, dn), plain)
+    assert torch.equal(tk.dequant_ffn_overlapped(x, gu, dn), plain)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and hg.available(torch.device("cuda"))),

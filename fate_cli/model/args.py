@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fate_cli.errors import BadModel, ModelNotFound
+from quant.source import ExpertSet
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,10 @@ class ModelArgs:
         return [i for i, moe in enumerate(self.moe_layers) if moe]
 
     @property
-    def expert_params(self) -> int:
-        return 3 * self.hidden_size * self.moe_intermediate_size
+    def experts(self) -> ExpertSet:
+        """The checkpoint's routed experts: names and shapes (what the tier store and the loader read)."""
+        return ExpertSet(self.family, tuple(self.moe_layer_ids), self.num_experts, self.hidden_size,
+                         self.moe_intermediate_size, self.moe_module, self.expert_proj_names)
 
 
 class ConfigReader:

@@ -19,7 +19,7 @@ from fate_cli.errors import BadModel, ModelNotFound
 from fate_cli.model import mixtral, olmoe, qwen2_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
-from fate_cli.model.model import Transformer, checkpoint_name, expert_tensor_names
+from fate_cli.model.model import Transformer, checkpoint_name
 
 FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "mixtral": mixtral.model_args,
@@ -123,11 +123,6 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def expert_shapes(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    h, i = args.hidden_size, args.moe_intermediate_size
-    return (i, h), (i, h), (h, i)
-
-
 LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -145,9 +140,10 @@ def check_checkpoint(args: ModelArgs, ckpt: Checkpoint, model: Transformer) -> N
     """Every tensor the model needs is present with the shape config.json implies."""
     for param, tensor in model.named_parameters():
         ckpt.require(checkpoint_name(args, param), tuple(tensor.shape))
-    for layer in args.moe_layer_ids:
-        for e in range(args.num_experts):
-            for name, shape in zip(expert_tensor_names(args, layer, e), expert_shapes(args)):
+    experts = args.experts
+    for layer in experts.layers:
+        for e in range(experts.num_experts):
+            for name, shape in zip(experts.names(layer, e), experts.shapes):
                 ckpt.require(name, shape)
 
 
@@ -157,7 +153,7 @@ def load_resident_experts(
     layers = {}
     for layer in args.moe_layer_ids:
         layers[layer] = [
-            DenseExpert(*(ckpt.get(n).to(device=device, dtype=dtype) for n in expert_tensor_names(args, layer, e)))
+            DenseExpert(*(ckpt.get(n).to(device=device, dtype=dtype) for n in args.experts.names(layer, e)))
             for e in range(args.num_experts)
         ]
     return ResidentExperts(layers)

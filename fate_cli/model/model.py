@@ -111,9 +111,3 @@ def checkpoint_name(args: ModelArgs, param: str) -> str:
     if args.moe_module != "mlp":
         param = param.replace(".mlp.", f".{args.moe_module}.", 1)
     return "model." + param
-
-
-def expert_tensor_names(args: ModelArgs, layer: int, expert: int) -> tuple[str, str, str]:
-    """(gate, up, down) tensor names of one expert in the checkpoint."""
-    base = f"model.layers.{layer}.{args.moe_module}.experts.{expert}"
-    return tuple(f"{base}.{name}.weight" for name in args.expert_proj_names)  # type: ignore[return-value]

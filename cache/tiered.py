@@ -1,7 +1,7 @@
-"""TieredExperts: an ExpertProvider that serves every expert from the tier store, as a plan says.
+"""TieredExperts: an ExpertProvider that serves every expert from the tier store at a fixed tier each.
 
-A plan maps (layer, expert) -> tier name ("hot", "cold" or "dense"). The choices of `fate perplexity
---tiers` and their plans:
+A tier map gives (layer, expert) -> tier name ("hot", "cold" or "dense"). The choices of `fate perplexity
+--tiers` and their tier maps:
 - hot / cold: every expert from that tier.
 - mixed: a static stand-in for what Fate's runtime ends up serving, until the offload planner supplies
   real plans: the store's dense layers (layer 0 by default) at 16 bits, the next three MoE layers from the
@@ -25,34 +25,34 @@ from fate_cli.errors import BadModel, UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import Checkpoint
+from cache.planner import FATE_SHALLOW_LAYERS
 from quant.kernels import QuantExpert, dense_weights, select_backend
 from quant.store import TierStore
 
 TIER_CHOICES = ("bf16", "hot", "cold", "mixed")
-SHALLOW_LAYERS = 4  # Fate caches the first four layers whole
 
-Plan = dict[tuple[int, int], str]
+TierMap = dict[tuple[int, int], str]
 
 
-def uniform_plan(args: ModelArgs, tier: str) -> Plan:
+def uniform_tiers(args: ModelArgs, tier: str) -> TierMap:
     return {(layer, e): tier for layer in args.moe_layer_ids for e in range(args.num_experts)}
 
 
-def mixed_plan(args: ModelArgs, store: TierStore) -> Plan:
+def mixed_tiers(args: ModelArgs, store: TierStore) -> TierMap:
     dense = set(store.tiers["dense"].layers) if "dense" in store.tiers else set()
     plan = {}
     for rank, layer in enumerate(args.moe_layer_ids):
-        tier = "dense" if layer in dense else "hot" if rank < SHALLOW_LAYERS else "cold"
+        tier = "dense" if layer in dense else "hot" if rank < FATE_SHALLOW_LAYERS else "cold"
         for e in range(args.num_experts):
             plan[(layer, e)] = tier
     return plan
 
 
-def make_plan(args: ModelArgs, store: TierStore, choice: str) -> Plan:
+def tier_map(args: ModelArgs, store: TierStore, choice: str) -> TierMap:
     if choice in ("hot", "cold"):
-        return uniform_plan(args, choice)
+        return uniform_tiers(args, choice)
     if choice == "mixed":
-        return mixed_plan(args, store)
+        return mixed_tiers(args, store)
     raise UsageError(f"unknown tier choice '{choice}'; use one of {', '.join(TIER_CHOICES)}")
 
 
@@ -73,7 +73,7 @@ def check_matches(store: TierStore, args: ModelArgs) -> None:
 
 
 class TieredExperts(ResidentExperts):
-    """Every expert resident on the device at the tier the plan gives it (dense or quantized)."""
+    """Every expert resident on the device at the tier its tier map (`plan`) gives it (dense or quantized)."""
 
     bank = None  # mixed tiers in one layer have no bank: decode runs eager (perplexity never decodes)
 
@@ -81,7 +81,7 @@ class TieredExperts(ResidentExperts):
         self,
         store: TierStore,
         args: ModelArgs,
-        plan: Plan,
+        plan: TierMap,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         backend: str | None = None,
@@ -148,6 +148,6 @@ def tiered_provider(
 
     def build(args: ModelArgs, ckpt: Checkpoint) -> TieredExperts:
         store = TierStore.open(store_dir, model_dir, name=name)
-        return TieredExperts(store, args, make_plan(args, store, choice), device, dtype, backend)
+        return TieredExperts(store, args, tier_map(args, store, choice), device, dtype, backend)
 
     return build

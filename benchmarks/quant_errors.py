@@ -1,6 +1,6 @@
 """Reconstruction error of each quantized tier against the checkpoint's own expert weights.
 
-    python -m quant.errors MODEL      # MODEL as for `fate quantize`; needs its tier store
+    python3 benchmarks/quant_errors.py MODEL      # MODEL as for `fate quantize`; needs its tier store
 
 For every expert of every MoE layer and each quantized tier: the relative Frobenius error
 ||W - dequantize(tier)|| / ||W|| of gate, up and down (float32), summarized per tier and matrix as the
@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from fate_cli.model.loader import load_args
-from fate_cli.model.model import expert_tensor_names
 from quant.kernels import dequantized_weights
 from quant.source import SourceReader
 from quant.store import TierStore
@@ -43,7 +42,7 @@ def tier_errors(store: TierStore, model_dir: Path) -> list[TierError]:
         err = TierError(name, info.describe())
         for layer in info.layers:
             for e in range(args.num_experts):
-                ref = [reader.get(n).float() for n in expert_tensor_names(args, layer, e)]
+                ref = [reader.get(n).float() for n in args.experts.names(layer, e)]
                 got = dequantized_weights(store.read(name, layer, e), info.layout, torch.float32)
                 num = den = 0.0
                 for key, w, q in zip(("gate", "up", "down"), ref, got):
@@ -56,8 +55,8 @@ def tier_errors(store: TierStore, model_dir: Path) -> list[TierError]:
 
 
 def main(argv: list[str]) -> None:
+    from fate_cli.engine.stores import default_store_dir
     from fate_cli.registry import resolve
-    from quant.store import default_store_dir
 
     resolved = resolve(argv[0] if argv else None)
     store = TierStore.open(default_store_dir(resolved.path, resolved.name), resolved.path, name=resolved.name)

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fate_cli.decode_step import DecodeGraphs
+from fate_cli.engine.decode_step import DecodeGraphs
+from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ResidentExperts
 from fate_cli.model.loader import LoadedModel, load_args, load_model
@@ -17,7 +18,6 @@ from fate_cli.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from cache.offload import OffloadedExperts
     from cache.setup import OffloadSetup
-    from quant.store import TierStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -62,7 +62,7 @@ class Runtime:
     tokenizer: Tokenizer
     setup: OffloadSetup | None = None  # None: plain resident model, no planner
     offload: OffloadedExperts | None = None  # None: every expert resident at 16 bits
-    graphs: DecodeGraphs | None = None  # the captured decode step (fate_cli/decode_step.py); None: eager
+    graphs: DecodeGraphs | None = None  # the captured decode step (fate_cli/engine/decode_step.py); None: eager
 
     @property
     def model(self):  # noqa: ANN201 - the Transformer
@@ -92,23 +92,6 @@ class Runtime:
             return ""
         plan = self.setup.plan
         return "; ".join([plan.summary(), *plan.notes, *(self.offload.host.notes if self.offload else [])])
-
-
-def _open_store(resolved: ResolvedModel, build: bool) -> TierStore | None:
-    from fate_cli.errors import ModelNotFound
-    from quant.store import TierStore, default_store_dir
-
-    store_dir = default_store_dir(resolved.path, resolved.name)
-    try:
-        return TierStore.open(store_dir, resolved.path, name=resolved.name)
-    except ModelNotFound:
-        if not build:
-            return None
-    from fate_cli.quantize import quantize_model_for
-    from quant.store import QuantParams
-
-    quantize_model_for(resolved, QuantParams())
-    return TierStore.open(store_dir, resolved.path, name=resolved.name)
 
 
 def check_device_free(device: torch.device, budget: int, asked: str | None) -> None:
@@ -163,14 +146,14 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
     budget = parse_size(vram) if vram else auto_budget(dev)
     check_device_free(dev, budget, vram)
     ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
-    store = _open_store(resolved, build=False)
+    store = open_store(resolved, build=False)
     params = QuantParams(**store.manifest["params"]) if store else QuantParams()
     setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
     if setup.full_precision:
         return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer, setup)
-    store = store or _open_store(resolved, build=True)
+    store = store or open_store(resolved, build=True)
     loaded = load_model(resolved.path, dev, dt, provider=lambda _a, _c: ResidentExperts({}))
-    from predictors.coactivation import offline_coactivation
+    from fate_cli.engine.coactivation import offline_coactivation
 
     offload = build_offloaded(loaded.model, store, setup, dev, dt, transfer_bits,
                               coactivation=offline_coactivation(resolved.path))

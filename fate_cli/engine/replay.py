@@ -117,7 +117,7 @@ def _recording(model) -> Iterator[TraceRecorder]:  # noqa: ANN001
 
 def record(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[Step]]:  # noqa: ANN001
     """Greedy generation of gen_len tokens after each prompt on `model` (the bundled model): its traffic."""
-    from fate_cli.generate import Sampler, SamplingParams, generate
+    from fate_cli.engine.generate import Sampler, SamplingParams, generate
 
     device = model.embed_tokens.weight.device
     traces = []
@@ -130,7 +130,7 @@ def record(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[S
 
 def record_batch(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[Step]:  # noqa: ANN001
     """The traffic of one batch (generate_batch): one prefill step per prompt, then steps of len(prompts) tokens."""
-    from fate_cli.generate import Sampler, SamplingParams, generate_batch
+    from fate_cli.engine.generate import Sampler, SamplingParams, generate_batch
 
     device = model.embed_tokens.weight.device
     with _recording(model) as recorder:

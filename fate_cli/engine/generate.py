@@ -14,7 +14,7 @@ from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
 
 if TYPE_CHECKING:
-    from fate_cli.decode_step import DecodeGraphs
+    from fate_cli.engine.decode_step import DecodeGraphs
 
 
 @dataclass
@@ -97,7 +97,7 @@ def generate(
     """Generate up to max_new_tokens after prompt_ids (placed at start_pos of `cache`).
 
     on_token(id) is called for each new token; returning True stops generation. With `graphs`, decode
-    steps replay a captured step (fate_cli/decode_step.py) where it can run, the eager forward elsewhere.
+    steps replay a captured step (fate_cli/engine/decode_step.py) where it can run, the eager forward elsewhere.
     """
     device = model.embed_tokens.weight.device
     max_len = model.args.max_position_embeddings
