@@ -17,7 +17,6 @@ from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ResidentExperts
 from fate_cli.model.model import Transformer
-from fate_cli.model.moe import MoEBlock
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
@@ -107,10 +106,6 @@ def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:
     return by_bits[bits]
 
 
-def routers(model: Transformer) -> dict[int, torch.Tensor]:
-    return {i: layer.mlp.gate.weight for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)}
-
-
 def build_offloaded(
     model: Transformer,
     store: TierStore,
@@ -122,7 +117,7 @@ def build_offloaded(
     coactivation=None,  # noqa: ANN001 - () -> Coactivation: offline counts for klotski, where the model has them
 ) -> OffloadedExperts:
     args = model.args
-    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model),
+    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers(),
                         coactivation)
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)

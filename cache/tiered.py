@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
+from cache.planner import FATE_SHALLOW_LAYERS
 from fate_cli.errors import BadModel, UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import Checkpoint
-from cache.planner import FATE_SHALLOW_LAYERS
 from quant.kernels import QuantExpert, dense_weights, select_backend
 from quant.store import TierStore
 

@@ -24,7 +24,6 @@ from cache.setup import (
     footprint,
     plan_for,
     plan_slots,
-    routers,
     transfer_tier_for,
 )
 from fate_cli.engine.coactivation import bundled_coactivation
@@ -131,7 +130,7 @@ class ModelTarget(Target):
         params = QuantParams(**store.manifest["params"])
         self.context = min(DEFAULT_CONTEXT, args.max_position_embeddings)
         fp = footprint(args, dtype, self.context, params, device.type == "cuda")
-        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers())
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.kind, self.model, self.params = kind, model, params
         self._dense_from_checkpoint = dense_from_checkpoint
@@ -182,7 +181,7 @@ class ReplayTarget(Target):
                        activations)
         # the predictors run the bundled model's routers on its recorded router inputs, in float32
         ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
-                            {k: v.to(device, torch.float32) for k, v in routers(recorded_model).items()},
+                            {k: v.to(device, torch.float32) for k, v in recorded_model.routers().items()},
                             bundled_coactivation)  # the recorded model is the bundled one
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.recorded, self.hidden = recorded_model, hidden

@@ -100,10 +100,10 @@ def perplexity_command(
     device: str | None,
     dtype: str | None,
 ) -> None:
+    from cache.tiered import TIER_CHOICES, tiered_provider
     from fate_cli.model.loader import load_model
     from fate_cli.perplexity import perplexity
     from fate_cli.tokenizer import Tokenizer
-    from cache.tiered import TIER_CHOICES, tiered_provider
 
     choices = [t.strip() for t in tiers.split(",") if t.strip()]
     for c in choices:

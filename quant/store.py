@@ -474,8 +474,8 @@ def build_store(
             for writer in writers.values():
                 writer.abandon()
 
-        manifest = _manifest(model_dir, experts, params, source_dtype, _source_info(model_dir, sources, origin or {}),
-                             tiers, shards, journal, fingerprint)
+        manifest = _manifest(experts, params, source_dtype, _source_info(model_dir, sources, origin or {}), tiers,
+                             shards, journal, fingerprint)
         _write_json_atomic(store_dir / MANIFEST, manifest)
         (store_dir / PROGRESS).unlink(missing_ok=True)
         return BuildResult(
@@ -495,7 +495,7 @@ def _journal_from_manifest(manifest: dict) -> dict:
     return {"fingerprint": manifest.get("fingerprint"), "shards": shards}
 
 
-def _manifest(model_dir, experts, params, source_dtype, source, tiers, shards, journal, fingerprint) -> dict:
+def _manifest(expert_set, params, source_dtype, source, tiers, shards, journal, fingerprint) -> dict:
     records = journal["shards"]
     experts = {}
     for shard in shards:
@@ -512,11 +512,11 @@ def _manifest(model_dir, experts, params, source_dtype, source, tiers, shards, j
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "model": {
-            "family": experts.family,
-            "hidden_size": experts.hidden,
-            "moe_intermediate_size": experts.intermediate,
-            "num_experts": experts.num_experts,
-            "moe_layers": list(experts.layers),
+            "family": expert_set.family,
+            "hidden_size": expert_set.hidden,
+            "moe_intermediate_size": expert_set.intermediate,
+            "num_experts": expert_set.num_experts,
+            "moe_layers": list(expert_set.layers),
             "source_dtype": dtype_name(source_dtype),
         },
         "source": source,

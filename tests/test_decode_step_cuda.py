@@ -144,7 +144,6 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
     from cache.offload import OffloadedExperts
     from cache.planner import Footprint, Plan
     from cache.policies import PolicyContext, make_policy
-    from cache.setup import routers
 
     path, store = fitting_model
     prompts = [[5, 9, 14, 3, 27, 8], [40, 2, 2, 17]]
@@ -154,7 +153,7 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
         args = model.args
         fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
                        0, 0, 0)
-        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers(model))
+        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers())
         plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
         provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot")
         model.set_provider(provider)

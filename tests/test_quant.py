@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from cache.tiered import TieredExperts, mixed_tiers, tiered_provider, uniform_tiers
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.stores import quantize_model
 from fate_cli.errors import BadModel, ModelNotFound
@@ -19,7 +20,6 @@ from quant.hqq_quant import quantize_expert, quantize_matrix
 from quant.kernels import CPU, QuantExpert, dequantized_weights, triton_fits
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize, pack_codes, unpack_codes
-from cache.tiered import TieredExperts, mixed_tiers, tiered_provider, uniform_tiers
 from quant.store import QuantParams, TierStore, check_store
 from tests.helpers import one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model

@@ -54,6 +54,10 @@ class Transformer(nn.Module):
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.provider = provider
 
+    def routers(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's router weight [experts, hidden] (what cross-layer predictors multiply by)."""
+        return {i: layer.mlp.gate.weight for i, layer in enumerate(self.layers) if isinstance(layer.mlp, MoEBlock)}
+
     @property
     def provider(self) -> ExpertProvider | None:
         return next((layer.mlp.provider for layer in self.layers if isinstance(layer.mlp, MoEBlock)), None)
