@@ -26,7 +26,7 @@ from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
 from cache.stats import CacheStats
-from fate_cli.model.experts import DenseExpert, ExpertFn, stack_experts
+from fate_cli.model.experts import DenseExpert, ExpertFn, ExpertProvider, stack_experts
 from quant.kernels import QuantExpert, dense_weights, select_backend
 from quant.moe_kernels import Bank, PackedBank
 from quant.store import TierStore
@@ -77,7 +77,7 @@ class LayerSlots:
         self.dirty = False
 
 
-class OffloadedExperts:
+class OffloadedExperts(ExpertProvider):
     def __init__(
         self,
         store: TierStore,
@@ -181,6 +181,10 @@ class OffloadedExperts:
         return groups
 
     # ---- the fused decode step (fate_cli/engine/decode_step.py) ------------------------------------------
+
+    @property
+    def fused(self) -> bool:
+        return True
 
     def bank(self, layer: int) -> Bank:
         """Where the layer's experts sit for the fused kernels: the stacked 16-bit experts of a layer held

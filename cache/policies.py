@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from cache.eviction import ARC, LRU, ByPriority
+from fate_cli.model.args import ModelArgs
 from predictors.activation_path import ActivationPathPredictor
 from predictors.coactivation import Coactivation
 from predictors.cross_layer import router_probs, top_next
@@ -66,6 +67,12 @@ class PolicyContext:
     top_k: int
     routers: dict[int, torch.Tensor]  # MoE layer -> router weight [experts, hidden], on the compute device
     coactivation: Callable[[], Coactivation] | None = None  # offline co-activation counts, where a model has them
+
+    @classmethod
+    def of(cls, args: ModelArgs, routers: dict[int, torch.Tensor],
+           coactivation: Callable[[], Coactivation] | None = None) -> PolicyContext:
+        """A model's context: its shapes from `args`, its routers (or another model's, for a trace replay)."""
+        return cls(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers, coactivation)
 
     def next_moe(self, layer: int) -> int | None:
         later = [m for m in self.moe_layers if m > layer]

@@ -6,17 +6,18 @@ refused at once, naming the minimum.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
+from cache.host_tier import HostTier
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint, Plan, make_plan
 from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_policy
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import ResidentExperts
-from fate_cli.model.model import Transformer
+from fate_cli.model.model import weight_shapes
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
@@ -33,9 +34,7 @@ class OffloadSetup:
 
 
 def non_expert_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    with torch.device("meta"):
-        model = Transformer(args, ResidentExperts({}))
-    return sum(p.numel() for p in model.parameters()) * torch.finfo(dtype).bits // 8
+    return sum(math.prod(shape) for shape in weight_shapes(args).values()) * torch.finfo(dtype).bits // 8
 
 
 def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool) -> Footprint:
@@ -107,20 +106,17 @@ def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:
 
 
 def build_offloaded(
-    model: Transformer,
+    ctx: PolicyContext,
     store: TierStore,
     setup: OffloadSetup,
     device: torch.device,
     dtype: torch.dtype,
     transfer_bits: int | None = None,
     backend: str | None = None,
-    coactivation=None,  # noqa: ANN001 - () -> Coactivation: offline counts for klotski, where the model has them
+    host: HostTier | None = None,
 ) -> OffloadedExperts:
-    args = model.args
-    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers(),
-                        coactivation)
+    """The expert cache a plan and a policy make over the tier store (the host tier is built here unless given:
+    a bench shares one across its rows)."""
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
-    provider = OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend)
-    model.set_provider(provider)
-    return provider
+    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend, host=host)

@@ -75,7 +75,9 @@ def check_matches(store: TierStore, args: ModelArgs) -> None:
 class TieredExperts(ResidentExperts):
     """Every expert resident on the device at the tier its tier map (`plan`) gives it (dense or quantized)."""
 
-    bank = None  # mixed tiers in one layer have no bank: decode runs eager (perplexity never decodes)
+    @property
+    def fused(self) -> bool:
+        return False  # mixed tiers in one layer have no bank: decode runs eager (perplexity never decodes)
 
     def __init__(
         self,

@@ -25,9 +25,10 @@ from cache.budget import auto_budget, format_size, parse_size
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.engine.coactivation import offline_coactivation
-from fate_cli.engine.runtime import device_label, dtype_name, pick_device, pick_dtype
+from fate_cli.engine.runtime import device_label, dtype_name, experts_for, open_weights, pick_device, pick_dtype
+from fate_cli.engine.stores import open_store
 from fate_cli.errors import FateError, UsageError
-from fate_cli.registry import BUNDLED_ROOT
+from fate_cli.registry import BUNDLED_ROOT, resolve
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
 FIELDS = [
@@ -122,8 +123,7 @@ def open_target(name: str | None, device: torch.device, dtype: torch.dtype, tran
                 eager: bool = False) -> Target:
     """The model, synthetic model or replay a bench measures; eager: no captured decode step."""
     target = _open_target(name, device, dtype, transfer_bits)
-    if target.graphs is not None:
-        target.graphs.set_eager(eager)
+    target.eager = eager
     return target
 
 
@@ -133,26 +133,21 @@ def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, tra
 
     if is_replay(name):
         hidden, inter = replay_shape(name)
-        recorded = _load("tiny", device, torch.float32, resident=True)[0]
-        return ReplayTarget(name, recorded.model, hidden, inter, device, dtype, transfer_bits)
+        weights = open_weights(resolve("tiny"), device, torch.float32)
+        recorded = weights.model(experts_for(weights, None, None, None))
+        return ReplayTarget(name, recorded, hidden, inter, device, dtype, transfer_bits)
     if is_synthetic(name):
-        from fate_cli.synthetic import random_model, synthetic_args
+        from fate_cli.synthetic import random_weights, synthetic_args
         from quant.synthetic import SyntheticStore
 
         args = synthetic_args(name)
         store = SyntheticStore(args.hidden_size, args.moe_intermediate_size, args.moe_layer_ids, args.num_experts,
                                name=name)
-        return ModelTarget(name, "synthetic", random_model(args, device, dtype), store, device, dtype, transfer_bits)
-    loaded, resolved = _load(name, device, dtype, resident=False)
-    from fate_cli.engine.stores import open_store
-    from fate_cli.model.loader import load_resident_experts
-
-    store = open_store(resolved, build=True)
-    a, ckpt = loaded.args, loaded.checkpoint
-    target = ModelTarget(resolved.name, "model", loaded.model, store, device, dtype, transfer_bits,
-                         lambda: load_resident_experts(a, ckpt, device, dtype))
-    target.ctx.coactivation = offline_coactivation(resolved.path)
-    return target
+        return ModelTarget(name, "synthetic", random_weights(args, device, dtype), store, transfer_bits)
+    resolved = resolve(name)
+    weights = open_weights(resolved, device, dtype)
+    return ModelTarget(resolved.name, "model", weights, open_store(resolved, build=True), transfer_bits,
+                       offline_coactivation(resolved.path))
 
 
 class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's footprint is known
@@ -161,7 +156,6 @@ class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's f
 
 def check_target_name(name: str) -> None:
     from fate_cli.engine.replay import is_replay, replay_shape
-    from fate_cli.registry import resolve
     from fate_cli.synthetic import is_synthetic, synthetic_args
 
     if is_replay(name):
@@ -170,17 +164,6 @@ def check_target_name(name: str) -> None:
         synthetic_args(name)
     else:
         resolve(name)
-
-
-def _load(name: str | None, device: torch.device, dtype: torch.dtype, resident: bool):  # noqa: ANN202
-    from fate_cli.model.experts import ResidentExperts
-    from fate_cli.model.loader import load_model
-    from fate_cli.registry import resolve
-
-    resolved = resolve(name)
-    torch.set_flush_denormal(True)  # trained weights produce denormals that slow CPU math ~80x
-    provider = None if resident else (lambda _a, _c: ResidentExperts({}))
-    return load_model(resolved.path, device, dtype, provider=provider), resolved
 
 
 # ---- the sweep -----------------------------------------------------------------------------------------
@@ -226,7 +209,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         groups = session.offload.last_groups if session.offload else []
         if any(len(g) > 1 for g in groups):  # klotski's micro-batches
             plan += f"; prompts prefilled together in groups of {'+'.join(str(len(g)) for g in groups)}"
-        decode = target.decode_mode()
+        decode = session.decode_mode()
     except torch.OutOfMemoryError:
         session.close()
         note = f"CUDA ran out of memory at {label}; the plan's estimate was too low, try a larger budget"

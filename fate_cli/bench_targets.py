@@ -8,7 +8,7 @@ one request: prefill of the prompt, then greedy decode.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,10 +16,11 @@ import torch
 from cache.host_tier import HostTier
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint
-from cache.policies import PolicyContext, make_policy
+from cache.policies import PolicyContext
 from cache.setup import (
     PREFILL_CHUNK,
     OffloadSetup,
+    build_offloaded,
     check_policy,
     footprint,
     plan_for,
@@ -30,8 +31,10 @@ from fate_cli.engine.coactivation import bundled_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
 from fate_cli.engine.runtime import DEFAULT_CONTEXT
-from fate_cli.model.experts import DenseExpert, ResidentExperts
+from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
+from fate_cli.model.loader import Weights, load_resident_experts
 from fate_cli.model.model import Transformer
+from predictors.coactivation import Coactivation
 from quant.kernels import dense_weights, select_backend
 from quant.store import QuantParams
 
@@ -45,14 +48,21 @@ class RunTiming:
 
 
 class Session:
-    """One row's expert cache over a target's shared parts."""
+    """One row's expert cache over a target's shared parts (and, for a model, the model built over them)."""
 
-    def __init__(self, target: Target, setup: OffloadSetup, provider, offload: OffloadedExperts | None):  # noqa: ANN001
+    def __init__(self, target: Target, setup: OffloadSetup, provider: ExpertProvider,
+                 offload: OffloadedExperts | None):
         self.target, self.setup, self.provider, self.offload = target, setup, provider, offload
+        self.model: Transformer | None = None
+        self.graphs: DecodeGraphs | None = None
 
     def run(self, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         """One request of len(prompts) prompts decoded together (a batch of one: a plain request)."""
         return self.target.run(self, prompts, gen_len)
+
+    def decode_mode(self) -> str:
+        """How the last request's decode steps ran."""
+        return self.graphs.describe() if self.graphs else "decode: eager (trace replay)"
 
     def close(self) -> None:
         self.target.release(self)
@@ -67,7 +77,7 @@ class Target:
         self.footprint, self.ctx, self.transfer_bits = footprint, ctx, transfer_bits
         self.transfer_tier = transfer_tier_for(store, transfer_bits)
         self._hosts: dict[tuple[str, ...], HostTier] = {}
-        self.graphs: DecodeGraphs | None = None  # a model target's captured decode step
+        self.eager = False  # decode with the eager forward (--eager), not the captured step
 
     @property
     def size_bytes(self) -> int:
@@ -76,10 +86,6 @@ class Target:
 
     def backend(self) -> str:
         return select_backend(self.device, self.store.tiers["hot"].layout)
-
-    def decode_mode(self) -> str:
-        """How the last request's decode steps ran."""
-        return self.graphs.describe() if self.graphs else "decode: eager (trace replay)"
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         raise NotImplementedError
@@ -95,12 +101,10 @@ class Target:
     def session(self, policy: str, budget: int) -> Session:
         setup = self.plan(policy, budget)
         if setup.full_precision:
-            provider = self.dense_experts()
-            return Session(self, setup, provider, None)
-        pol = make_policy(policy, self.ctx)
+            return Session(self, setup, self.dense_experts(), None)
         tiers = (self.transfer_tier,) if self.transfer_tier else ("hot", "cold")
-        offload = OffloadedExperts(self.store, setup.plan, pol, self.device, self.dtype, self.transfer_tier,
-                                   host=self.host(tiers))
+        offload = build_offloaded(self.ctx, self.store, setup, self.device, self.dtype, self.transfer_bits,
+                                  host=self.host(tiers))
         return Session(self, setup, offload, offload)
 
     def dense_experts(self) -> ResidentExperts:
@@ -122,42 +126,48 @@ class Target:
 
 
 class ModelTarget(Target):
-    """A real model (pulled, bundled or local) or a synthetic one: a Transformer and a tier store."""
+    """A real model (pulled, bundled or local) or a synthetic one: its non-expert weights and a tier store; each
+    row builds a model over the same weights with that row's experts."""
 
-    def __init__(self, name: str, kind: str, model: Transformer, store, device: torch.device,  # noqa: ANN001
-                 dtype: torch.dtype, transfer_bits: int | None, dense_from_checkpoint=None):  # noqa: ANN001
-        args = model.args
+    def __init__(self, name: str, kind: str, weights: Weights, store, transfer_bits: int | None,  # noqa: ANN001
+                 coactivation: Callable[[], Coactivation] | None = None):
+        args = weights.args
         params = QuantParams(**store.manifest["params"])
         self.context = min(DEFAULT_CONTEXT, args.max_position_embeddings)
-        fp = footprint(args, dtype, self.context, params, device.type == "cuda")
-        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers())
-        super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
-        self.kind, self.model, self.params = kind, model, params
-        self._dense_from_checkpoint = dense_from_checkpoint
-        self.graphs = DecodeGraphs(model)
+        fp = footprint(args, weights.dtype, self.context, params, weights.device.type == "cuda")
+        ctx = PolicyContext.of(args, weights.routers(), coactivation)
+        super().__init__(name, weights.device, weights.dtype, store, fp, ctx, transfer_bits)
+        self.kind, self.weights, self.params = kind, weights, params
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
-        return plan_for(self.model.args, self.dtype, policy, budget, self.context, self.params,
+        return plan_for(self.weights.args, self.dtype, policy, budget, self.context, self.params,
                         self.device.type == "cuda", self.transfer_bits is not None)
 
     def dense_experts(self) -> ResidentExperts:
-        return self._dense_from_checkpoint() if self._dense_from_checkpoint else super().dense_experts()
+        if self.weights.checkpoint is None:  # synthetic: the store's 16-bit tier
+            return super().dense_experts()
+        return load_resident_experts(self.weights.args, self.weights.checkpoint, self.device, self.dtype)
+
+    def session(self, policy: str, budget: int) -> Session:
+        session = super().session(policy, budget)
+        session.model = self.weights.model(session.provider)
+        session.graphs = DecodeGraphs(session.model, self.eager)
+        return session
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
-        self.model.set_provider(session.provider)
         sampler = Sampler(SamplingParams(temperature=0.0), self.device)
         if len(prompts) == 1:
-            result = generate(self.model, prompts[0], gen_len, sampler, graphs=self.graphs)
+            result = generate(session.model, prompts[0], gen_len, sampler, graphs=session.graphs)
             s, tokens = result.stats, result.token_ids
         else:
-            batch = generate_batch(self.model, prompts, gen_len, sampler, graphs=self.graphs)
+            batch = generate_batch(session.model, prompts, gen_len, sampler, graphs=session.graphs)
             s, tokens = batch.stats, [t for r in batch.results for t in r.token_ids]
         request = (s.prompt_tokens + s.generated_tokens) / (s.prefill_seconds + s.decode_seconds)
         return RunTiming(s.prefill_tokens_per_s, s.decode_tokens_per_s, tokens, request)
 
     def release(self, session: Session) -> None:
-        self.model.set_provider(ResidentExperts({}))
-        self.graphs.forget()  # its graphs and banks hold the session's memory
+        session.graphs.forget()  # its graphs and banks hold the session's memory
+        session.model = None
         super().release(session)
 
 
@@ -180,9 +190,8 @@ class ReplayTarget(Target):
                        workspace, (3 * hidden + 3 * inter) * dtype.itemsize,  # x, out, an expert's output and work
                        activations)
         # the predictors run the bundled model's routers on its recorded router inputs, in float32
-        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k,
-                            {k: v.to(device, torch.float32) for k, v in recorded_model.routers().items()},
-                            bundled_coactivation)  # the recorded model is the bundled one
+        ctx = PolicyContext.of(args, {k: v.to(device, torch.float32) for k, v in recorded_model.routers().items()},
+                               bundled_coactivation)  # the recorded model is the bundled one
         super().__init__(name, device, dtype, store, fp, ctx, transfer_bits)
         self.recorded, self.hidden = recorded_model, hidden
         self.traces: dict[tuple[tuple[int, ...], int], list] = {}

@@ -13,8 +13,8 @@ import torch
 
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import ResidentExperts
-from fate_cli.model.model import Transformer
+from fate_cli.model.loader import FAMILIES, Weights
+from fate_cli.model.model import weight_shapes
 
 PREFIX = "synthetic:"
 
@@ -45,8 +45,6 @@ def is_synthetic(name: str | None) -> bool:
 
 
 def synthetic_args(name: str) -> ModelArgs:
-    from fate_cli.model.loader import FAMILIES
-
     shape = name.removeprefix(PREFIX)
     if shape not in CONFIGS:
         raise UsageError(f"unknown synthetic model '{name}'; use one of {', '.join(PREFIX + k for k in CONFIGS)}")
@@ -54,16 +52,15 @@ def synthetic_args(name: str) -> ModelArgs:
     return FAMILIES[cfg["model_type"]](cfg, Path(f"<{name}>/config.json"))
 
 
-def random_model(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Transformer:
+def random_weights(args: ModelArgs, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Weights:
     """Non-expert weights drawn at random on the device (norms at one); experts come from a provider."""
-    with torch.device("meta"):
-        model = Transformer(args, ResidentExperts({}))
-    model = model.to(dtype).to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-            else:
-                p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
-    return model.eval().requires_grad_(False)
+    tensors = {}
+    for name, shape in weight_shapes(args).items():
+        t = torch.empty(shape, device=device, dtype=dtype)
+        if t.dim() == 1:
+            t.fill_(1.0 if "norm" in name else 0.0)
+        else:
+            t.normal_(0.0, 1.0 / shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
+        tensors[name] = t
+    return Weights(args, tensors, None, torch.device(device), dtype)

@@ -15,12 +15,15 @@ from fate_cli.model.moe import MoEBlock, route
 from predictors.cross_layer import predict_next
 
 
-class GateInputRecorder:
+class GateInputRecorder(ExpertProvider):
     """Wraps an ExpertProvider and keeps every MoE layer's router input, for analysis after a run."""
 
     def __init__(self, inner: ExpertProvider):
         self.inner = inner
         self.inputs: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def begin_request(self) -> None:
+        self.inner.begin_request()
 
     def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
         self.inputs[layer].append(hidden.detach().float().cpu())

@@ -153,10 +153,10 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
         args = model.args
         fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
                        0, 0, 0)
-        ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers())
+        ctx = PolicyContext.of(args, model.routers())
         plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
         provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot")
-        model.set_provider(provider)
+        model = model.with_experts(provider)
         graphs = None if eager else DecodeGraphs(model)
         tokens = [generate(model, p, 20, greedy(), graphs=graphs).token_ids for p in prompts]
         s = provider.sync_stats()

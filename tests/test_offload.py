@@ -69,7 +69,7 @@ def provider_for(model, store, policy_name, slots):
     hot, cold = store.tiers["hot"].layout.nbytes, store.tiers["cold"].layout.nbytes
     fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
     plan = Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids})
-    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers())
+    ctx = PolicyContext.of(args, model.routers())
     return OffloadedExperts(store, plan, make_policy(policy_name, ctx), torch.device("cpu"), torch.float32), hot, cold
 
 
@@ -163,8 +163,7 @@ def test_klotski_prefetches_what_followed_before(model_and_store):
     hot = store.tiers["hot"].layout.nbytes
     fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
     plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
-    ctx = PolicyContext(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, model.routers(),
-                        lambda: co)
+    ctx = PolicyContext.of(args, model.routers(), lambda: co)
     provider = OffloadedExperts(store, plan, make_policy("klotski", ctx), torch.device("cpu"), torch.float32)
     list(provider.experts(first, [3], [2]))
     assert set(provider.layers[second].slot_of) == {5}  # as many as the layer needed: one, the likeliest

@@ -56,8 +56,7 @@ class DecodeStep:
         self.capture = capture
         self.graphs: list[torch.cuda.CUDAGraph] | None = None
         # per cut layer: the next router the policy predicts from (or None), and where the routing lands
-        lookahead = getattr(self.provider, "lookahead_router", lambda _layer: None)
-        self.lookahead = [lookahead(i) for i in self.host_layers]
+        self.lookahead = [self.provider.lookahead_router(i) for i in self.host_layers]
         cuda = self.device.type == "cuda"
         k = model.args.top_k
         width = self.batch * (k + (2 * (k + 1) if any(r is not None for r in self.lookahead) else 0))
@@ -187,10 +186,9 @@ def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
     provider = model.provider
     if capture and device.type != "cuda":
         return GPU_ONLY
-    if getattr(provider, "bank", None) is None:
+    if not provider.fused:
         return "decode: eager (this expert provider keeps no slot table)"
-    fits = getattr(provider, "fits_step", None)
-    if fits is not None and not fits(batch * model.args.top_k):
+    if not provider.fits_step(batch * model.args.top_k):
         return f"decode: eager (a batch of {batch} can route to more experts than a layer has slots)"
     for i in model.args.moe_layer_ids if capture else ():
         if backend_for(device, provider.bank(i)) != FUSED:

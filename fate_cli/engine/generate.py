@@ -156,8 +156,7 @@ def generate(
 def prefill_groups(model: Transformer, lengths: list[int]) -> list[list[int]]:
     """Which prompts of a batch are prefilled together: the provider's choice (klotski groups them), else
     each alone."""
-    plan = getattr(model.provider, "prefill_groups", None)
-    return plan(lengths) if plan else [[i] for i in range(len(lengths))]
+    return model.provider.prefill_groups(lengths)
 
 
 @dataclass

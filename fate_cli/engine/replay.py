@@ -13,14 +13,15 @@ time only; every report names it replay.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ExpertFn, ExpertProvider
+from fate_cli.model.model import Transformer
 
 PREFIX = "replay:"
 
@@ -80,7 +81,7 @@ def merge_steps(steps: Sequence[Step]) -> Step:
     return merged
 
 
-class TraceRecorder:
+class TraceRecorder(ExpertProvider):
     """An ExpertProvider wrapper that keeps each forward step's router inputs and routing."""
 
     def __init__(self, inner: ExpertProvider, first_moe_layer: int):
@@ -89,8 +90,7 @@ class TraceRecorder:
         self._pending: dict[int, torch.Tensor] = {}
 
     def begin_request(self) -> None:
-        if hasattr(self.inner, "begin_request"):
-            self.inner.begin_request()
+        self.inner.begin_request()
 
     def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
         if layer == self.first:
@@ -103,38 +103,28 @@ class TraceRecorder:
         return self.inner.experts(layer, ids, token_counts)
 
 
-@contextmanager
-def _recording(model) -> Iterator[TraceRecorder]:  # noqa: ANN001
-    """The model's provider wrapped in a TraceRecorder for the duration, then put back."""
-    inner = model.provider
-    recorder = TraceRecorder(inner, list(model.args.moe_layer_ids)[0])
-    model.set_provider(recorder)
-    try:
-        yield recorder
-    finally:
-        model.set_provider(inner)
+def _recording(model: Transformer) -> tuple[Transformer, TraceRecorder]:
+    """The same model with its provider wrapped in a TraceRecorder."""
+    recorder = TraceRecorder(model.provider, list(model.args.moe_layer_ids)[0])
+    return model.with_experts(recorder), recorder
 
 
-def record(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[Step]]:  # noqa: ANN001
+def record(model: Transformer, prompts: Sequence[Sequence[int]], gen_len: int) -> list[list[Step]]:
     """Greedy generation of gen_len tokens after each prompt on `model` (the bundled model): its traffic."""
-    from fate_cli.engine.generate import Sampler, SamplingParams, generate
-
     device = model.embed_tokens.weight.device
     traces = []
     for prompt in prompts:
-        with _recording(model) as recorder:
-            generate(model, prompt, gen_len, Sampler(SamplingParams(temperature=0.0), device))
+        recording, recorder = _recording(model)
+        generate(recording, prompt, gen_len, Sampler(SamplingParams(temperature=0.0), device))
         traces.append(recorder.steps)
     return traces
 
 
-def record_batch(model, prompts: Sequence[Sequence[int]], gen_len: int) -> list[Step]:  # noqa: ANN001
+def record_batch(model: Transformer, prompts: Sequence[Sequence[int]], gen_len: int) -> list[Step]:
     """The traffic of one batch (generate_batch): one prefill step per prompt, then steps of len(prompts) tokens."""
-    from fate_cli.engine.generate import Sampler, SamplingParams, generate_batch
-
     device = model.embed_tokens.weight.device
-    with _recording(model) as recorder:
-        generate_batch(model, prompts, gen_len, Sampler(SamplingParams(temperature=0.0), device))
+    recording, recorder = _recording(model)
+    generate_batch(recording, prompts, gen_len, Sampler(SamplingParams(temperature=0.0), device))
     return recorder.steps
 
 

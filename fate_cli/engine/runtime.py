@@ -7,17 +7,23 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cache.offload import OffloadedExperts
+from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
-from fate_cli.model.experts import ResidentExperts
-from fate_cli.model.loader import LoadedModel, load_args, load_model
+from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.loader import LoadedModel, Weights, load_args, load_resident_experts, load_weights
 from fate_cli.registry import ResolvedModel, resolve
 from fate_cli.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from cache.offload import OffloadedExperts
+    from collections.abc import Callable
+
+    from cache.host_tier import HostTier
     from cache.setup import OffloadSetup
+    from predictors.coactivation import Coactivation
+    from quant.store import TierStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -127,34 +133,50 @@ def open_model(
     return runtime
 
 
+def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Weights:
+    """A model's non-expert weights on the device: what every command (and each row of a bench) builds on."""
+    # Trained weights produce denormal activations, which slow CPU float math ~80x; they round to zero.
+    torch.set_flush_denormal(True)
+    return load_weights(resolved.path, device, dtype)
+
+
+def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore | None, transfer_bits: int | None,
+                coactivation: Callable[[], Coactivation] | None = None, host: HostTier | None = None
+                ) -> ExpertProvider:
+    """The experts a plan asks for: the checkpoint's at 16 bits (no plan, or every expert fits), else an expert
+    cache over the tier store."""
+    if setup is None or setup.full_precision:
+        return load_resident_experts(weights.args, weights.checkpoint, weights.device, weights.dtype)
+    from cache.policies import PolicyContext
+    from cache.setup import build_offloaded
+
+    ctx = PolicyContext.of(weights.args, weights.routers(), coactivation)
+    return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host)
+
+
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,
           transfer_bits: int | None, context: int | None) -> Runtime:
     resolved = resolve(name)
     dev = pick_device(device)
-    # Trained weights produce denormal activations, which slow CPU float math ~80x; they round to zero.
-    torch.set_flush_denormal(True)
     tokenizer = Tokenizer(resolved.path)
     dt = pick_dtype(dtype, dev)
-    if policy is None:
-        return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer)
+    setup = store = None
+    if policy is not None:  # planned from config.json alone: a budget too small is refused before loading
+        from cache.budget import auto_budget, parse_size
+        from cache.setup import plan_for
+        from quant.store import QuantParams
 
-    from cache.budget import auto_budget, parse_size
-    from cache.setup import build_offloaded, plan_for
-    from quant.store import QuantParams
-
-    args = load_args(resolved.path)
-    budget = parse_size(vram) if vram else auto_budget(dev)
-    check_device_free(dev, budget, vram)
-    ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
-    store = open_store(resolved, build=False)
-    params = QuantParams(**store.manifest["params"]) if store else QuantParams()
-    setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
-    if setup.full_precision:
-        return Runtime(resolved, load_model(resolved.path, dev, dt), tokenizer, setup)
-    store = store or open_store(resolved, build=True)
-    loaded = load_model(resolved.path, dev, dt, provider=lambda _a, _c: ResidentExperts({}))
-    from fate_cli.engine.coactivation import offline_coactivation
-
-    offload = build_offloaded(loaded.model, store, setup, dev, dt, transfer_bits,
-                              coactivation=offline_coactivation(resolved.path))
+        args = load_args(resolved.path)
+        budget = parse_size(vram) if vram else auto_budget(dev)
+        check_device_free(dev, budget, vram)
+        ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
+        store = open_store(resolved, build=False)
+        params = QuantParams(**store.manifest["params"]) if store else QuantParams()
+        setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
+        if not setup.full_precision:
+            store = store or open_store(resolved, build=True)
+    weights = open_weights(resolved, dev, dt)
+    experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
+    loaded = LoadedModel(weights.model(experts), weights.args, weights.checkpoint, dev, dt)
+    offload = experts if isinstance(experts, OffloadedExperts) else None
     return Runtime(resolved, loaded, tokenizer, setup, offload)

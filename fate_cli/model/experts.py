@@ -7,27 +7,81 @@ providers: the model code never knows which one runs.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from quant.moe_kernels import DenseBank
+    from quant.moe_kernels import Bank, DenseBank
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class ExpertProvider(Protocol):
-    def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
-        """Layer `layer`'s router input ([tokens, hidden]), seen before routing: a predictor's hook."""
+class ExpertProvider(ABC):
+    """Everything the model and the engine ask of expert weights, whatever holds them (resident, tiered,
+    offloaded behind a cache, or a recorder wrapped around another provider).
 
+    The eager forward (every prefill, and decode where no captured step runs) calls `gate_input` then
+    `experts` for each MoE layer. A request starts with `begin_request`, and a batch's prompts are prefilled
+    in the groups `prefill_groups` gives. The captured decode step (fate_cli/engine/decode_step.py) runs where
+    `fused` holds: it reads each layer's experts through `bank(layer)`, and for the layers where `needs_host`
+    it stops after the router to hand the host the routing: `gate_lookahead` (the next layer's top k+1,
+    computed on the device through `lookahead_router`) or else `gate_input`, then `prepare`, then the layer's
+    kernels, then `finish`. Hooks a provider has no use for keep the defaults below.
+    """
+
+    @abstractmethod
     def experts(
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
     ) -> Iterable[tuple[int, ExpertFn]]:
         """(expert, FFN callable) for each of `ids` of `layer`, in the order the provider wants them run;
         token_counts[i] tokens route to ids[i]."""
+
+    def gate_input(self, layer: int, hidden: torch.Tensor) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """Layer `layer`'s router input ([tokens, hidden]), seen before routing: a predictor's hook."""
+
+    def begin_request(self) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """A new request starts (per-request predictors reset what they keep across steps)."""
+
+    def prefill_groups(self, lengths: Sequence[int]) -> list[list[int]]:
+        """The prompts of a batch (by their lengths) in the groups prefilled together through each layer: by
+        default each prompt alone."""
+        return [[i] for i in range(len(lengths))]
+
+    # ---- the captured decode step --------------------------------------------------------------------
+
+    @property
+    def fused(self) -> bool:
+        """Whether `bank` gives every MoE layer's experts, so the fused decode step can run."""
+        return False
+
+    def bank(self, layer: int) -> Bank:
+        """Where layer `layer`'s experts sit for the fused kernels (quant/moe_kernels.py)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no slot table")
+
+    def fits_step(self, pairs: int) -> bool:
+        """Whether a step of `pairs` (token, choice) pairs fits the slots: every routed expert in place at once."""
+        return True
+
+    def needs_host(self, layer: int) -> bool:
+        """Whether a decode step must stop after this layer's router to show the host its routing."""
+        return False
+
+    def lookahead_router(self, layer: int) -> torch.Tensor | None:
+        """The next MoE layer's router weight, when the provider predicts from layer `layer`'s gate input."""
+        return None
+
+    def gate_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """The next layer's top k+1 experts per token and their probabilities, computed on the device."""
+
+    def prepare(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """A decode step's layer is routed to `ids`: have each in its slot before the layer's kernels run."""
+
+    def finish(self, layer: int) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """The layer's kernels are queued: its slots may be reused once they complete."""
 
 
 class DenseExpert:
@@ -58,25 +112,22 @@ def stack_experts(experts: list[DenseExpert]) -> DenseBank:
     return DenseBank(gate_up, down, identity_table(len(experts), gate_up.device))
 
 
-class ResidentExperts:
+class ResidentExperts(ExpertProvider):
     """Every expert of every MoE layer in memory on the compute device, at the model's dtype."""
 
     def __init__(self, layers: dict[int, list[DenseExpert]]):
         self.layers = layers
         self._banks: dict[int, DenseBank] = {}
 
+    @property
+    def fused(self) -> bool:
+        return True
+
     def bank(self, layer: int) -> DenseBank:
         """The layer's experts stacked for the fused decode step (made on first use)."""
         if layer not in self._banks:
             self._banks[layer] = stack_experts(self.layers[layer])
         return self._banks[layer]
-
-    def needs_host(self, layer: int) -> bool:
-        """Whether a decode step must show the host this layer's routing: never, every expert is here."""
-        return False
-
-    def gate_input(self, layer: int, hidden: torch.Tensor) -> None:
-        pass
 
     def experts(
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]

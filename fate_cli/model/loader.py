@@ -19,7 +19,7 @@ from fate_cli.errors import BadModel, ModelNotFound
 from fate_cli.model import mixtral, olmoe, qwen2_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
-from fate_cli.model.model import Transformer, checkpoint_name
+from fate_cli.model.model import Transformer, build_model, checkpoint_name, weight_shapes
 
 FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "mixtral": mixtral.model_args,
@@ -136,10 +136,10 @@ def check_layer_count(args: ModelArgs, ckpt: Checkpoint) -> None:
         )
 
 
-def check_checkpoint(args: ModelArgs, ckpt: Checkpoint, model: Transformer) -> None:
+def check_checkpoint(args: ModelArgs, ckpt: Checkpoint) -> None:
     """Every tensor the model needs is present with the shape config.json implies."""
-    for param, tensor in model.named_parameters():
-        ckpt.require(checkpoint_name(args, param), tuple(tensor.shape))
+    for param, shape in weight_shapes(args).items():
+        ckpt.require(checkpoint_name(args, param), shape)
     experts = args.experts
     for layer in experts.layers:
         for e in range(experts.num_experts):
@@ -160,6 +160,38 @@ def load_resident_experts(
 
 
 @dataclass
+class Weights:
+    """A checkpoint's non-expert weights on the compute device, by parameter name: what every model built over
+    them shares (a command's, or each row of a bench)."""
+
+    args: ModelArgs
+    tensors: dict[str, torch.Tensor]
+    checkpoint: Checkpoint | None  # None: made up (a synthetic shape)
+    device: torch.device
+    dtype: torch.dtype
+
+    def routers(self) -> dict[int, torch.Tensor]:
+        """Each MoE layer's router weight, as the model built over these weights holds it."""
+        return {i: self.tensors[f"layers.{i}.mlp.gate.weight"] for i in self.args.moe_layer_ids}
+
+    def model(self, provider: ExpertProvider) -> Transformer:
+        return build_model(self.args, self.tensors, provider)
+
+
+def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Weights:
+    """config.json and the checkpoint checked against each other, then its non-expert weights read onto `device`
+    (experts are a provider's business)."""
+    device = torch.device(device)
+    args = load_args(model_dir)
+    ckpt = Checkpoint(model_dir)
+    check_layer_count(args, ckpt)
+    check_checkpoint(args, ckpt)
+    tensors = {param: ckpt.get(checkpoint_name(args, param)).to(device=device, dtype=dtype, copy=True)
+               for param in weight_shapes(args)}
+    return Weights(args, tensors, ckpt, device, dtype)
+
+
+@dataclass
 class LoadedModel:
     model: Transformer
     args: ModelArgs
@@ -175,18 +207,9 @@ def load_model(
     provider: Callable[[ModelArgs, Checkpoint], ExpertProvider] | None = None,
 ) -> LoadedModel:
     """Build the model on `device` from `model_dir`; experts come from `provider` (default: resident)."""
-    device = torch.device(device)
-    args = load_args(model_dir)
-    ckpt = Checkpoint(model_dir)
-    check_layer_count(args, ckpt)
-    with torch.device("meta"):
-        model = Transformer(args, ResidentExperts({}))
-    check_checkpoint(args, ckpt, model)
-    model = model.to(dtype).to_empty(device=device)
-    with torch.no_grad():
-        for param, tensor in model.named_parameters():
-            tensor.copy_(ckpt.get(checkpoint_name(args, param)))
-    model.eval().requires_grad_(False)
-    experts = provider(args, ckpt) if provider else load_resident_experts(args, ckpt, device, dtype)
-    model.set_provider(experts)
-    return LoadedModel(model, args, ckpt, device, dtype)
+    w = load_weights(model_dir, device, dtype)
+    if provider is None:
+        experts = load_resident_experts(w.args, w.checkpoint, w.device, dtype)
+    else:
+        experts = provider(w.args, w.checkpoint)
+    return LoadedModel(w.model(experts), w.args, w.checkpoint, w.device, dtype)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
 from fate_cli.model.moe import MoEBlock
@@ -49,10 +49,9 @@ class Transformer(nn.Module):
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, False)
         self.rope: Rotary | None = None
 
-    def set_provider(self, provider: ExpertProvider) -> None:
-        for layer in self.layers:
-            if isinstance(layer.mlp, MoEBlock):
-                layer.mlp.provider = provider
+    def with_experts(self, provider: ExpertProvider) -> Transformer:
+        """The same model (every weight shared, nothing copied) with its experts from another provider."""
+        return build_model(self.args, dict(self.named_parameters()), provider)
 
     def routers(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router weight [experts, hidden] (what cross-layer predictors multiply by)."""
@@ -64,9 +63,7 @@ class Transformer(nn.Module):
 
     def begin_request(self) -> None:
         """Tell the expert provider a new request starts (per-request predictors keep state across steps)."""
-        hook = getattr(self.provider, "begin_request", None)
-        if hook is not None:
-            hook()
+        self.provider.begin_request()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a, w = self.args, self.embed_tokens.weight
@@ -115,3 +112,19 @@ def checkpoint_name(args: ModelArgs, param: str) -> str:
     if args.moe_module != "mlp":
         param = param.replace(".mlp.", f".{args.moe_module}.", 1)
     return "model." + param
+
+
+def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: ExpertProvider) -> Transformer:
+    """A Transformer over `weights` (every non-expert parameter by name, on its device; used as they are, not
+    copied) with its experts from `provider`."""
+    with torch.device("meta"):
+        model = Transformer(args, provider)
+    model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    """Every non-expert parameter's name and shape (what a checkpoint or a random init must supply)."""
+    with torch.device("meta"):
+        skeleton = Transformer(args, ResidentExperts({}))
+    return {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
