@@ -5,7 +5,7 @@ CPU and prints, per budget, the experts moved per request in prefill and per tok
 expert units: a cold transfer counts its share) and the decode hit rate. Used to choose fate's prefetch
 thresholds (docs/bench-results.md).
 
-    python3 scripts/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,lru,eap,fmoe,ondemand]
+    python3 benchmarks/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,lru,eap,fmoe,ondemand]
 """
 
 from __future__ import annotations

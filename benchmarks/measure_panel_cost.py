@@ -1,6 +1,6 @@
 """Decode speed of `fate chat` answers with the live panel against without it, alternating, same prompt.
 
-    python scripts/measure_panel_cost.py [--model tiny] [--vram 16MB] [-n 200] [--rounds 4]
+    python3 benchmarks/measure_panel_cost.py [--model tiny] [--vram 16MB] [-n 200] [--rounds 4]
 
 The panel renders into a terminal-like console that discards its output, at the chat's refresh rate.
 """

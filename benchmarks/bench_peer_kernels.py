@@ -1,9 +1,10 @@
 """Peer quantized-linear libraries against Fate's expert-FFN kernels, on one MoE expert FFN on a GPU.
 
-On the GPU machine (the peers come as wheels in .whl/, installed next to the repo, not into it):
+The peers are not dependencies of fate: install them where you run this (`python3 -m pip install bitsandbytes
+gemlite hqq`), or, on a GPU machine without network, from wheels in .whl/, next to the repo, not into it:
 
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl && \\
-        PYTHONPATH=/tmp/site:$PWD python3 scripts/bench_peer_kernels.py --out peers.json
+        PYTHONPATH=/tmp/site:$PWD python3 benchmarks/bench_peer_kernels.py --out peers.json
 
     [--shapes mixtral,qwen3] [--batches 1,512] [--libs bf16,fate,bnb,gemlite,hqq] [--fuse-gate-up]
     [--gemlite-config FILE] [--gemlite-autotune fast|max|default] [--append]
@@ -11,7 +12,7 @@ On the GPU machine (the peers come as wheels in .whl/, installed next to the rep
 One expert FFN, down(silu(gate x) * up x), for Mixtral (hidden 4096, intermediate 14336) and Qwen3-30B-A3B
 (2048, 768), random bf16 weights N(0, 0.02), bf16 activations, batch (rows) 1 and 512. Rows:
 
-- torch bf16: three cuBLAS F.linear (scripts/bench_kernels.py's Dense), the reference speed.
+- torch bf16: three cuBLAS F.linear (benchmarks/bench_kernels.py's Dense), the reference speed.
 - fate INT4 g64 / INT2 g32: quant.triton_kernels.expert_ffn on the packed gate_up and down of
   quant.hqq_quant.quantize_expert(..., method="minmax") (what the runtime runs: fused GEMVs at batch 1,
   dequantize + cuBLAS above).
@@ -48,8 +49,8 @@ keeps what it measured; with --append the rows already in that file stay (a row 
 old one) and the table shows them all, so a run too long for one call can be split by --libs / --shapes:
 
     export PYTHONPATH=/tmp/site:$PWD
-    python3 scripts/bench_peer_kernels.py --libs bf16,fate,bnb,hqq --out /tmp/peers.json
-    python3 scripts/bench_peer_kernels.py --libs gemlite --gemlite-config /tmp/gemlite_tune.json \\
+    python3 benchmarks/bench_peer_kernels.py --libs bf16,fate,bnb,hqq --out /tmp/peers.json
+    python3 benchmarks/bench_peer_kernels.py --libs gemlite --gemlite-config /tmp/gemlite_tune.json \\
         --out /tmp/peers.json --append
 """
 
@@ -70,18 +71,13 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant import triton_kernels as tk
+from quant.hqq_quant import quantize_expert
+from quant.packing import PackedMatrix, expand_groups, unpack_codes
 
-from quant import triton_kernels as tk  # noqa: E402
-from quant.hqq_quant import quantize_expert  # noqa: E402
-from quant.packing import PackedMatrix, expand_groups, unpack_codes  # noqa: E402
+import bench_kernels as bk  # benchmarks/bench_kernels.py: shapes, tiers and timing shared by the kernel benchmarks
 
-try:
-    from scripts import bench_kernels as bk  # noqa: E402
-except ImportError:  # a `scripts` package elsewhere on sys.path shadows the repo's; this file's folder is on sys.path
-    import bench_kernels as bk  # noqa: E402
-
-# scripts/bench_kernels.py's pieces: the same shapes, tiers, experts, timing and error measure
+# benchmarks/bench_kernels.py's pieces: the same shapes, tiers, experts, timing and error measure
 SHAPES, TIERS, Dense, Quantized, reference, rel = bk.SHAPES, bk.TIERS, bk.Dense, bk.Quantized, bk.reference, bk.rel
 bench_eager, bench_graph, rotation = bk.bench_eager, bk.bench_graph, bk.rotation
 

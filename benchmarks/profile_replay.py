@@ -4,7 +4,7 @@ Replays the bundled model's recorded batch traffic at an expert size (replay.py)
 profiler and reports, per decode step: wall time, time the copy engine was busy (host -> device copies),
 time kernels ran, the time both ran at once, and host-tier bytes moved. GPU only.
 
-    python3 scripts/profile_replay.py [--target replay:mixtral-8x7b] [--vram 50%] [--batch 16] [-n 8]
+    python3 benchmarks/profile_replay.py [--target replay:mixtral-8x7b] [--vram 50%] [--batch 16] [-n 8]
         [--policy fate,lru,klotski]
 """
 

@@ -4,7 +4,7 @@
 # (a) the bundled model, plus a token-identity check with --transfer-bits 4. Each part writes its own
 # files to $OUT (JSON rows, markdown table, PNG plot, log), so a part that runs out of time loses only itself.
 #
-#   FATE_HOME=.carry/home bash scripts/gpu_bench.sh      (N=new tokens, R=repetitions; defaults 64 and 1)
+#   FATE_HOME=.carry/home bash benchmarks/gpu_bench.sh      (N=new tokens, R=repetitions; defaults 64 and 1)
 #   PARTS="replay bundled" ... runs only those parts (one lent-machine call has 10 minutes);
 #   LIMIT_<part>=SECONDS overrides a part's time limit, N_<part> and R_<part> its lengths,
 #   VRAM_<part> its budgets and POLICY_<part> its policies (default: all).

@@ -1,6 +1,6 @@
 """Tile sweep of the fused dequant GEMM (quant.triton_kernels.gemm) against dequantize + cuBLAS and bf16 cuBLAS.
 
-    python3 scripts/sweep_gemm.py [--shapes mixtral,qwen3] [--rows 4,16,64,128,512] [--budget-s 20] [--tiers 4:64]
+    python3 benchmarks/sweep_gemm.py [--shapes mixtral,qwen3] [--rows 4,16,64,128,512] [--budget-s 20] [--tiers 4:64]
                                   [--wide-swap] [--out F.json]
 
 Per expert matrix (gate|up [2I, H] and down [H, I]), tier (INT4 g64, INT2 g32) and row count: the time of
@@ -23,16 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant import triton_kernels as tk
+from quant.hqq_quant import quantize_matrix
+from quant.packing import dequantize
 
-from quant import triton_kernels as tk  # noqa: E402
-from quant.hqq_quant import quantize_matrix  # noqa: E402
-from quant.packing import dequantize  # noqa: E402
-
-try:
-    from scripts import bench_kernels as bk  # noqa: E402
-except ImportError:  # a `scripts` package elsewhere on sys.path shadows the repo's; this file's folder is on sys.path
-    import bench_kernels as bk  # noqa: E402
+import bench_kernels as bk  # benchmarks/bench_kernels.py: shapes, tiers and timing shared by the kernel benchmarks
 
 SHAPES = bk.SHAPES
 
@@ -57,11 +52,11 @@ def configs(rows: int, seed: int = 0, wide_swap: bool = False) -> list[dict]:
     bm0 = min(128, max(16, 1 << (rows - 1).bit_length()))
     bms = sorted({bm0, max(16, bm0 // 2)} | ({256} if rows >= 256 else set()))
     out = []
-    for bm, bn, bk, (warps, stages), swap in itertools.product(
+    for bm, bn, block_k, (warps, stages), swap in itertools.product(
             bms, (64, 128, 256), (64, 128), ((4, 3), (8, 3), (4, 4), (8, 2)), (True, False)):
         if bm * bn > 256 * 128 or (bm >= 128 and bn >= 256 and warps == 4) or (swap and bm > 64 and not wide_swap):
             continue
-        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "num_warps": warps,
+        out.append({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "SWAP": swap, "num_warps": warps,
                     "num_stages": stages})
     random.Random(seed).shuffle(out)
     return out

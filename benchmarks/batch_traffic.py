@@ -3,9 +3,9 @@
 Machine-independent numbers (hits, misses, loads per tier, prefetches) from replaying the bundled model's
 routing of `batch` prompts decoded together through each policy with tiny experts, at 50% of the hot-tier
 expert bytes; the second of two requests is reported. Used to choose klotski's eviction and prefetch rule
-(docs/bench-results.md, issue 10).
+(docs/bench-results.md).
 
-    python3 scripts/batch_traffic.py BATCH POLICIES [NEW_TOKENS]     e.g. 16 fate,lru,klotski 32
+    python3 benchmarks/batch_traffic.py BATCH POLICIES [NEW_TOKENS]     e.g. 16 fate,lru,klotski 32
 """
 
 from __future__ import annotations

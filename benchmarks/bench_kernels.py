@@ -1,6 +1,7 @@
 """Expert-FFN kernels on a GPU: correctness against dequantize-then-matmul, then bf16 vs INT4 vs INT2 times.
 
-    python scripts/bench_kernels.py [--shapes mixtral,qwen3] [--quick] [--sweep] [--tiles SWEEP.json] [--out FILE.json]
+    python3 benchmarks/bench_kernels.py [--shapes mixtral,qwen3] [--quick] [--sweep] [--tiles TILES.json]
+                                        [--out FILE.json]
 
 Needs torch and triton on a CUDA GPU; hqq is optional (without it the weights are quantized with plain
 min-max, which changes the codes, not the kernels' speed). For each expert shape (Mixtral 4096x14336,
@@ -22,7 +23,7 @@ Qwen3-30B-A3B 2048x768), on random bf16 weights (N(0, 0.02)) and fresh random bf
    then cuBLAS) and torch-deq (the plain-torch reference dequantization, then cuBLAS: the "torch
    dequant+matmul" backend; skipped with --quick).
 3. --sweep also times a few tile configurations of the GEMV kernel and prints the best.
-Prints a markdown table and the issue's targets (INT4 batch 1 within 1.5x of bf16; INT2 no slower than
+Prints a markdown table and the kernels' targets (INT4 batch 1 within 1.5x of bf16; INT2 no slower than
 INT4; INT4 prefill of 512 within 1.3x of bf16), judged on graph times.
 """
 
@@ -38,11 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant import triton_kernels as tk  # noqa: E402
-from quant.hqq_quant import hqq_available, quantize_expert  # noqa: E402
-from quant.packing import PackedMatrix, dequantize  # noqa: E402
+from quant import gemv_tiles
+from quant import triton_kernels as tk
+from quant.hqq_quant import hqq_available, quantize_expert
+from quant.packing import PackedMatrix, dequantize
 
 SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768)}
 TIERS = (("INT4 g64", 4, 64), ("INT2 g32", 2, 32))
@@ -207,14 +207,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,512", help="rows of x (1 = decode; the targets read 1 and 512)")
     ap.add_argument("--sweep", action="store_true", help="also time tile configurations")
     ap.add_argument("--out", type=Path, help="write all numbers as JSON here")
-    ap.add_argument("--tiles", type=Path, help="GEMV tiles from scripts/sweep_gemv.py --out, in place of GEMV_TILES")
+    ap.add_argument("--tiles", type=Path,
+                    help="GEMV tiles from benchmarks/sweep_gemv.py --tiles, in place of this GPU's tuned file")
     a = ap.parse_args()
     if not torch.cuda.is_available() or not tk.available():
         sys.exit("needs a CUDA GPU and triton")
     if a.tiles:
-        for r in json.loads(a.tiles.read_text()):
-            tk.GEMV_TILES[(r["n"], r["k"], r["bits"], r["group"])] = r["best"]
-        print(f"GEMV tiles from {a.tiles}: {len(tk.GEMV_TILES)} matrices")
+        tiles = gemv_tiles.read(a.tiles)
+        gemv_tiles.use(torch.cuda.get_device_name(), tiles)
+        print(f"GEMV tiles from {a.tiles}: {len(tiles)} matrices")
     torch.manual_seed(0)
     method = "hqq" if hqq_available() else "minmax"
     dev = torch.cuda.get_device_name()

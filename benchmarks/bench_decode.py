@@ -1,7 +1,7 @@
 """Decode speed of the captured step (fate_cli/engine/decode_step.py) against fate's eager path and transformers' eager
 generate, on synthetic shapes of real models, with each row's memory-bandwidth floor. All rows in one run.
 
-    PYTHONPATH=. python3 scripts/bench_decode.py --shapes olmoe-1b-7b,qwen3-30b-a3b -p 128 -n 64 --out rows.jsonl
+    python3 benchmarks/bench_decode.py --shapes olmoe-1b-7b,qwen3-30b-a3b -p 128 -n 64 --out rows.jsonl
 
 Rows per shape (bf16 activations; a 128-token prompt, then 64 greedy tokens; one warm-up request first):
 - transformers: the same config through AutoModelForCausalLM.from_config (random bf16 weights), generate();
@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fate_cli.bench import open_target  # noqa: E402
-from fate_cli.synthetic import CONFIGS, synthetic_args  # noqa: E402
+from fate_cli.bench import open_target
+from fate_cli.synthetic import CONFIGS, synthetic_args
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 2 * 1024**3, reps: int = 10) -> float:

@@ -1,6 +1,6 @@
 """Peak memory of `fate quantize` on a generated Mixtral-shaped checkpoint of several GB.
 
-    python scripts/measure_quantize_rss.py [--dir /tmp/fate-rss] [--layers 2] [--experts 8] [--hqq-iters 2]
+    python3 benchmarks/measure_quantize_rss.py [--dir /tmp/fate-rss] [--layers 2] [--experts 8] [--hqq-iters 2]
 
 1. Writes a random bf16 checkpoint with Mixtral's expert shape (hidden 4096, expert width 14336; a small
    vocabulary so that the largest tensor is an expert matrix, 112 MiB), tensor by tensor, in shards of

@@ -1,6 +1,6 @@
 """What our Triton kernels compile to on an H100, read without a GPU: registers, spills, and instruction counts.
 
-    python3 scripts/sass_stats.py [--kernel gemv|direct|gemm|moe] [--bits 4] [--group 64] [--block-n 8]
+    python3 benchmarks/sass_stats.py [--kernel gemv|direct|gemm|moe] [--bits 4] [--group 64] [--block-n 8]
                                   [--block-k 2048] [--warps 8] [--act] [--block-m 128] [--swap] [--ops 16]
 
 Compiles one kernel of quant/triton_kernels.py or quant/moe_kernels.py for sm_90 with Triton's own ptxas
@@ -19,11 +19,8 @@ import collections
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, warps: int, stages: int = 3):  # noqa: ANN001, ANN201

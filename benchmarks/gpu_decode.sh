@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 9 on a lent GPU in one call: the captured decode step's GPU tests, then scripts/bench_decode.py.
-#   FATE_HOME=$PWD/.carry/home SHAPES=olmoe-1b-7b,qwen3-30b-a3b bash scripts/gpu_decode.sh
+# On a lent GPU in one call: the captured decode step's GPU tests, then benchmarks/bench_decode.py.
+#   FATE_HOME=$PWD/.carry/home SHAPES=olmoe-1b-7b,qwen3-30b-a3b bash benchmarks/gpu_decode.sh
 # (TESTS=0 skips the tests, BENCH=0 the benchmark; BENCH_ARGS adds arguments to the benchmark; results in $OUT)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -13,6 +13,6 @@ if [[ ${TESTS:-1} == 1 ]]; then
   timeout "${LIMIT_TESTS:-240}" python3 -m pytest -x -q tests/test_decode_step_cuda.py 2>&1 | tail -30 | tee "$OUT/tests.log"
 fi
 [[ ${BENCH:-1} == 1 ]] || exit 0
-timeout "${LIMIT_BENCH:-330}" python3 scripts/bench_decode.py --shapes "${SHAPES:-olmoe-1b-7b}" --out "$OUT/decode.jsonl" \
+timeout "${LIMIT_BENCH:-330}" python3 benchmarks/bench_decode.py --shapes "${SHAPES:-olmoe-1b-7b}" --out "$OUT/decode.jsonl" \
   ${BENCH_ARGS:-} 2>"$OUT/bench.err" | cut -c1-400
 echo "bench exit ${PIPESTATUS[0]}"; tail -5 "$OUT/bench.err"
