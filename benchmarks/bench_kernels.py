@@ -13,7 +13,7 @@ Qwen3-30B-A3B 2048x768), on random bf16 weights (N(0, 0.02)) and fresh random bf
    reference. Outputs are checked for NaN.
 2. Time per expert FFN (down(silu(gate x) * up x)), median of triton.testing.do_bench (L2 flushed before
    each call), at each of --batches (default 1 = decode and 512 = prefill):
-   - eager: one FFN call as the runtime makes it (quant.triton_kernels.expert_ffn: fused GEMVs at batch 1,
+   - eager: one FFN call as the runtime makes it (quant.kernels.expert_ffn: fused GEMVs at batch 1,
      dequantize + cuBLAS above GEMV_MAX_ROWS rows);
    - graph: a CUDA graph that runs the FFN of R different experts (R chosen so their weights exceed the
      L2 twice over, so no expert is timed from cache), replay time / R.
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from quant import gemv_tiles
 from quant import triton_kernels as tk
 from quant.hqq_quant import hqq_available, quantize_expert
+from quant.kernels import expert_ffn
 from quant.packing import PackedMatrix, dequantize
 
 SHAPES = {"mixtral": (4096, 14336), "qwen3": (2048, 768)}
@@ -78,14 +79,14 @@ class Quantized:
         return w[: self.inter], w[self.inter :], dequantize(self.dn, torch.float32)
 
     def triton(self, x: torch.Tensor) -> torch.Tensor:
-        return tk.expert_ffn(x, self.gu, self.dn)
+        return expert_ffn(x, self.gu, self.dn)
 
     def fused_gemm(self, x: torch.Tensor) -> torch.Tensor:
         h = tk.gemm(x, self.gu)
         return tk.gemm(F.silu(h[:, : self.inter]) * h[:, self.inter :], self.dn)
 
     def deq_overlap(self, x: torch.Tensor) -> torch.Tensor:
-        return tk._dequant_ffn_overlapped(x, self.gu, self.dn)
+        return tk.dequant_ffn_overlapped(x, self.gu, self.dn)
 
     def deq_cublas(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, tk.dequant(self.gu, x.dtype))

@@ -13,7 +13,7 @@ One expert FFN, down(silu(gate x) * up x), for Mixtral (hidden 4096, intermediat
 (2048, 768), random bf16 weights N(0, 0.02), bf16 activations, batch (rows) 1 and 512. Rows:
 
 - torch bf16: three cuBLAS F.linear (benchmarks/bench_kernels.py's Dense), the reference speed.
-- fate INT4 g64 / INT2 g32: quant.triton_kernels.expert_ffn on the packed gate_up and down of
+- fate INT4 g64 / INT2 g32: quant.kernels.expert_ffn on the packed gate_up and down of
   quant.hqq_quant.quantize_expert(..., method="minmax") (what the runtime runs: fused GEMVs at batch 1,
   dequantize + cuBLAS above).
 - bitsandbytes: bitsandbytes.nn.Linear4bit per matrix, compute dtype bf16, blocksize 64 (Params4bit's

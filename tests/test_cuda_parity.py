@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
+from fate_cli.engine.runtime import open_model
 from fate_cli.model.loader import load_model
 from fate_cli.registry import BUNDLED_ROOT
-from fate_cli.engine.runtime import open_model
 from fate_cli.tokenizer import Tokenizer
 from tests.tiny_models import FAMILIES, make_tiny_model
 
