@@ -44,11 +44,11 @@ FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predicti
 # confident token, also picks its tier: hot from HOT_SHARE, cold below, and under MIN_SHARE it is not
 # fetched at all: when copies cannot hide behind compute, a wrong guess costs a whole transfer and a miss
 # later costs a cold one. Chosen by measurement on the bundled model's traces, where it moves fewer bytes
-# than lru and eap at every budget with a higher hit rate (docs/bench-results.md, second sweep).
+# than lru and eap at every budget with a higher hit rate (docs/bench-results.md, the offload sweep).
 HOT_SHARE = 0.6
 MIN_SHARE = 0.3
 # Klotski prefetches the next layer's experts expected to take at least one token: on the bundled model's
-# traces, a prefetch below that was almost never used (docs/bench-results.md, issue 10).
+# traces, a prefetch below that was almost never used (docs/bench-results.md, batches).
 KLOTSKI_MIN_TOKENS = 1.0
 
 

@@ -376,7 +376,8 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise UsageError("--plot needs matplotlib; pip install matplotlib, or leave --plot out") from None
+            raise UsageError("--plot needs matplotlib, the `plot` extra; pip install 'fate-moe[plot]', or leave "
+                             "--plot out") from None
     policies = parse_policies(policy)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)

@@ -26,7 +26,7 @@ quant/README.md:
   repeating its last value, which leaves the last group's min and max unchanged; padded codes are dropped.
 
 Method "minmax": the same asymmetric grid without the optimiser (Fate's own quantizer). It needs no
-hqq install, so scripts/bench_kernels.py can run on a GPU machine with only torch and triton.
+hqq install, so benchmarks/bench_kernels.py can run on a GPU machine with only torch and triton.
 """
 
 from __future__ import annotations

@@ -10,24 +10,23 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
 - `_planes_kernel`: the GEMV's input in plane order, float32 [M, cpw, K / cpw] (xp[j, w] = x[w * cpw + j]),
   so that a plane's inputs are contiguous, and its sum over each group; with ACT it also applies
   silu(gate) * up to a gate|up output.
-- `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when
-  N alone gives too few programs; tiles from GEMV_TILES for the published experts' matrices, autotuned per
-  shape on first use otherwise). It never forms W: per word part = sum_j q_j x_j (summed four codes at a
-  time, so no thread waits on a chain of 16 adds), per group y += scale * (sum of parts - zero * xs) with
-  xs the group's input sum from the planes pass; per weight that is one LOP3 (the code masked in place and
+- `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when N
+  alone gives too few programs; tiles from the GPU's tuned file (quant/gemv_tiles.py) where it lists the matrix,
+  autotuned per shape on first use otherwise). It never forms W: per word part = sum_j q_j x_j (summed four
+  codes at a time, so no thread waits on a chain of 16 adds), per group y += scale * (sum of parts - zero * xs)
+  with xs the group's input sum from the planes pass; per weight that is one LOP3 (the code masked in place and
   or'd into 2^23's bits: int to float without a shift or the quarter-rate convert), a subtract and a
   multiply-add. Every tensor of a step shares the words' layout (x is loaded broadcast over the rows), so
-  nothing crosses shared memory. `gemv_step` is one step of it (quant/moe_kernels.py's packed pass runs it
-  too). An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus memsets
-  for split-K).
-- `_gemv_direct_kernel` (batch 1, where GEMV_TILES says DIRECT): the GEMV without the planes pass, x read
+  nothing crosses shared memory. `gemv_step` is one step of it (quant/moe_kernels.py's packed pass runs it too).
+  An expert's FFN at batch 1: planes, GEMV gate|up, planes with silu * up, GEMV down (plus memsets for split-K).
+- `_gemv_direct_kernel` (batch 1, where the tuned tile says DIRECT): the GEMV without the planes pass, x read
   in its own order with silu(gate) * up and the group sums computed in each program; an expert's FFN in
   two launches.
 - `_gemm_kernel` (2 to quant/kernels.py's FUSED_MAX_ROWS rows, every row count of experts under LARGE_EXPERT weights):
   y = x @ W.T with W dequantized tile by tile on chip. Each word, scale and zero is loaded once; a word's
   codes become columns in order through a tree of tl.join (`_w_tile`), then tl.dot. Up to 64 rows the W
   tile is the product's wide left operand (SWAP: (W x^T)^T), so 16 rows of x fill a tensor-core tile.
-  Tiles per row count from the H100 sweep (`gemm_config`, scripts/sweep_gemm.py).
+  Tiles per row count from the H100 sweep (`gemm_config`, benchmarks/sweep_gemm.py).
 - Many rows of a large expert (Mixtral's, at 512 rows): on a Hopper GPU, for 2- and 4-bit tiers, the
   warp-specialized GEMM of quant/hopper_gemm.py (W dequantized into the tensor cores' A registers, one
   warpgroup's dequantization overlapping the other's product; no bf16 copy of the weights); elsewhere, and for
@@ -45,6 +44,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from quant import gemv_tiles
 from quant.packing import PackedMatrix, codes_per_word
 
 try:
@@ -212,7 +212,7 @@ if HAVE_TRITON:
     ):
         """The GEMV without the planes pass: x read in its own order (a word's codes as a third axis), with
         silu(gate) * up (ACT) and the group sums computed here, per program. One launch instead of two; the
-        inputs are re-derived by every program, which pays on small experts only (GEMV_TILES says where)."""
+        inputs are re-derived by every program, which pays on small experts only (the tuned tiles say where)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         row = tl.program_id(2)
@@ -451,23 +451,6 @@ def planes(h: torch.Tensor, bits: int, group: int, act: bool = False) -> tuple[t
     return out, sums
 
 
-# GEMV tiles of the published experts' matrices, (N, K, bits, group) -> tile: the best of a sweep timed in CUDA
-# graphs on cold weights on the H100 (scripts/sweep_gemv.py, quant/README.md); DIRECT: the direct kernel won
-# (Qwen3's small matrices, where the planes pass's launch costs more than re-deriving the inputs). Other
-# shapes are autotuned (planes path), whose eager, warm-cache timings pick tiles that move between runs.
-GEMV_TILES: dict[tuple[int, int, int, int], dict] = {
-    (28672, 4096, 4, 64): {"BLOCK_N": 8, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4},  # Mixtral gate|up
-    (28672, 4096, 2, 32): {"BLOCK_N": 16, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    (4096, 14336, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},  # Mixtral down
-    (4096, 14336, 2, 32): {"BLOCK_N": 8, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 4},
-    # Qwen3-30B-A3B gate|up, then down
-    (1536, 2048, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
-    (1536, 2048, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 2048, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
-    (2048, 768, 4, 64): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 4, "DIRECT": True},
-    (2048, 768, 2, 32): {"BLOCK_N": 4, "BLOCK_K": 1024, "SPLIT_K": 1, "num_warps": 8, "DIRECT": True},
-}
-
-
 def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.dtype | None = None,
          config: dict | None = None) -> torch.Tensor:
     """x [M, K] (or [M, 2K] gate|up with act=True: silu(gate) * up is the input) -> [M, N].
@@ -479,7 +462,7 @@ def gemv(x: torch.Tensor, w: PackedMatrix, act: bool = False, out_dtype: torch.d
     n, k = w.shape
     x = x.contiguous()
     rows = x.shape[0]
-    cfg = dict(config) if config else dict(GEMV_TILES.get((n, k, w.bits, w.group_size), {}))
+    cfg = dict(config) if config else gemv_tiles.lookup(n, k, w.bits, w.group_size, x.device)
     if not cfg and os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter cannot time configs
         cfg = {"BLOCK_N": 16, "BLOCK_K": max(256, w.group_size), "num_warps": 4}
     split = cfg.pop("SPLIT_K", None) or split_k(n, k, x.device)
@@ -522,7 +505,7 @@ def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16, out: torch.Ten
 
 
 def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
-    """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (scripts/sweep_gemm.py, quant/README.md).
+    """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (benchmarks/sweep_gemm.py, quant/README.md).
     Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one, and up to 128
     rows of a wide matrix (Mixtral's gate|up) too; more rows take 128 x 128 tiles, or 64 x 64 where those would
     leave most of the `sms` multiprocessors idle."""

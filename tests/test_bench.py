@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -69,6 +70,19 @@ def test_plot_is_a_real_png(sweep):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     width, height = struct.unpack(">II", data[16:24])
     assert width > 500 and height > 300
+
+
+def test_plot_without_matplotlib_names_the_extra(tmp_path):
+    """matplotlib is the optional `plot` extra: without it --plot stops before any work, in one line."""
+    import subprocess
+    import sys
+
+    # sys.modules[name] = None is how Python marks a module as not importable: `import matplotlib` raises
+    blocked = "import sys; sys.modules['matplotlib'] = None; from fate_cli.app import main; main()"
+    result = subprocess.run([sys.executable, "-c", blocked, "bench", "--plot", str(tmp_path / "p.png"), "-q"],
+                            capture_output=True, text=True, env={**os.environ, "FATE_HOME": str(tmp_path)}, timeout=120)
+    assert_one_line_error(result, 2, "--plot needs matplotlib", "fate-moe[plot]")
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_markdown_table_parses(tmp_path):

@@ -78,7 +78,10 @@ def test_wheel_includes_the_model(tmp_path):
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "heldout.txt"):
         assert f"fate_cli/models/tiny/{name}" in names
     assert "fate_cli/models.toml" in names
+    assert "quant/configs/gemv_tiles_NVIDIA_H100_80GB_HBM3.json" in names  # the GEMV's tuned tiles
     with zipfile.ZipFile(wheel) as z:
+        # fate_cli/models.toml links to the top-level file: the wheel holds its content, not a link
+        assert z.read("fate_cli/models.toml") == (ROOT / "models.toml").read_bytes()
         assert b"[models.tiny]" in z.read("fate_cli/models.toml")
 
 

@@ -373,7 +373,7 @@ def test_changed_parameters_rebuild_everything(tmp_path):
 
 
 def test_bundled_model_int4_within_3_percent_of_bf16_perplexity(tmp_path):
-    """The issue's quality bar on real trained experts: all-INT4 perplexity within 3% of the checkpoint's."""
+    """The quality bar on real trained experts: all-INT4 perplexity within 3% of the checkpoint's."""
     from fate_cli.perplexity import perplexity
     from fate_cli.registry import BUNDLED_ROOT
     from fate_cli.tokenizer import Tokenizer

@@ -1,0 +1,62 @@
+"""Bytes moved and hit rate per policy on the bundled model's recorded traffic: machine-independent numbers.
+
+Replays the bundled model's routing (held-out text, greedy) through each policy with tiny experts on the
+CPU and prints, per budget, the experts moved per request in prefill and per token in decode (in hot-tier
+expert units: a cold transfer counts its share) and the decode hit rate. Used to choose fate's prefetch
+thresholds (docs/bench-results.md).
+
+    python3 benchmarks/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,lru,eap,fmoe,ondemand]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fate_cli.bench import open_target, parse_budgets, prompt_set
+from fate_cli.engine.replay import ReplayModel
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-p", type=int, default=128, help="prompt tokens")
+    ap.add_argument("-n", type=int, default=64, help="generated tokens")
+    ap.add_argument("-r", type=int, default=2, help="requests measured after one warm-up")
+    ap.add_argument("--policy", default="fate,lru,eap,fmoe,ondemand")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    cpu = torch.device("cpu")
+    target = open_target("replay:64x128", cpu, torch.float32, None)
+    prompts = prompt_set(args.p, args.r + 1, None)
+    hot = target.store.tiers["hot"].layout.nbytes
+    for label, budget in parse_budgets("25%,50%,75%", target.footprint):
+        for policy in args.policy.split(","):
+            session = target.session(policy, budget)
+            offload = session.offload
+            prefill = decode = 0.0
+            hits = misses = 0
+            for i, prompt in enumerate(prompts):
+                steps = target.steps([prompt], args.n)
+                player = ReplayModel(session.provider, target.hidden, cpu, torch.float32, max(s.tokens for s in steps))
+                session.provider.begin_request()
+                offload.reset_stats()
+                player.step(steps[0])
+                stats = offload.stats
+                moved0, hits0, misses0 = sum(stats.bytes_moved.values()), stats.hits, stats.misses
+                for step in steps[1:]:
+                    player.step(step)
+                if i == 0:
+                    continue  # the warm-up request
+                prefill += moved0 / hot
+                decode += (sum(stats.bytes_moved.values()) - moved0) / hot
+                hits += stats.hits - hits0
+                misses += stats.misses - misses0
+            print(f"{label:>4} {policy:9} prefill {prefill / args.r:7.1f} experts/request  "
+                  f"decode {decode / args.r / args.n:6.2f} experts/token  decode hit {hits / (hits + misses):.3f}",
+                  flush=True)
+            session.close()
+
+
+if __name__ == "__main__":
+    main()
