@@ -91,12 +91,12 @@ def floor_bytes(shape: str, tier_bytes: int, cache_len: int) -> int:
 
 
 @torch.inference_mode()
-def profile_step(target, steps: int = 16) -> dict:  # noqa: ANN001
+def profile_step(session, steps: int = 16) -> dict:  # noqa: ANN001
     """GPU time and kernel launches per captured decode step, by kernel family (graph rows; the step replays
     at the cache's second-to-last position, which the request never reached)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = target.graphs._step
+    step = session.graphs._step
     token = torch.zeros(step.batch, dtype=torch.long, device="cuda")
     where = [step.cache.max_len - 2] * step.batch
     step(token, where)
@@ -140,7 +140,7 @@ def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, bu
     for tier, label, policy, budget in plans:
         tokens = {}
         for mode in ("eager", "graph"):
-            target.graphs.set_eager(mode == "eager")
+            target.eager = mode == "eager"
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             session = target.session(policy, budget)
@@ -152,7 +152,7 @@ def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, bu
             tier_bytes = fp.expert_full if tier == "bf16" else hot
             floor = floor_bytes(shape, tier_bytes, cache_len if mode == "graph" else len(prompts[0]) + n // 2)
             row = {"shape": shape, "engine": "fate", "tier": tier, "policy": label, "mode": mode,
-                   "decode": target.decode_mode(), "decode_tokens_per_s": timing.decode_tokens_per_s,
+                   "decode": session.decode_mode(), "decode_tokens_per_s": timing.decode_tokens_per_s,
                    "prefill_tokens_per_s": timing.prefill_tokens_per_s, "hit_rate": stats.get("hit_rate"),
                    "gb_moved": sum(stats.get("bytes_moved", {}).values()) / 1e9 if stats else 0.0,
                    "budget_bytes": budget if policy != "resident" else None,
@@ -160,8 +160,8 @@ def fate_rows(shape: str, prompts: list[list[int]], n: int, bandwidth: float, bu
                    "floor_tokens_per_s": bandwidth / floor}
             row["of_floor"] = row["decode_tokens_per_s"] / row["floor_tokens_per_s"]
             tokens[mode] = timing.token_ids
-            if profile and mode == "graph" and target.graphs._step is not None:
-                row["profile_per_step"] = profile_step(target)
+            if profile and mode == "graph" and session.graphs._step is not None:
+                row["profile_per_step"] = profile_step(session)
             session.close()
             emit(row)
         same = next((i for i, (a, b) in enumerate(zip(tokens["eager"], tokens["graph"])) if a != b), None)

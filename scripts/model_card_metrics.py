@@ -35,11 +35,8 @@ def measure(
     heldout_text = (path / "heldout.txt").read_text(encoding="utf-8")
     heldout_ids = runtime.tokenizer.encode(heldout_text, add_special_tokens=False)
 
-    provider = model.layers[model.args.moe_layer_ids[0]].mlp.provider
-    recorder = GateInputRecorder(provider)
-    model.set_provider(recorder)
-    held = perplexity(model, heldout_ids, window, max_windows)
-    model.set_provider(provider)
+    recorder = GateInputRecorder(model.provider)
+    held = perplexity(model.with_experts(recorder), heldout_ids, window, max_windows)
     layers = routing_report(model, recorder.inputs)
     prefix = perplexity(model, heldout_ids, window, CI_WINDOWS)
 
