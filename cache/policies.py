@@ -36,7 +36,7 @@ from cache.eviction import ARC, LRU, ByPriority
 from fate_cli.model.args import ModelArgs
 from predictors.activation_path import ActivationPathPredictor
 from predictors.coactivation import Coactivation
-from predictors.cross_layer import router_probs, top_next
+from predictors.cross_layer import lookahead, router_probs
 from predictors.expert_map import ExpertMapStore, experts_by_mass
 
 FATE_COLD_FRACTION = 0.3  # Fate moves the least popular 30% of prefill predictions at the cold tier
@@ -141,7 +141,7 @@ class Fate(Policy):
         nxt = self.ctx.next_moe(layer)
         if nxt is None:
             return []
-        ids, probs = top_next(hidden, self.ctx.routers[nxt], self.ctx.top_k + 1)
+        ids, probs = lookahead(hidden, self.ctx.routers[nxt], self.ctx.top_k)
         return self.on_lookahead(layer, ids.flatten().tolist(), probs.flatten().tolist())
 
     def on_lookahead(self, layer: int, ids: list[int], probs: list[float]) -> list[Prefetch]:

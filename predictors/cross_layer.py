@@ -20,6 +20,12 @@ def top_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> tup
     return top.indices, top.values
 
 
+def lookahead(gate_input: torch.Tensor, next_router: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fate's prediction for a top-k model: the next layer's k+1 likeliest experts per token (their code: top-5
+    for a top-4 model), and their probabilities."""
+    return top_next(gate_input, next_router, top_k + 1)
+
+
 def predict_next(gate_input: torch.Tensor, next_router: torch.Tensor, n: int) -> torch.Tensor:
     """Top-n experts per token of the next layer [tokens, n]."""
     return top_next(gate_input, next_router, n)[0]

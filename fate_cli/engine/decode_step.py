@@ -8,6 +8,8 @@ before memory bandwidth. This step
 - routes on the device and computes a layer's routed experts with quant/moe_kernels.py's fused kernels,
   which find each expert's weights through the layer's bank (a device table expert -> slot, tier);
 - is captured as CUDA graphs once and replayed every token.
+It runs the model's own layers (DecoderLayer.forward with banked=True, or its attend and the MoE block's
+pick_experts / from_bank around a cut): this module decides only where the graph is cut and what is captured.
 
 When the provider must see a layer's routing (an offloading cache: misses, prefetches, statistics), the
 step is cut after that layer's router. Segment i ends with MoE layer h_i's routing, copied (with the next
@@ -30,8 +32,8 @@ import torch
 
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
-from predictors.cross_layer import top_next
-from quant.moe_kernels import FUSED, backend_for, moe_ffn
+from predictors.cross_layer import lookahead
+from quant.moe_kernels import FUSED, backend_for
 
 GPU_ONLY = "decode: eager (CUDA graphs need a GPU)"
 MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
@@ -50,7 +52,7 @@ class DecodeStep:
         self.mask = torch.zeros(self.batch, 1, 1, cache.max_len, dtype=torch.bool, device=self.device)
         self.at = RowPositions(self.positions, cache.max_len, self.mask)  # the mask is made once a step
         moe = model.args.moe_layer_ids
-        self.banks = {i: self.provider.bank(i) for i in moe}
+        self.banks = {i: self.provider.bank(i) for i in moe}  # made (stacked, tables synced) before any capture
         self.host_layers = [i for i in moe if self.provider.needs_host(i)]
         self.outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(self.host_layers) + 1)]
         self.capture = capture
@@ -119,47 +121,32 @@ class DecodeStep:
         """Segment `index`: the previous cut layer's experts, whole layers up to the next cut layer, then its
         attention and router (or, in the last segment, the head)."""
         host, layers = self.host_layers, self.model.layers
+        rope, cache, at = self.model.rope, self.cache, self.at
         if index == 0:
             self.mask.copy_((self.cols[None, :] <= self.positions[:, None])[:, None, None, :])
             x, start = self.model.embed_tokens(self.tokens), 0
         else:
             prev = self.outputs[index - 1]
-            x = prev["h"] + self._experts(host[index - 1], prev["moe_in"], prev["weights"], prev["ids"]).view_as(
-                prev["h"])
+            moe = layers[host[index - 1]].mlp
+            x = prev["h"] + moe.from_bank(prev["moe_in"], prev["weights"], prev["ids"]).view_as(prev["h"])
             start = host[index - 1] + 1
         stop = host[index] if index < len(host) else len(layers)
         for i in range(start, stop):
-            x = self._layer(i, x)
+            x = layers[i](x, rope, cache, at, banked=True)
         out = self.outputs[index]
-        if index < len(host):
-            h, moe_in = self._attend(host[index], x)
+        if index < len(host):  # the cut: the layer's attention and router, the rest after the host's turn
+            h, moe_in = layers[host[index]].attend(x, rope, cache, at)
+            moe_in = moe_in.reshape(-1, moe_in.shape[-1])
             weights, ids = layers[host[index]].mlp.pick_experts(moe_in)
             out.update(h=h, moe_in=moe_in, weights=weights, ids=ids)
             shown = [ids.flatten().float()]  # expert ids are exact in float32
             router = self.lookahead[index]
             if router is not None:
-                ahead, probs = top_next(moe_in, router, ids.shape[1] + 1)  # as Fate.on_gate_input
+                ahead, probs = lookahead(moe_in, router, ids.shape[1])
                 shown += [ahead.flatten().float(), probs.flatten()]
             self.routing[index][: sum(t.numel() for t in shown)].copy_(torch.cat(shown), non_blocking=True)
         else:
             out["logits"] = self.model.head(x)[:, -1]
-
-    def _attend(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer i's attention with its residual, and the MoE input [batch, hidden]."""
-        layer = self.model.layers[i]
-        h = x + layer.self_attn(layer.input_layernorm(x), self.model.rope, self.cache, self.at)
-        return h, layer.post_attention_layernorm(h).reshape(-1, h.shape[-1])
-
-    def _experts(self, i: int, moe_in: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.layers[i].mlp.add_shared(moe_in, moe_ffn(moe_in, weights, ids, self.banks[i]))
-
-    def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        layer = self.model.layers[i]
-        if i not in self.banks:  # a dense layer: the model's own code handles RowPositions
-            return layer(x, self.model.rope, self.cache, self.at)
-        h, moe_in = self._attend(i, x)
-        weights, ids = layer.mlp.pick_experts(moe_in)
-        return h + self._experts(i, moe_in, weights, ids).view_as(h)
 
     def _show_routing(self, index: int) -> None:
         """The host's part between segments: the cut layer's routing (and lookahead) to the provider."""

@@ -28,15 +28,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(args.hidden_size, args.dense_intermediate_size)
 
-    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
-        return self.feed_forward(self.attend(x, rope, cache, pos))
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions,
+                banked: bool = False) -> torch.Tensor:
+        """banked: a MoE layer's experts through its provider's bank, with no host work (the captured step)."""
+        h, mlp_in = self.attend(x, rope, cache, pos)
+        return h + self.feed_forward(mlp_in, banked)
 
-    def attend(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
-        return x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+    def attend(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with its residual -> (h, the MLP's input: post_attention_layernorm(h))."""
+        h = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        return h, self.post_attention_layernorm(h)
 
-    def feed_forward(self, h: torch.Tensor) -> torch.Tensor:
+    def feed_forward(self, mlp_in: torch.Tensor, banked: bool = False) -> torch.Tensor:
         """Token-wise: any stack of tokens, from one sequence or several."""
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self.mlp(mlp_in, banked) if isinstance(self.mlp, MoEBlock) else self.mlp(mlp_in)
 
 
 class Transformer(nn.Module):
@@ -95,8 +101,9 @@ class Transformer(nn.Module):
         lengths = [p.shape[1] for p in prompts]
         xs = [self.embed_tokens(p)[0] for p in prompts]
         for layer in self.layers:
-            attended = [layer.attend(x[None], self.rope, c, 0)[0] for x, c in zip(xs, caches)]
-            xs = list(layer.feed_forward(torch.cat(attended)).split(lengths))
+            attended = [layer.attend(x[None], self.rope, c, 0) for x, c in zip(xs, caches)]
+            h = torch.cat([a[0][0] for a in attended])
+            xs = list((h + layer.feed_forward(torch.cat([a[1][0] for a in attended]))).split(lengths))
         return self.head(torch.stack([x[-1] for x in xs]))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ExpertProvider
 from fate_cli.model.layers import MLP
+from quant.moe_kernels import moe_ffn
 
 
 def route(
@@ -36,12 +37,21 @@ class MoEBlock(nn.Module):
             self.shared_expert = None
         self.provider = provider
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, banked: bool = False) -> torch.Tensor:
+        """x [..., hidden]. Eager: the provider sees the router input, then serves each routed expert. banked: the
+        routed experts through the layer's bank in two fused launches, with no host work (a captured step)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        self.provider.gate_input(self.layer, x)
+        if not banked:
+            self.provider.gate_input(self.layer, x)
         weights, ids = self.pick_experts(x)
-        return self.add_shared(x, self.dispatch(x, weights, ids)).reshape(shape)
+        out = self.from_bank(x, weights, ids) if banked else self.add_shared(x, self.dispatch(x, weights, ids))
+        return out.reshape(shape)
+
+    def from_bank(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The routed experts of x [tokens, hidden] by the fused kernels over the provider's bank (every routed
+        expert must be in it), plus the shared expert."""
+        return self.add_shared(x, moe_ffn(x, weights, ids, self.provider.bank(self.layer)))
 
     def pick_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> routing weights and expert ids [tokens, top_k]."""
