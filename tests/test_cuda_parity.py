@@ -45,9 +45,14 @@ def test_cuda_gives_the_cpus_greedy_tokens(tmp_path, family):
     assert cuda == cpu
 
 
-def test_klotski_groups_on_cuda_keep_each_prompts_tokens():
+def test_klotski_groups_on_cuda_keep_each_prompts_tokens(tmp_path, monkeypatch):
     from cache.microbatch import LayerTimes
+    from fate_cli.engine.stores import quantize_model_for
+    from fate_cli.registry import resolve
+    from quant.store import QuantParams
 
+    monkeypatch.setenv("FATE_HOME", str(tmp_path))
+    quantize_model_for(resolve("tiny"), QuantParams(method="minmax"))  # the lent GPU has no hqq
     ref = open_model("tiny", "cuda", "float32", "resident", "1GB", 4)
     greedy = Sampler(SamplingParams(temperature=0.0), torch.device("cuda"))
     prompts = [ref.tokenizer.encode(t) for t in TEXTS]
