@@ -22,15 +22,10 @@ from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ExpertFn, ExpertProvider
 from fate_cli.model.model import Transformer
+from fate_cli.synthetic import CONFIGS, synthetic_args
+from fate_cli.synthetic import PREFIX as SYNTHETIC
 
 PREFIX = "replay:"
-
-EXPERT_SHAPES = {  # hidden, expert width
-    "mixtral-8x7b": (4096, 14336),
-    "qwen3-30b-a3b": (2048, 768),
-    "olmoe-1b-7b": (2048, 1024),
-}
-
 
 def is_replay(name: str | None) -> bool:
     return bool(name) and name.startswith(PREFIX)
@@ -41,12 +36,13 @@ def replay_shape(name: str) -> tuple[int, int]:
     custom = re.fullmatch(r"(\d+)x(\d+)", shape)  # replay:HIDDENxWIDTH, any expert size
     if custom and all(int(g) > 0 for g in custom.groups()):
         return int(custom.group(1)), int(custom.group(2))
-    if shape not in EXPERT_SHAPES:
+    if shape not in CONFIGS:
         raise UsageError(
-            f"unknown replay target '{name}'; use one of {', '.join(PREFIX + k for k in EXPERT_SHAPES)} "
+            f"unknown replay target '{name}'; use one of {', '.join(PREFIX + k for k in CONFIGS)} "
             "or replay:HIDDENxWIDTH"
         )
-    return EXPERT_SHAPES[shape]
+    args = synthetic_args(SYNTHETIC + shape)  # the published shapes, one table for both
+    return args.hidden_size, args.moe_intermediate_size
 
 
 @dataclass
