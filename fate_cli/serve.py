@@ -9,7 +9,7 @@ on; the server needs routing, JSON and streaming responses, not FastAPI's pydant
 checked here, to answer in OpenAI's error format), so the smaller layer does with fewer dependencies.
 uvicorn is the reference ASGI server, runs on h11 in pure Python, and takes our bound socket.
 
-The model lives on the scheduler's thread (fate_cli/scheduler.py); each request gets its own asyncio
+The model lives on the scheduler's thread (fate_cli/engine/scheduler.py); each request gets its own asyncio
 queue, which the scheduler feeds through the event loop without waiting, so a slow reader only slows its
 own stream. The socket opens before the model has loaded: until it has, every request gets 503.
 """
@@ -209,9 +209,9 @@ def build_app(state: State):  # noqa: ANN201 - a Starlette app
     from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
     from starlette.routing import Route
 
+    from fate_cli.engine.generate import SamplingParams
+    from fate_cli.engine.scheduler import Failed, Finished, Piece, QueueFull, Request
     from fate_cli.errors import BadModel
-    from fate_cli.generate import SamplingParams
-    from fate_cli.scheduler import Failed, Finished, Piece, QueueFull, Request
 
     def error_response(err: ApiError) -> JSONResponse:
         return JSONResponse(err.body(), status_code=err.status)
@@ -467,6 +467,8 @@ def prometheus(state: State) -> str:
     metric("prompt_tokens_total", "counter", "prompt tokens prefilled", st.prompt_tokens)
     metric("generated_tokens_total", "counter", "tokens generated", st.generated_tokens)
     metric("decode_steps_total", "counter", "decode steps run (each for every active row)", st.steps)
+    metric("decode_padding_rows_total", "counter", "rows computed only to fill a captured step's fixed size",
+           st.padding_rows)
     metric("decode_tokens_per_second", "gauge", f"decode tokens/s, all rows, over the last {st_window()} s of steps",
            float(st.rate(st.decode)))
     metric("prefill_tokens_per_second", "gauge", f"prefill tokens/s over the last {st_window()} s of prefills",
@@ -494,7 +496,7 @@ def prometheus(state: State) -> str:
 
 
 def st_window() -> int:
-    from fate_cli.scheduler import RATE_WINDOW_S
+    from fate_cli.engine.scheduler import RATE_WINDOW_S
 
     return int(RATE_WINDOW_S)
 
@@ -523,8 +525,8 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
     """The loading thread: open the model, make the scheduler, capture its steps; then serve."""
-    from fate_cli.runtime import DEFAULT_CONTEXT, open_model
-    from fate_cli.scheduler import Scheduler
+    from fate_cli.engine.runtime import DEFAULT_CONTEXT, open_model
+    from fate_cli.engine.scheduler import Scheduler
 
     s = state.settings
     try:

@@ -21,8 +21,8 @@ import openai
 import pytest
 import torch
 
-from fate_cli.generate import Sampler, SamplingParams, generate
-from fate_cli.runtime import open_model
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.runtime import open_model
 from fate_cli.tokenizer import Message
 from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - one_thread applies to this module
 

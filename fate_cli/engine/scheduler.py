@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fate_cli.decode_step import DecodeStep, unavailable
-from fate_cli.generate import Sampler, SamplingParams, prefill_groups, synchronize
+from fate_cli.engine.decode_step import DecodeStep, unavailable
+from fate_cli.engine.generate import Sampler, SamplingParams, prefill_groups, synchronize
 from fate_cli.model.kv_cache import RowPositions
 from fate_cli.tokenizer import Tokenizer
 
@@ -143,6 +143,7 @@ class ServeStats:
     generated_tokens: int = 0
     steps: int = 0
     last_step_rows: int = 0
+    padding_rows: int = 0  # rows computed only to fill a fixed-size step
     decode: deque = field(default_factory=deque)  # (time, tokens, seconds) of recent decode steps
     prefill: deque = field(default_factory=deque)  # (time, tokens, seconds) of recent prefills
     cache: dict = field(default_factory=dict)  # the expert cache's counters, copied by the thread
@@ -307,6 +308,7 @@ class Scheduler:
         size = next((s for s in sorted(self.steps) if s >= n), None)
         if size is not None:
             pad = size - n
+            self.stats.padding_rows += pad
             logits = self.steps[size](torch.cat([tokens, tokens.new_zeros(pad)]), positions + [0] * pad)[:n]
         elif n == 1:  # alone: generate()'s own call, so a lone request decodes exactly as `fate run`
             logits = self.model(tokens.view(1, 1), self.cache.rows(0, 1), positions[0])[:, -1]
