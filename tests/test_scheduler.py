@@ -68,7 +68,8 @@ def check_equal_alone(graphs: DecodeGraphs | None, max_batch: int) -> Scheduler:
 
 def test_eager_batched_rows_equal_each_request_alone():
     scheduler = check_equal_alone(None, 3)  # five requests through three rows
-    assert scheduler.stats.padding_rows == 0    assert scheduler.stats.steps < scheduler.stats.generated_tokens - len(TEXTS)  # rows shared steps
+    assert scheduler.stats.padding_rows == 0
+    assert scheduler.stats.steps < scheduler.stats.generated_tokens - len(TEXTS)  # rows shared steps
 
 
 def test_padded_fixed_size_steps_equal_each_request_alone():
