@@ -561,6 +561,7 @@ def serve_command(model: str | None, host: str, port: int, api_key: str | None, 
         import uvicorn
     except ImportError:
         raise UsageError(EXTRA) from None
+    from fate_cli.engine import runtime, scheduler  # noqa: F401 - torch is imported here, on the main thread
     from fate_cli.registry import resolve
 
     resolved = resolve(model)  # an unknown model fails now, before the socket opens
@@ -587,6 +588,14 @@ def serve_command(model: str | None, host: str, port: int, api_key: str | None, 
         if state.scheduler is not None:
             state.scheduler.close()
         sock.close()
+    if loader.is_alive():
+        print("interrupted while loading the model", file=sys.stderr, flush=True)
+    if state.error is None or loader.is_alive():
+        # a stop (Ctrl-C, SIGTERM): leave without the interpreter's teardown, which can abort in torch's C++
+        # threads while the loading or scheduler thread is still inside torch
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130 if loader.is_alive() else 0)
     if state.error is not None:
         if isinstance(state.error, FateError | KeyboardInterrupt | OSError | RuntimeError):
             raise state.error
