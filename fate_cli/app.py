@@ -183,6 +183,32 @@ def perplexity(
     perplexity_command(model, file, tiers, window, max_windows, device, dtype)
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(None, help=MODEL_HELP + " [default: the bundled model]"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free port, printed at start)"),
+    api_key: str = typer.Option(None, "--api-key", envvar="FATE_API_KEY", show_envvar=True,
+                                help="require `Authorization: Bearer KEY` on every request"),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help="requests decoded together at most"),
+    max_queue: int = typer.Option(64, "--max-queue", min=0, help="requests waiting for a row at most (then 429)"),
+    context: int = typer.Option(None, "--context", min=2, help="tokens per request, prompt and answer "
+                                "[default: 4096, or the model's limit if smaller]"),
+    device: str = typer.Option(None, help="cpu or cuda [default: cuda when available]"),
+    dtype: str = typer.Option(None, help="float32, bfloat16 or float16"),
+    vram: str = typer.Option(None, help=VRAM_HELP),
+    policy: str = typer.Option("fate", help=POLICY_HELP),
+    transfer_bits: int = typer.Option(None, help="move every expert at this tier's bit width (all policies)"),
+    eager: bool = typer.Option(False, "--eager", help="decode with the eager forward (the reference) instead of "
+                               "captured CUDA graphs with the fused expert kernels"),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or not)."""
+    from fate_cli.serve import serve_command
+
+    serve_command(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
+                  transfer_bits, eager)
+
+
 def main() -> None:
     try:
         app()
