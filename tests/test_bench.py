@@ -122,9 +122,10 @@ def test_budget_lists_ranges_and_shares():
 @pytest.mark.usefixtures("one_thread")
 def test_replay_recall_equals_offline_recall_on_the_same_traffic():
     """The runtime's Fate predictor, fed the recorded traffic, finds what the offline measure finds."""
-    from fate_cli.bench import _load, prompt_set
+    from fate_cli.bench import prompt_set
+    from fate_cli.engine.runtime import open_model
 
-    loaded, _ = _load("tiny", torch.device("cpu"), torch.float32, resident=True)
+    loaded = open_model("tiny", "cpu", "float32").loaded
     target = ReplayTarget("replay:64x96", loaded.model, 64, 96, torch.device("cpu"), torch.float32, None)
     prompt = prompt_set(24, 1, None)[0]
     steps = record(loaded.model, [prompt], 12)[0]
@@ -196,9 +197,10 @@ def test_merged_prefill_steps_hold_every_prompts_traffic():
 
 def test_replay_of_a_batch_plays_every_row():
     """A batch's trace: one prefill step per prompt, then steps of one token per prompt."""
-    from fate_cli.bench import _load, prompt_set
+    from fate_cli.bench import prompt_set
+    from fate_cli.engine.runtime import open_model
 
-    loaded, _ = _load("tiny", torch.device("cpu"), torch.float32, resident=True)
+    loaded = open_model("tiny", "cpu", "float32").loaded
     target = ReplayTarget("replay:64x96", loaded.model, 64, 96, torch.device("cpu"), torch.float32, None)
     prompts = prompt_set(10, 3, None)
     steps = target.steps(prompts, 4)
