@@ -151,3 +151,16 @@ def test_bad_rope_type_is_one_clear_error(tmp_path, plain):
     (path / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
     with pytest.raises(BadModel, match="layer_types"):
         load_args(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_greedy_matches_and_the_step_says_why_it_is_eager(plain):
+    """On a GPU the captured step does not take this family's experts: it says so, and the eager decode (sink
+    attention over the whole cache, the window as a mask) gives transformers' tokens."""
+    path, ref = plain
+    model = load_model(path, torch.device("cuda"), torch.float32).model
+    graphs = DecodeGraphs(model)
+    tokens = generate(model, PROMPTS[0], 20, Sampler(SamplingParams(temperature=0.0), torch.device("cuda")),
+                      graphs=graphs).token_ids
+    assert graphs.describe() == "decode: eager (the fused expert kernels have no biased clamped-SwiGLU experts)"
+    assert tokens == reference_tokens(ref, PROMPTS[0])
