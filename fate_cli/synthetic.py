@@ -37,7 +37,22 @@ CONFIGS: dict[str, dict] = {
         "num_experts_per_tok": 8, "norm_topk_prob": False, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "max_position_embeddings": 4096,
     },
+    # openai/gpt-oss-20b and openai/gpt-oss-120b config.json (the published MXFP4 checkpoints; transformers'
+    # GptOssConfig defaults are the 120b's): the two differ only in depth and expert count
+    "gpt-oss-20b": {
+        "model_type": "gpt_oss", "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+        "num_hidden_layers": 24, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 64,
+        "num_local_experts": 32, "num_experts_per_tok": 4, "sliding_window": 128,
+        "layer_types": ["sliding_attention", "full_attention"] * 12, "attention_bias": True,
+        "rope_theta": 150000.0, "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                                 "beta_slow": 1.0, "truncate": False,
+                                                 "original_max_position_embeddings": 4096},
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+    },
 }
+CONFIGS["gpt-oss-120b"] = {**CONFIGS["gpt-oss-20b"], "num_hidden_layers": 36, "num_local_experts": 128,
+                           "layer_types": ["sliding_attention", "full_attention"] * 18}
 
 
 def is_synthetic(name: str | None) -> bool:

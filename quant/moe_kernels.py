@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.packing import dequantize
 from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, planes, tier_fits
@@ -45,13 +46,26 @@ class DenseBank:
     gate_up: torch.Tensor  # [S, 2I, H]
     down: torch.Tensor  # [S, H, I]
     table: torch.Tensor  # int32 [2, E]
+    gate_up_bias: torch.Tensor | None = None  # [S, 2I] (gpt_oss)
+    down_bias: torch.Tensor | None = None  # [S, H]
+    act: ClampedSwiGLU | None = None  # None: silu(gate) * up
 
     @property
     def intermediate(self) -> int:
         return self.down.shape[2]
 
+    @property
+    def plain(self) -> bool:
+        """silu(gate) * up with no biases: what the fused kernels compute."""
+        return self.gate_up_bias is None and self.down_bias is None and self.act is None
+
     def matrices(self, slot: int, tier: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gate_up[slot], self.down[slot]
+
+    def biases(self, slot: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.gate_up_bias is None:
+            return None, None
+        return self.gate_up_bias[slot], self.down_bias[slot]
 
 
 @dataclass
@@ -85,7 +99,7 @@ def identity_table(num_experts: int, device: torch.device | str) -> torch.Tensor
 def fused_fits(bank: Bank) -> bool:
     """Whether the Triton kernels take this bank (packed tiers: bits 2, 4 or 8 in whole words per group)."""
     if isinstance(bank, DenseBank):
-        return True
+        return bank.plain
     # the packed pass sums per group within one 256-column tile
     return all(lay.kind == "quantized" and tier_fits(lay.bits, lay.group_size, lay.hidden, lay.intermediate,
                                                      max_group=PACKED_BLOCK_K) for lay in bank.layouts)
@@ -126,8 +140,14 @@ def moe_ffn_reference(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
             if slot < 0:
                 continue
             gate_up, down = (m.float() for m in bank.matrices(slot, tier))
-            h = F.linear(x[t].float(), gate_up)
             inter = down.shape[1]
+            if isinstance(bank, DenseBank) and not bank.plain:
+                b_gu, b_d = (None if b is None else b.float() for b in bank.biases(slot))
+                h = F.linear(x[t].float(), gate_up, b_gu)
+                act = bank.act(h[:inter], h[inter:]) if bank.act else F.silu(h[:inter]) * h[inter:]
+                out[t] += w * F.linear(act, down, b_d)
+                continue
+            h = F.linear(x[t].float(), gate_up)
             out[t] += w * F.linear(F.silu(h[:inter]) * h[inter:], down)
     return out.to(x.dtype)
 

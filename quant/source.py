@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fate_cli.errors import BadModel, ModelNotFound
+from quant.gpt_oss_experts import FusedExperts, part_names
 
 ST_DTYPES = {
     "BF16": torch.bfloat16,
@@ -47,17 +48,32 @@ class ExpertSet:
     intermediate: int
     module: str = "mlp"
     proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    layout: str = "separate"  # "gpt_oss": fused per layer, read per expert by quant/gpt_oss_experts.py
 
     def names(self, layer: int, expert: int) -> tuple[str, str, str]:
-        """(gate, up, down) tensor names of one expert in the checkpoint."""
+        """(gate, up, down) tensor names of one expert in the checkpoint (or the per-expert names a reader
+        derives from a fused layout)."""
+        if self.layout == "gpt_oss":
+            return part_names(f"model.layers.{layer}.{self.module}.experts", expert)[:3]  # type: ignore[return-value]
         base = f"model.layers.{layer}.{self.module}.experts.{expert}"
         return tuple(f"{base}.{name}.weight" for name in self.proj_names)  # type: ignore[return-value]
+
+    def bias_names(self, layer: int, expert: int) -> tuple[str, str, str] | None:
+        """(gate, up, down) bias names of one expert, where the family's experts have biases."""
+        if self.layout != "gpt_oss":
+            return None
+        return part_names(f"model.layers.{layer}.{self.module}.experts", expert)[3:]  # type: ignore[return-value]
 
     @property
     def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(gate, up, down) shapes."""
         h, i = self.hidden, self.intermediate
         return (i, h), (i, h), (h, i)
+
+    @property
+    def bias_shapes(self) -> tuple[tuple[int], tuple[int], tuple[int]]:
+        """(gate, up, down) bias shapes, where bias_names gives names."""
+        return (self.intermediate,), (self.intermediate,), (self.hidden,)
 HASH_CHUNK = 8 << 20
 
 
@@ -124,17 +140,30 @@ class SourceReader:
             except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
                 raise BadModel(f"{path} is corrupt or truncated ({err}); delete it and run `fate pull` again") from None
 
+        self.fused = FusedExperts(lambda n: self.entries[n][2] if n in self.entries else None, self._expert)
+
     def __contains__(self, name: str) -> bool:
-        return name in self.entries
+        return name in self.entries or self.fused.shape(name) is not None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
+        return self.entries[name][2] if name in self.entries else self.fused.shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][1]
+        return self.entries[name][1] if name in self.entries else self.fused.dtype(name, self.dtype)
 
     def get(self, name: str) -> torch.Tensor:
+        if name not in self.entries and self.fused.shape(name) is not None:
+            return self.fused.get(name)
+        return self._read(name, *self.entries[name])
+
+    def _expert(self, name: str, expert: int) -> torch.Tensor:
+        """Expert `expert`'s slice of a fused tensor [E, ...]: its bytes alone."""
         file, dtype, shape, offset, nbytes = self.entries[name]
+        each = nbytes // shape[0]
+        return self._read(name, file, dtype, shape[1:], offset + expert * each, each)
+
+    def _read(self, name: str, file: str, dtype: torch.dtype, shape: tuple[int, ...], offset: int,
+              nbytes: int) -> torch.Tensor:
         path = self.dir / file
         buf = torch.empty(nbytes, dtype=torch.uint8)
         try:

@@ -33,7 +33,7 @@ import torch
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
 from predictors.cross_layer import lookahead
-from quant.moe_kernels import FUSED, backend_for
+from quant.moe_kernels import FUSED, DenseBank, backend_for
 
 GPU_ONLY = "decode: eager (CUDA graphs need a GPU)"
 MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
@@ -178,7 +178,10 @@ def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
     if not provider.fits_step(batch * model.args.top_k):
         return f"decode: eager (a batch of {batch} can route to more experts than a layer has slots)"
     for i in model.args.moe_layer_ids if capture else ():
-        if backend_for(device, provider.bank(i)) != FUSED:
+        bank = provider.bank(i)
+        if isinstance(bank, DenseBank) and not bank.plain:
+            return "decode: eager (the fused expert kernels have no biased clamped-SwiGLU experts)"
+        if backend_for(device, bank) != FUSED:
             return "decode: eager (Triton is missing or a tier does not fit the fused kernels)"
     return ""
 

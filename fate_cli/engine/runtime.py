@@ -173,6 +173,12 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
         store = open_store(resolved, build=False)
         params = QuantParams(**store.manifest["params"]) if store else QuantParams()
         setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
+        if not setup.full_precision and args.expert_bias:
+            from fate_cli.errors import ResourceError
+
+            raise ResourceError(
+                f"{args.family} experts run resident at 16 bits only (the tier store keeps no expert biases), and "
+                "the budget does not hold them all; raise --vram or run without --policy")
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
     weights = open_weights(resolved, dev, dt)

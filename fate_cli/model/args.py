@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fate_cli.errors import BadModel, ModelNotFound
+from quant.expert_act import ClampedSwiGLU
 from quant.source import ExpertSet
 
 
@@ -41,6 +42,22 @@ class ModelArgs:
     # checkpoint naming: model.layers.L.<moe_module>.gate / .experts.E.<gate|up|down proj name>.weight
     moe_module: str = "mlp"
     expert_proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    # gpt_oss: learned per-head attention sinks, a biased o_proj, sliding-window layers, YaRN rope, a biased
+    # router named `router` whose top k are softmaxed, and biased experts with a clamped SwiGLU in fused tensors
+    attention_sinks: bool = False
+    o_proj_bias: bool = False
+    sliding_window: int = 0  # keys a sliding layer's query sees, itself included (0: no sliding layers)
+    sliding_layers: tuple[bool, ...] = field(default=())  # per layer: sliding window (True) or full attention
+    rope_scaling: YarnRope | None = None
+    router_module: str = "gate"
+    router_bias: bool = False
+    topk_then_softmax: bool = False
+    expert_act: ClampedSwiGLU | None = None  # None: silu(gate) * up
+    expert_bias: bool = False
+    expert_layout: str = "separate"  # or "gpt_oss": fused [E, H, 2I] interleaved gate|up (or MXFP4 blocks)
+
+    def is_sliding_layer(self, layer: int) -> bool:
+        return bool(self.sliding_layers) and self.sliding_layers[layer]
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layers[layer]
@@ -53,7 +70,22 @@ class ModelArgs:
     def experts(self) -> ExpertSet:
         """The checkpoint's routed experts: names and shapes (what the tier store and the loader read)."""
         return ExpertSet(self.family, tuple(self.moe_layer_ids), self.num_experts, self.hidden_size,
-                         self.moe_intermediate_size, self.moe_module, self.expert_proj_names)
+                         self.moe_intermediate_size, self.moe_module, self.expert_proj_names,
+                         layout=self.expert_layout)
+
+
+@dataclass(frozen=True)
+class YarnRope:
+    """YaRN rope scaling (rope_type "yarn"), the fields transformers' _compute_yarn_parameters reads."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
 
 class ConfigReader:

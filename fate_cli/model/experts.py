@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
+    from quant.expert_act import ClampedSwiGLU
     from quant.moe_kernels import Bank, DenseBank
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
@@ -85,17 +86,27 @@ class ExpertProvider(ABC):
 
 
 class DenseExpert:
-    """An expert held as three plain matrices: down(silu(gate(x)) * up(x))."""
+    """An expert held as three plain matrices: down(silu(gate(x)) * up(x)); or, where the family says so, with
+    biases on the three projections and another activation of (gate, up) (gpt_oss's clamped SwiGLU)."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor):
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                 act: ClampedSwiGLU | None = None):
         self.gate, self.up, self.down = gate, up, down
+        self.biases, self.act = biases, act
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        if self.biases is None and self.act is None:
+            return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        bg, bu, bd = self.biases or (None, None, None)
+        g, u = F.linear(x, self.gate, bg), F.linear(x, self.up, bu)
+        h = F.silu(g) * u if self.act is None else self.act(g, u)
+        return F.linear(h, self.down, bd)
 
     @property
     def nbytes(self) -> int:
-        return self.gate.nbytes + self.up.nbytes + self.down.nbytes
+        extra = sum(b.nbytes for b in self.biases) if self.biases else 0
+        return self.gate.nbytes + self.up.nbytes + self.down.nbytes + extra
 
 
 def stack_experts(experts: list[DenseExpert]) -> DenseBank:
@@ -109,7 +120,14 @@ def stack_experts(experts: list[DenseExpert]) -> DenseBank:
     inter = first.gate.shape[0]
     for e, gu, d in zip(experts, gate_up, down):
         e.gate, e.up, e.down = gu[:inter], gu[inter:], d
-    return DenseBank(gate_up, down, identity_table(len(experts), gate_up.device))
+    table = identity_table(len(experts), gate_up.device)
+    if first.biases is None:
+        return DenseBank(gate_up, down, table, act=first.act)
+    gate_up_bias = torch.stack([torch.cat(e.biases[:2]) for e in experts])
+    down_bias = torch.stack([e.biases[2] for e in experts])
+    for e, gub, db in zip(experts, gate_up_bias, down_bias):
+        e.biases = (gub[:inter], gub[inter:], db)
+    return DenseBank(gate_up, down, table, gate_up_bias, down_bias, first.act)
 
 
 class ResidentExperts(ExpertProvider):

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fate_cli.model import triton_ops
-from fate_cli.model.args import ModelArgs
+from fate_cli.model.args import ModelArgs, YarnRope
 from fate_cli.model.kv_cache import KVCache, RowPositions
+from fate_cli.model.rope_scaling import yarn_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -27,13 +28,19 @@ class RMSNorm(nn.Module):
 
 
 class Rotary:
-    """Default RoPE: cos/sin tables for every position, computed once in float32."""
+    """RoPE (default, or YaRN-scaled): cos/sin tables for every position, computed once in float32."""
 
-    def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device | str):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device | str,
+                 yarn: YarnRope | None = None):
+        if yarn is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        else:
+            inv_freq, scale = yarn_frequencies(head_dim, theta, yarn)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1).to(device)
         self.cos, self.sin = emb.cos(), emb.sin()
+        if yarn is not None:
+            self.cos, self.sin = self.cos * scale, self.sin * scale
 
     def apply(self, x: torch.Tensor, pos: int | RowPositions) -> torch.Tensor:
         """x: [batch, heads, T, head_dim], positions pos..pos+T (or one token per row at its own position)."""
@@ -61,7 +68,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
-        self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         self.qk_norm = args.qk_norm
         if args.qk_norm == "head":
             self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)

@@ -16,16 +16,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from fate_cli.errors import BadModel, ModelNotFound
-from fate_cli.model import mixtral, olmoe, qwen2_moe, qwen3_moe
+from fate_cli.model import gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
 from fate_cli.model.model import Transformer, build_model, checkpoint_name, weight_shapes
+from quant.gpt_oss_experts import FusedExperts
 
 FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "mixtral": mixtral.model_args,
     "qwen2_moe": qwen2_moe.model_args,
     "qwen3_moe": qwen3_moe.model_args,
     "olmoe": olmoe.model_args,
+    "gpt_oss": gpt_oss.model_args,
 }
 
 
@@ -88,20 +90,30 @@ class Checkpoint:
             self.handles[name] = handle
             for key in keys:
                 self.location[key] = name
+        self.fused = FusedExperts(lambda n: self.shape(n) if n in self.location else None,
+                                  lambda n, e: self._read(n, lambda h: h.get_slice(n)[e]))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.location
+        return name in self.location or self.fused.shape(name) is not None
 
     def names(self) -> Iterator[str]:
         return iter(self.location)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.location:
+            return self.fused.shape(name)
         return tuple(self.handles[self.location[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
+        """A tensor by name; a fused layout's per-expert part (quant/gpt_oss_experts.py) reads its slice alone."""
+        if name not in self.location and self.fused.shape(name) is not None:
+            return self.fused.get(name)
+        return self._read(name, lambda h: h.get_tensor(name))
+
+    def _read(self, name: str, read: Callable) -> torch.Tensor:
         path = self.dir / self.location[name]
         try:
-            return self.handles[self.location[name]].get_tensor(name)
+            return read(self.handles[self.location[name]])
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise BadModel(
                 f"{path}: cannot read tensor {name} ({_first_line(err)}); the file is damaged, run `fate pull` again"
@@ -145,15 +157,23 @@ def check_checkpoint(args: ModelArgs, ckpt: Checkpoint) -> None:
         for e in range(experts.num_experts):
             for name, shape in zip(experts.names(layer, e), experts.shapes):
                 ckpt.require(name, shape)
+            for name, shape in zip(experts.bias_names(layer, e) or (), experts.bias_shapes):
+                ckpt.require(name, shape)
 
 
 def load_resident_experts(
     args: ModelArgs, ckpt: Checkpoint, device: torch.device | str, dtype: torch.dtype
 ) -> ResidentExperts:
     layers = {}
+    experts = args.experts
+
+    def read(names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(ckpt.get(n).to(device=device, dtype=dtype) for n in names)
+
     for layer in args.moe_layer_ids:
         layers[layer] = [
-            DenseExpert(*(ckpt.get(n).to(device=device, dtype=dtype) for n in args.experts.names(layer, e)))
+            DenseExpert(*read(experts.names(layer, e)),
+                        biases=read(b) if (b := experts.bias_names(layer, e)) else None, act=args.expert_act)
             for e in range(args.num_experts)
         ]
     return ResidentExperts(layers)

@@ -15,13 +15,14 @@ from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
 from fate_cli.model.moe import MoEBlock
+from fate_cli.model.sink_attention import SinkAttention
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, provider: ExpertProvider):
         super().__init__()
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = Attention(args, layer)
+        self.self_attn = SinkAttention(args, layer) if args.attention_sinks else Attention(args, layer)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         if args.is_moe_layer(layer):
             self.mlp: nn.Module = MoEBlock(args, layer, provider)
@@ -74,7 +75,7 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a, w = self.args, self.embed_tokens.weight
         if self.rope is None or self.rope.cos.shape[0] < max_len:
-            self.rope = Rotary(a.head_dim, a.rope_theta, max_len, w.device)
+            self.rope = Rotary(a.head_dim, a.rope_theta, max_len, w.device, a.rope_scaling)
         return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
 
     def forward(
@@ -116,6 +117,8 @@ def checkpoint_name(args: ModelArgs, param: str) -> str:
     """Our parameter name -> the Hugging Face checkpoint's tensor name."""
     if param.startswith("lm_head."):
         return param
+    if args.router_module != "gate":
+        param = param.replace(".mlp.gate.", f".mlp.{args.router_module}.", 1)
     if args.moe_module != "mlp":
         param = param.replace(".mlp.", f".{args.moe_module}.", 1)
     return "model." + param

@@ -29,7 +29,8 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.layer = layer
         self.top_k, self.num_experts, self.normalize = args.top_k, args.num_experts, args.norm_topk_prob
-        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=False)
+        self.topk_then_softmax = args.topk_then_softmax
+        self.gate = nn.Linear(args.hidden_size, args.num_experts, bias=args.router_bias)
         if args.shared_expert_intermediate_size:
             self.shared_expert = MLP(args.hidden_size, args.shared_expert_intermediate_size)
             self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
@@ -55,6 +56,9 @@ class MoEBlock(nn.Module):
 
     def pick_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> routing weights and expert ids [tokens, top_k]."""
+        if self.topk_then_softmax:  # gpt_oss: the k largest logits, then a softmax over those k
+            top, ids = torch.topk(self.gate(x), self.top_k, dim=-1)
+            return torch.softmax(top.float(), dim=-1), ids
         return route(self.gate(x), self.top_k, self.normalize)
 
     def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
