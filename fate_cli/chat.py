@@ -139,6 +139,7 @@ def chat_command(
     top_k: int | None = None,
     panel: bool = True,
     eager: bool = False,
+    lines: bool = False,
 ) -> None:
     err = Console(stderr=True, highlight=False)
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
@@ -148,8 +149,11 @@ def chat_command(
     session = ChatSession(runtime, system, params, max_tokens)
     if prompt is not None or not sys.stdin.isatty():
         text = prompt if prompt is not None else sys.stdin.read()
-        if text.strip():
-            answer_plain(session, text)
+        # piped stdin is one message, blank lines and all, unless --lines makes each line a turn
+        turns = [t for t in text.splitlines() if t.strip()] if lines and prompt is None else [text]
+        for turn in turns:
+            if turn.strip():
+                answer_plain(session, turn)
         return
     interactive_loop(session, err, panel and sys.stdout.isatty())
 

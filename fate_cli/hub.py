@@ -657,25 +657,41 @@ def _pulled_models() -> list[tuple[str, Path]]:
     return found
 
 
+def _facts_cells(path: Path, name: str) -> tuple[str, str, str]:
+    """(parameters, context, quantization) of a model folder; `?` where it cannot be read (an incomplete pull)."""
+    from fate_cli.model_info import human_count, tier_bits, try_model_facts
+
+    facts = try_model_facts(path, name)
+    if facts is None:
+        return "?", "?", "?"
+    quant = facts.dtype.replace("bfloat16", "bf16").replace("float16", "fp16").replace("float32", "fp32")
+    if facts.store is not None:
+        quant += f" + {tier_bits(facts.store)} tiers"
+    return human_count(facts.parameters), str(facts.args.max_position_embeddings), quant
+
+
 def list_command() -> None:
     out = Console(highlight=False)
     if not out.is_terminal:
         out = Console(highlight=False, width=max(out.width, 160))
     table = Table(box=None, pad_edge=False)
-    for column in ("name", "repo", "family", "size", "status"):
-        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column != "repo")
+    columns = ("name", "repo", "family", "params", "context", "quantization", "size", "status")
+    for column in columns:
+        table.add_column(column, justify="right" if column in ("params", "context", "size") else "left",
+                         no_wrap=column != "repo")
     by_repo = {a.repo: a.name for a in aliases().values() if a.repo}
     pulled = _pulled_models()
     for repo, path in pulled:
         status = "complete" if is_complete(path) else "incomplete"
         if holder := lock_holder(repo):
             status += f" ({holder[1]}, pid {holder[0]})"
-        table.add_row(by_repo.get(repo, repo), repo, _family_of(path), human_size(_dir_size(path)), status)
+        name = by_repo.get(repo, repo)
+        table.add_row(name, repo, _family_of(path), *_facts_cells(path, name), human_size(_dir_size(path)), status)
     for alias in aliases().values():
         if alias.bundled:
             path = BUNDLED_ROOT / alias.bundled
             size = human_size(_dir_size(path)) if path.is_dir() else "-"
-            table.add_row(alias.name, "(bundled)", alias.family, size, "bundled")
+            table.add_row(alias.name, "(bundled)", alias.family, *_facts_cells(path, alias.name), size, "bundled")
     out.print(table)
     if not pulled:
         out.print("no models pulled yet; try `fate pull olmoe`")

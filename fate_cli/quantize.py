@@ -16,21 +16,9 @@ from rich.filesize import decimal as human_size
 from fate_cli.engine.runtime import dtype_name, pick_device, pick_dtype
 from fate_cli.engine.stores import quantize_model_for, store_dir_of
 from fate_cli.errors import ModelNotFound, UsageError
+from fate_cli.model_info import store_size as _store_size
+from fate_cli.model_info import tier_summary as _tier_summary
 from fate_cli.registry import BUNDLED_ROOT, resolve
-
-
-def _tier_summary(manifest: dict) -> str:
-    parts = []
-    for name, t in manifest["tiers"].items():
-        what = f"INT{t['bits']} g{t['group_size']}" if t["kind"] == "quantized" else t["dtype"]
-        layers = t["layers"]
-        span = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-        parts.append(f"{name} {what} ({span})")
-    return ", ".join(parts)
-
-
-def _store_size(manifest: dict) -> int:
-    return sum(f["size"] for f in manifest["files"].values())
 
 
 def quantize_command(

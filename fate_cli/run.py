@@ -39,6 +39,18 @@ def prompt_ids(runtime: Runtime | Tokenizer, prompt: str, raw: bool) -> list[int
     return tok.encode_chat([Message("user", prompt)])
 
 
+def prompt_from_stdin(prompt: str | None) -> str:
+    """PROMPT as given; `-`, or none with stdin piped, reads the prompt from stdin (`echo hi | fate run tiny`)."""
+    if prompt is not None and prompt != "-":
+        return prompt
+    if prompt is None and (sys.stdin is None or sys.stdin.isatty()):
+        raise UsageError("no prompt: give PROMPT, pipe it to stdin, or --prompts FILE for many")
+    text = sys.stdin.read().strip()
+    if not text:
+        raise UsageError("stdin holds no prompt; pipe some text, or give PROMPT")
+    return text
+
+
 def run_command(
     model: str,
     prompt: str | None,
@@ -64,8 +76,7 @@ def run_command(
             raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
                             dtype, as_json, vram, policy, transfer_bits, err, eager)
-    if prompt is None:
-        raise UsageError("no prompt: give PROMPT, or --prompts FILE for many")
+    prompt = prompt_from_stdin(prompt)
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     if not as_json:
         runtime.announce(err)

@@ -16,6 +16,7 @@ from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
 from fate_cli.model.moe import MoEBlock
 from fate_cli.model.sink_attention import SinkAttention
+from fate_cli.model.threads import step_macs, step_threads
 
 
 class DecoderLayer(nn.Module):
@@ -86,12 +87,13 @@ class Transformer(nn.Module):
         With RowPositions, T is 1 and each row of the batch is at its own position (batched decode)."""
         if self.rope is None:
             raise RuntimeError("call new_cache() before forward()")
-        x = self.embed_tokens(tokens)
-        for layer in self.layers:
-            x = layer(x, self.rope, cache, pos)
-        if last_only:
-            x = x[:, -1:]
-        return self.head(x)
+        with step_threads(step_macs(self.args, tokens.numel()), tokens.device):
+            x = self.embed_tokens(tokens)
+            for layer in self.layers:
+                x = layer(x, self.rope, cache, pos)
+            if last_only:
+                x = x[:, -1:]
+            return self.head(x)
 
     def prefill_together(self, prompts: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
         """Several prompts ([1, T_i] each, into caches of one row each, from position 0) through each layer
@@ -100,12 +102,13 @@ class Transformer(nn.Module):
         if self.rope is None:
             raise RuntimeError("call new_cache() before prefill_together()")
         lengths = [p.shape[1] for p in prompts]
-        xs = [self.embed_tokens(p)[0] for p in prompts]
-        for layer in self.layers:
-            attended = [layer.attend(x[None], self.rope, c, 0) for x, c in zip(xs, caches)]
-            h = torch.cat([a[0][0] for a in attended])
-            xs = list((h + layer.feed_forward(torch.cat([a[1][0] for a in attended]))).split(lengths))
-        return self.head(torch.stack([x[-1] for x in xs]))
+        with step_threads(step_macs(self.args, sum(lengths)), prompts[0].device):
+            xs = [self.embed_tokens(p)[0] for p in prompts]
+            for layer in self.layers:
+                attended = [layer.attend(x[None], self.rope, c, 0) for x, c in zip(xs, caches)]
+                h = torch.cat([a[0][0] for a in attended])
+                xs = list((h + layer.feed_forward(torch.cat([a[1][0] for a in attended]))).split(lengths))
+            return self.head(torch.stack([x[-1] for x in xs]))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden states -> logits: final norm, then lm_head (or the tied embedding)."""
