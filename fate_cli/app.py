@@ -31,7 +31,7 @@ MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a loca
 DEVICE_HELP = "cpu or cuda " + default("cuda when available")
 DTYPE_HELP = "float32, bfloat16 or float16 " + default("bfloat16 on cuda, float32 on cpu")
 TEMPERATURE_HELP = "0 is greedy " + default("generation_config.json")
-DEFAULT_WINDOWS = 16  # perplexity: windows scored unless --full or --max-windows (about a minute on a laptop CPU)
+DEFAULT_WINDOWS = 64  # perplexity: windows scored unless --full or --max-windows (about a minute on a laptop CPU)
 THREADS_HELP = "CPU threads; steps too small to gain from threads run on one " + default(
     "OMP_NUM_THREADS, else the physical cores")
 TRANSFER_HELP = "move every expert at this tier's bit width (all policies)"

@@ -705,7 +705,8 @@ def rm_command(name: str, yes: bool) -> None:
     if name in table:
         alias = table[name]
         if alias.bundled:
-            raise UsageError(f"'{name}' is bundled with fate and cannot be removed")
+            raise UsageError(f"'{name}' is bundled with fate and cannot be removed; `fate rm {name} --tiers` deletes "
+                             "its tier store")
         repo = alias.repo or ""
     elif looks_like_repo(name):
         repo = name

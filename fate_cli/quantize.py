@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.filesize import decimal as human_size
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from fate_cli.engine.runtime import dtype_name, pick_device, pick_dtype
 from fate_cli.engine.stores import quantize_model_for, store_dir_of
@@ -113,7 +114,13 @@ def perplexity_command(
         from quant.store import check_store
 
         check_store(store_dir_of(resolved), resolved.path, deep=False, name=resolved.name)
+    from fate_cli.perplexity import window_starts
+
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    all_windows = len(window_starts(len(ids), window))
+    scored = len(window_starts(len(ids), window, max_windows, spread=True))
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("windows"),
+               TimeElapsedColumn(), TimeRemainingColumn())
     rows = []
     for choice in choices:
         provider = None
@@ -121,19 +128,60 @@ def perplexity_command(
             provider = tiered_provider(store_dir_of(resolved), resolved.path, choice, dev, dt, name=resolved.name)
         loaded = load_model(resolved.path, dev, dt, provider=provider)
         experts = loaded.model.layers[loaded.args.moe_layer_ids[0]].mlp.provider
+        # "bf16" asks for the checkpoint's own experts; they run at the run's dtype, which the label says
+        label = choice if choice != "bf16" else f"checkpoint ({short_dtype(dt)})"
         what = experts.describe() if choice != "bf16" else f"experts: {dtype_name(dt)} (checkpoint weights)"
-        err.print(f"[dim]{choice}: {what}[/dim]")
-        result = perplexity(loaded.model, ids, window=window, max_windows=max_windows)
-        rows.append((choice, what, result))
+        err.print(f"[dim]{label}: {what}[/dim]")
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(label, total=scored)
+            result = perplexity(loaded.model, ids, window=window, max_windows=max_windows, spread=True,
+                                progress=lambda done, _total, task=task: bar.update(task, completed=done))
+        rows.append((label, what, result))
         del loaded, experts
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    base = next((r.perplexity for c, _, r in rows if c == "bf16"), None)
+    base = next((r.perplexity for c, _, r in rows if c.startswith("checkpoint")), None)
     name = path.name if file else "bundled held-out text"
-    print(f"| tiers | perplexity | vs bf16 | tokens | experts |  <!-- {resolved.name}, {name}, window {window}, "
-          f"{dev.type} {dtype_name(dt)} -->")
+    subset = f"all {scored} windows" if scored == all_windows else f"{scored} of {all_windows} windows"
+    spread = "" if scored == all_windows else ", spread evenly over the text (--full for all)"
+    print(f"{resolved.name}, {name}: {subset} of {window} tokens{spread}; {dev.type} {dtype_name(dt)}")
+    print()
+    print("| tiers | perplexity | vs checkpoint | tokens | experts |")
     print("| --- | ---: | ---: | ---: | --- |")
-    for choice, what, r in rows:
+    for label, what, r in rows:
         rel = f"{(r.perplexity / base - 1) * 100:+.2f}%" if base else "-"
-        print(f"| {choice} | {r.perplexity:.4f} | {rel} | {r.tokens} | {what.removeprefix('experts: ')} |")
+        print(f"| {label} | {r.perplexity:.4f} | {rel} | {r.tokens} | {what.removeprefix('experts: ')} |")
     sys.stdout.flush()
+
+
+def short_dtype(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(dtype, dtype_name(dtype))
+
+
+def rm_tiers_command(model: str, yes: bool) -> None:
+    """`fate rm MODEL --tiers`: delete the model's tier store; the next run that needs it builds it again."""
+    import os
+    import shutil
+    import time
+
+    from fate_cli.model_info import read_store
+
+    resolved = resolve(model)
+    store_dir = store_dir_of(resolved)
+    if not store_dir.is_dir():
+        raise ModelNotFound(f"{resolved.name} has no tier store ({store_dir}); nothing to remove")
+    manifest = read_store(store_dir)
+    size = human_size(_store_size(manifest)) if manifest else "incomplete"
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"not removing {store_dir} without confirmation (stdin is not a terminal); pass --yes")
+        import typer
+
+        if not typer.confirm(f"Delete the tier store of {resolved.name} ({size}) in {store_dir}?", default=False):
+            Console(highlight=False, soft_wrap=True).print("nothing removed")
+            return
+    # one rename takes the store out of sight, so no half-deleted store is ever opened
+    trash = store_dir.with_name(f".trash-{store_dir.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.rename(store_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    Console(highlight=False, soft_wrap=True).print(f"removed the tier store of {resolved.name} ({size}): {store_dir}")

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import subprocess
+import sys
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,3 +47,38 @@ def assert_error_after_progress(result: subprocess.CompletedProcess, code: int, 
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
+
+
+def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+    """`fate ARGS` through the installed command's entry point (fate_cli.app.main), in this process: the same
+    parsing, errors and exit status as a subprocess, without importing torch again (seconds a call).
+
+    stdin is the text the command reads (never a terminal); home sets FATE_HOME for the call. An exception
+    that escapes main() lands in stderr as a traceback with status 1, as it would in a subprocess."""
+    from fate_cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env = os.environ.get("FATE_HOME")
+    saved_stdin, saved_argv, saved_threads = sys.stdin, sys.argv, torch.get_num_threads()
+    if home is not None:
+        os.environ["FATE_HOME"] = str(home)
+    sys.stdin, sys.argv = io.StringIO(stdin), ["fate", *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:  # noqa: BLE001 - reported as the subprocess would report it
+                err.write(traceback.format_exc())
+                code = 1
+    finally:
+        sys.stdin, sys.argv = saved_stdin, saved_argv
+        torch.set_num_threads(saved_threads)
+        if home is not None:
+            if saved_env is None:
+                os.environ.pop("FATE_HOME", None)
+            else:
+                os.environ["FATE_HOME"] = saved_env
+    return subprocess.CompletedProcess(["fate", *args], code, out.getvalue(), err.getvalue())

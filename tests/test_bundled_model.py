@@ -15,6 +15,7 @@ from fate_cli.model.loader import load_model
 from fate_cli.perplexity import perplexity
 from fate_cli.registry import BUNDLED_ROOT, resolve
 from fate_cli.tokenizer import Tokenizer
+from tests.helpers import fate_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = BUNDLED_ROOT / "tiny"
@@ -54,11 +55,10 @@ def test_heldout_perplexity_matches_the_card():
 
 
 def test_run_tiny_is_english_and_stable():
-    cmd = [sys.executable, "-m", "fate_cli", "run", "tiny", "Once upon a time", "-n", "40", "--temperature", "0"]
-    cmd.append("--json")
-    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = ["run", "tiny", "Once upon a time", "-n", "40", "--temperature", "0", "--json"]
+    first = fate_in_process(*cmd)
     assert first.returncode == 0, first.stderr
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    second = fate_in_process(*cmd)
     a, b = json.loads(first.stdout), json.loads(second.stdout)
     assert a["token_ids"] == b["token_ids"]
     words = re.findall(r"[A-Za-z]+", a["text"])

@@ -10,17 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, fate_in_process
 from tests.tiny_models import make_tiny_model
 
 FATE = [sys.executable, "-m", "fate_cli"]
 
 
-def fate(*args: str, home: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+def fate_subprocess(*args: str, home: Path | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    """`python -m fate_cli ARGS` in a process of its own, as a user runs it."""
     env = dict(os.environ)
     if home is not None:
         env["FATE_HOME"] = str(home)
     return subprocess.run([*FATE, *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def fate(*args: str, home: Path | None = None, stdin: str = "") -> subprocess.CompletedProcess:
+    """`fate ARGS` in this process (tests.helpers.fate_in_process): the same entry point without a new
+    interpreter importing torch each time."""
+    return fate_in_process(*args, home=home, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,9 @@ def test_run_json_greedy_is_reproducible(tiny):
     assert out["stats"]["prompt_tokens"] == len(out["prompt_token_ids"])
     # the chat template wraps the prompt: <|im_start|>user ... <|im_end|> <|im_start|>assistant
     assert out["prompt_token_ids"][0] == 1 and 2 in out["prompt_token_ids"]
-    second = fate("run", str(tiny), "hello there", "-n", "12", "--temperature", "0", "--json")
-    assert json.loads(second.stdout)["token_ids"] == out["token_ids"]
+    second = fate_subprocess("run", str(tiny), "hello there", "-n", "12", "--temperature", "0", "--json")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["token_ids"] == out["token_ids"]  # the installed entry point, same tokens
 
 
 def test_run_raw_skips_template_and_streams_text(tiny):

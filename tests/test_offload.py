@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from fate_cli.engine.stores import quantize_model
 from fate_cli.model.loader import load_model
 from predictors.cross_layer import router_probs
 from quant.store import QuantParams, TierStore
+from tests.helpers import fate_in_process
 from tests.tiny_models import make_tiny_model
 
 POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "klotski", "resident"]
@@ -33,9 +31,7 @@ def tiny(tmp_path_factory):
 
 
 def fate(home, *args):
-    env = dict(os.environ, FATE_HOME=str(home))
-    result = subprocess.run([sys.executable, "-m", "fate_cli", *args], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = fate_in_process(*args, home=home)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
