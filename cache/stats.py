@@ -85,6 +85,7 @@ class CacheStats:
             "prediction_precision": self._mean("precision"),
             "prediction_recall": self._mean("recall"),
             "decode_prediction_recall": self.decode_recall,
+            "decode_predicted": sum(s.predicted for s in self.decode_layers.values()),  # 0: none made
             "bytes_moved": dict(self.bytes_moved),
             "loads": dict(self.loads),
             "prefetches": self.prefetches,

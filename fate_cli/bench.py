@@ -35,8 +35,9 @@ FIELDS = [
     "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "batch", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
-    "request_tokens_per_s",
+    "request_tokens_per_s", "minimum_budget_bytes", "decode_predicted",
 ]
+RESIDENT_NOTE = "ignores the budget: every expert on the device at the hot tier, the ceiling"
 
 
 # ---- inputs -----------------------------------------------------------------------------------------
@@ -191,7 +192,11 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
             torch.cuda.reset_peak_memory_stats()
         session = target.session(policy, budget)
     except FateError as err:
-        return [{**base, "test": t, "status": "does not fit", "note": str(err)} for t in tests], None
+        from cache.planner import minimum_budget
+
+        minimum = minimum_budget(target.footprint)
+        return [{**base, "test": t, "status": "does not fit", "note": str(err),
+                 "minimum_budget_bytes": minimum if budget < minimum else None} for t in tests], None
     try:
         session.run(requests[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
         if session.offload:
@@ -220,15 +225,17 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         **base, "status": "ok", "hit_rate": stats.get("hit_rate", 1.0),
         "prediction_recall": stats.get("prediction_recall"),
         "decode_prediction_recall": stats.get("decode_prediction_recall"),
+        "decode_predicted": stats.get("decode_predicted"),
         "bytes_moved": moved, "gb_moved": sum(moved.values()) / 1e9 / max(1, reps),
         "stall_seconds": stats.get("stall_seconds", 0.0) / max(1, reps), "peak_device_bytes": peak, "plan": plan,
         "per_layer": stats.get("per_layer", {}), "decode": decode,
         "request_tokens_per_s": statistics.mean(whole),
+        **({"note": RESIDENT_NOTE} if policy == "resident" else {}),
     }
     rows = []
     for test, values in zip(tests, (pp, tg)):
         rows.append({**common, "test": test, "tokens_per_s": statistics.mean(values),
-                     "stdev": statistics.stdev(values) if len(values) > 1 else 0.0})
+                     "stdev": statistics.stdev(values) if len(values) > 1 else None})  # one value: no spread
     return rows, tokens
 
 
@@ -271,23 +278,56 @@ def _fmt(value, pattern: str, empty: str = "-") -> str:  # noqa: ANN001
     return empty if value is None else pattern.format(value)
 
 
+def speed_cell(r: dict) -> str:
+    """`mean ± sd`; the mean alone for one repetition; marked when the spread exceeds the mean."""
+    if r["stdev"] is None:
+        return f"{r['tokens_per_s']:.2f}"
+    return f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f}" + (" (!)" if noisy(r) else "")
+
+
+def noisy(r: dict) -> bool:
+    return r["status"] == "ok" and r["stdev"] is not None and r["stdev"] > r["tokens_per_s"]
+
+
+def status_cell(r: dict) -> str:
+    if r["status"] == "does not fit" and r.get("minimum_budget_bytes"):
+        return f"does not fit (needs {format_size(r['minimum_budget_bytes'])})"
+    return r["status"]
+
+
 def markdown(rows: list[dict]) -> str:
     out = io.StringIO()
-    out.write("| model | size | policy | vram | test | t/s | hit % | pred. recall | GB moved |\n")
+    out.write("| model | size (hot) | policy | vram | test | t/s | hit % | pred. recall | GB moved |\n")
     out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n")
+    notes = {"size (hot): non-expert weights plus every expert at the hot tier, what `resident` holds "
+             "(`fate list` gives the checkpoint's size on disk)"}
     for r in rows:
         name = r["model"] + ("" if r["kind"] == "model" else f" ({r['kind']})")
+        policy = r["policy"]
         if r["status"] != "ok":
-            speed = r["status"]
+            speed = status_cell(r)
             hit = recall = moved = "-"
         else:
-            speed = f"{r['tokens_per_s']:.2f} ± {r['stdev']:.2f}"
+            speed = speed_cell(r)
             hit = f"{100 * r['hit_rate']:.1f}"
-            recall = _fmt(r["decode_prediction_recall"] if r["test"].startswith("tg") else r["prediction_recall"],
-                          "{:.3f}")
+            decode = r["test"].startswith("tg")
+            recall = _fmt(r["decode_prediction_recall"] if decode else r["prediction_recall"], "{:.3f}")
+            if decode and r.get("decode_predicted") == 0:
+                recall = "none made"
+                notes.add(f"none made: {r['policy']} predicted no expert on one-token steps"
+                          + (" (its co-activation counts expect less than one token at any expert of the next "
+                             "layer)" if r["policy"] == "klotski" else ""))
             moved = f"{r['gb_moved']:.3f}"
-        out.write(f"| {name} | {format_size(r['size_bytes'])} | {r['policy']} | {r['vram']} | {r['test']} | "
+        if policy == "resident":
+            policy = "resident (any budget)"
+            notes.add(f"resident (any budget): {RESIDENT_NOTE}")
+        if noisy(r):
+            notes.add("(!): the spread exceeds the mean; raise -r or run on a quieter machine")
+        out.write(f"| {name} | {format_size(r['size_bytes'])} | {policy} | {r['vram']} | {r['test']} | "
                   f"{speed} | {hit} | {recall} | {moved} |\n")
+    if rows and all(r["reps"] == 1 for r in rows):
+        notes.add("one repetition (-r 1): no spread to show")
+    out.write("\n" + "\n".join(f"- {n}" for n in sorted(notes)) + "\n")
     ratio_lines = ratios(rows)
     if ratio_lines:
         out.write("\n| model | vram | test | policy | × ondemand | × resident |\n")
@@ -323,8 +363,17 @@ def to_csv(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Decode tokens/s and hit rate against budget, one line per policy, one pair of panels per model."""
+def size_unit(largest: float) -> tuple[str, float]:
+    """The unit a budget axis reads in: GB from 1 GB, else MB, else kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if largest >= scale:
+            return unit, scale
+    return "bytes", 1.0
+
+
+def plot_figure(rows: list[dict]):  # noqa: ANN201 - a matplotlib Figure
+    """Decode tokens/s and hit rate against budget, one line per policy, one pair of panels per model; the
+    legend below the panels, where it hides no line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -332,25 +381,39 @@ def plot(rows: list[dict], path: Path) -> None:
 
     decode = [r for r in rows if r["status"] == "ok" and r["test"].startswith("tg")]
     models = list(dict.fromkeys(r["model"] for r in decode)) or [rows[0]["model"]]
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 3.8 * len(models) + 0.6), squeeze=False)
+    unit, scale = size_unit(max((r["budget_bytes"] for r in decode), default=1e9))
+    handles: dict[str, object] = {}
     for (ax_speed, ax_hit), model in zip(axes, models):
         mine = [r for r in decode if r["model"] == model]
+
         def line(r: dict) -> str:
             return r["policy"] + ("" if r.get("batch", 1) == 1 else f" b{r['batch']}")
 
         for name in dict.fromkeys(line(r) for r in mine):
-            pts = sorted((r["budget_bytes"] / 1e9, r["tokens_per_s"], 100 * r["hit_rate"]) for r in mine
+            pts = sorted((r["budget_bytes"] / scale, r["tokens_per_s"], 100 * r["hit_rate"]) for r in mine
                          if line(r) == name)
-            ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            (handle,) = ax_speed.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
             ax_hit.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+            handles.setdefault(name, handle)
         kind = next((r["kind"] for r in mine), "model")
         title = model + ("" if kind == "model" else f" ({kind})")
-        ax_speed.set(title=f"{title}: decode", xlabel="VRAM budget (GB)", ylabel="tokens/s")
-        ax_hit.set(title=f"{title}: expert hit rate", xlabel="VRAM budget (GB)", ylabel="hit %")
-        ax_speed.legend()
-        ax_speed.grid(alpha=0.3)
-        ax_hit.grid(alpha=0.3)
-    fig.tight_layout()
+        ax_speed.set(title=f"{title}: decode", xlabel=f"VRAM budget ({unit})", ylabel="tokens/s")
+        ax_hit.set(title=f"{title}: expert hit rate", xlabel=f"VRAM budget ({unit})", ylabel="hit %")
+        for ax in (ax_speed, ax_hit):
+            ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+            ax.grid(alpha=0.3)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7),
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / fig.get_figheight(), 1, 1))
+    return fig
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(rows)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
@@ -387,7 +450,7 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     parse_budgets(vram, _NO_FOOTPRINT)
     batches = parse_batches(batch)
     prompts = prompt_set(prompt_len, (reps + 1) * max(batches), prompts_file)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
                   f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
                   f" {reps} repetitions after a warm-up[/dim]")
@@ -405,6 +468,10 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
 
         rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress, append_rows if rows_to else None,
                      batches)
+    spread = [r for r in rows if noisy(r)]
+    if spread:
+        console.print(f"warning: {len(spread)} row{'s' if len(spread) > 1 else ''} with a spread larger than the "
+                      "mean (marked (!)); raise -r or run on a quieter machine", highlight=False)
     if plot_file:
         plot(rows, Path(plot_file))
     if output == "json":

@@ -141,7 +141,7 @@ def chat_command(
     eager: bool = False,
     lines: bool = False,
 ) -> None:
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
         runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     runtime.announce(err)

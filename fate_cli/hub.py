@@ -454,10 +454,11 @@ def after_pull(name: str, model_dir: Path, record: dict[str, Any], quantize: boo
     from quant.store import QuantParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    Console(stderr=True, highlight=False).print(f"requantizing experts into tiers on {device} (fate quantize)")
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    err.print(f"requantizing experts into tiers on {device} (fate quantize)")
     result = quantize_model_for(ResolvedModel(name, model_dir, repo=record.get("repo")), QuantParams(device=device))
     state = "up to date" if result.up_to_date else f"built in {result.seconds:.0f} s"
-    Console(highlight=False).print(f"tier store {state}: {result.store_dir}")
+    Console(highlight=False, soft_wrap=True).print(f"tier store {state}: {result.store_dir}")
 
 
 @contextlib.contextmanager

@@ -64,7 +64,7 @@ def store_size(manifest: dict) -> int:
 
 
 def model_facts(path: Path, name: str) -> ModelFacts:
-    from quant.store import default_store_dir
+    from fate_cli.engine.stores import default_store_dir
 
     args = load_args(path)
     total, active = parameter_counts(args, Checkpoint(path))

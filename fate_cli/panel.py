@@ -84,8 +84,9 @@ def _device_memory(rt) -> str:  # noqa: ANN001
     device = rt.loaded.device
     budget = f" of {format_size(rt.setup.budget)} budget" if rt.setup else ""
     if device.type == "cuda":
-        return f"GPU {format_size(torch.cuda.memory_allocated(device))}{budget}"
-    return f"CPU run (the device tier is RAM){budget}"
+        return f"GPU {format_size(torch.cuda.memory_allocated(device))} used{budget}"
+    planned = f"plan holds {format_size(rt.setup.plan.device_bytes)}{budget}" if rt.setup else "every weight in RAM"
+    return f"CPU run (the device tier is RAM): {planned}"
 
 
 def _layer_strip(off) -> Text:  # noqa: ANN001 - OffloadedExperts
@@ -101,5 +102,5 @@ def _layer_strip(off) -> Text:  # noqa: ANN001 - OffloadedExperts
             rate = stats.hit_rate if stats else 1.0
         colour = "green" if rate >= 0.9 else "yellow" if rate >= 0.6 else "red"
         strip.append("▁▂▃▄▅▆▇█"[min(7, int(fill * 7.999))], style=colour)
-    strip.append("  (bar: slots filled; colour: hit rate ≥90% green, ≥60% yellow)", style="dim")
+    strip.append("  (bar: slots filled; colour: hit rate ≥90% green, ≥60% yellow, lower red)", style="dim")
     return strip

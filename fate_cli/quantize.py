@@ -51,8 +51,8 @@ def quantize_command(
     params.validate()
     out = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[dim]quantizing {resolved.name} with {method} on {dev.type} into {store_dir_of(resolved)}[/dim]")
-    result = quantize_model_for(resolved, params, err)
+    result = quantize_model_for(resolved, params, err, announce=f"[dim]quantizing {resolved.name} with {method} on "
+                                f"{dev.type} into {store_dir_of(resolved)}[/dim]")
     m = result.manifest
     size = human_size(_store_size(m))
     if result.up_to_date:

@@ -70,7 +70,7 @@ def run_command(
     batch: int = 1,
     eager: bool = False,
 ) -> None:
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)  # a pipe gets whole lines, not 80 columns
     if prompts_file is not None or batch != 1:
         if prompt is not None or prompts_file is None:
             raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
@@ -103,7 +103,8 @@ def run_command(
     stats = result.stats.as_dict() | {"temperature": params.temperature, "top_p": params.top_p,
                                       "top_k": params.top_k, "seed": params.seed, "decode": runtime.graphs.describe()}
     if runtime.setup is not None:
-        stats["policy"] = runtime.setup.policy
+        # a budget that holds every expert at 16 bits runs no policy: say so rather than name the one asked for
+        stats["policy"] = None if runtime.offload is None else runtime.setup.policy
         stats["plan"] = runtime.plan_line()
     if runtime.offload is not None:
         stats["cache"] = runtime.offload.stats.as_dict()
@@ -119,11 +120,40 @@ def run_command(
         sys.stdout.write(json.dumps(payload) + "\n")
         return
     sys.stdout.write("\n")
-    s = result.stats
-    err.print(
-        f"[dim]prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s | "
-        f"generated {s.generated_tokens} tok, {s.decode_tokens_per_s:.1f} tok/s | stop: {s.stop_reason}[/dim]"
-    )
+    err.print(f"[dim]{footer(result.stats, runtime)}[/dim]")
+
+
+def footer(s, runtime: Runtime) -> str:  # noqa: ANN001 - GenerationStats
+    """`prompt 16 tok, 1000.0 tok/s | generated 128 tok, 250.0 tok/s | experts hit 93.1% | stop: length`"""
+    # the first token comes from the prefill: a decode speed needs at least one decode step after it
+    decode = f", {s.decode_tokens_per_s:.1f} tok/s" if s.generated_tokens > 1 else " (no decode step)"
+    parts = [f"prompt {s.prompt_tokens} tok, {s.prefill_tokens_per_s:.1f} tok/s",
+             f"generated {s.generated_tokens} tok{decode}"]
+    if runtime.offload is not None:
+        c = runtime.offload.stats
+        parts.append(f"experts hit {100 * c.hit_rate:.1f}% ({c.hits} hits, {c.misses} misses)")
+    return " | ".join([*parts, f"stop: {s.stop_reason}"])
+
+
+def row_stats(result, batch) -> dict:  # noqa: ANN001 - GenerationResult, the batch's GenerationStats
+    """One prompt's stats in a batch, with the fields a single run reports: its own token counts, and its
+    tokens over the batch's prefill and decode time (the rows share those passes); `batch_total` holds the
+    whole batch's."""
+    own = len(result.token_ids)
+    return {
+        "prompt_tokens": result.stats.prompt_tokens,
+        "generated_tokens": own,
+        "prefill_tokens_per_s": result.stats.prompt_tokens / batch.prefill_seconds if batch.prefill_seconds else 0.0,
+        "decode_tokens_per_s": (own - 1) / batch.decode_seconds if own > 1 and batch.decode_seconds else 0.0,
+        "stop_reason": result.stats.stop_reason,
+        "batch_total": batch.as_dict(),
+    }
+
+
+def answer_paragraph(text: str) -> str:
+    """An answer as one paragraph of the text output: blank lines inside it dropped, so that one blank line
+    always separates two answers (--json keeps the text exactly)."""
+    return "\n".join(line for line in text.strip().splitlines() if line.strip())
 
 
 def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, temperature: float | None,
@@ -160,13 +190,11 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
                 payload = {
                     "index": i, "model": runtime.resolved.name, "device": str(runtime.loaded.device),
                     "batch": len(group), "prompt": texts[i], "prompt_token_ids": ids[i],
-                    "token_ids": result.token_ids, "text": text,
-                    "stats": {"generated_tokens": len(result.token_ids), "stop_reason": result.stats.stop_reason,
-                              "batch": s.as_dict()},
+                    "token_ids": result.token_ids, "text": text, "stats": row_stats(result, s),
                 }
                 sys.stdout.write(json.dumps(payload) + "\n")
             else:
-                sys.stdout.write(text.strip() + "\n\n")
+                sys.stdout.write(answer_paragraph(text) + "\n\n")
             sys.stdout.flush()
     if not as_json:
         prompt_tokens = sum(map(len, ids))

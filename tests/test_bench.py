@@ -9,7 +9,8 @@ import struct
 import pytest
 import torch
 
-from fate_cli.bench import BENCH_ORDER, FIELDS, parse_budgets
+from cache.budget import format_size
+from fate_cli.bench import BENCH_ORDER, FIELDS, markdown, parse_budgets, plot_figure
 from fate_cli.bench_targets import ReplayTarget
 from fate_cli.engine.replay import record
 from fate_cli.errors import UsageError
@@ -22,10 +23,9 @@ POLICIES = list(BENCH_ORDER)
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    png = home / "sweep.png"
+    png = tmp_path_factory.mktemp("plot") / "sweep.png"
     result = fate("bench", "--vram", "25%,50%,1KB", "-p", "24", "-n", "6", "-r", "1", "-o", "json",
-                  "--transfer-bits", "4", "--plot", str(png), "-q", home=home, timeout=600)
+                  "--transfer-bits", "4", "--plot", str(png), "-q")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout), png
 
@@ -35,7 +35,7 @@ def test_one_row_per_policy_budget_and_test(sweep):
     keys = [(r["policy"], r["vram"], r["test"]) for r in rows]
     assert sorted(keys) == sorted((p, v, t) for p in POLICIES for v in ("25%", "50%", "1KB") for t in ("pp24", "tg6"))
     for r in rows:
-        assert set(FIELDS) - {"note"} <= set(r) or r["status"] != "ok", r
+        assert set(FIELDS) - {"note", "minimum_budget_bytes"} <= set(r) or r["status"] != "ok", r
         assert r["model"] == "tiny" and r["kind"] == "model" and r["reps"] == 1
 
 
@@ -85,18 +85,62 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path):
     assert not (tmp_path / "p.png").exists()
 
 
-def test_markdown_table_parses(tmp_path):
-    result = fate("bench", "--vram", "50%", "--policy", "fate,ondemand", "-p", "16", "-n", "4", "-r", "1", "-q",
-                  home=tmp_path)
+def _cells(table: str) -> list[list[str]]:
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in table.splitlines() if line.startswith("| ")]
+
+
+def test_markdown_says_what_its_numbers_are(sweep):
+    """One repetition shows no spread; resident says it ignores the budget; a budget that does not fit names the
+    minimum; a policy that predicted nothing while decoding shows that, not a recall of 0."""
+    rows, _ = sweep
+    table = markdown(rows)
+    cells = _cells(table.split("\n\n")[0])[2:]
+    assert cells and all("±" not in c[5] for c in cells)
+    assert "one repetition (-r 1): no spread to show" in table
+    assert {c[2] for c in cells if c[2].startswith("resident")} == {"resident (any budget)"}
+    assert all(r["note"].startswith("ignores the budget") for r in rows if r["policy"] == "resident")
+    minimum = {r["minimum_budget_bytes"] for r in rows if r["status"] == "does not fit"}
+    assert len(minimum) == 1 and None not in minimum
+    assert {c[5] for c in cells if c[3] == "1KB" and not c[2].startswith("resident")} == {
+        f"does not fit (needs {format_size(minimum.pop())})"}
+    klotski = [r for r in rows if r["policy"] == "klotski" and r["test"] == "tg6" and r["status"] == "ok"]
+    assert klotski and all(r["decode_predicted"] == 0 for r in klotski)  # its counts never reach one token
+    assert {c[7] for c in cells if c[2] == "klotski" and c[4] == "tg6" and c[3] != "1KB"} == {"none made"}
+    fate_decode = [c[7] for c in cells if c[2] == "fate" and c[4] == "tg6" and c[3] != "1KB"]
+    assert fate_decode and all(float(v) > 0 for v in fate_decode)
+
+
+def test_a_spread_larger_than_the_mean_is_flagged(sweep):
+    rows, _ = sweep
+    ok = next(r for r in rows if r["status"] == "ok")
+    calm = {**ok, "reps": 3, "stdev": ok["tokens_per_s"] / 10}
+    wild = {**ok, "reps": 2, "stdev": ok["tokens_per_s"] * 1.4}
+    assert "(!)" not in markdown([calm])
+    flagged = markdown([wild])
+    assert f"{wild['tokens_per_s']:.2f} ± {wild['stdev']:.2f} (!)" in flagged
+    assert "the spread exceeds the mean" in flagged
+
+
+def test_plot_reads_in_the_budgets_unit_with_the_legend_outside(sweep):
+    rows, _ = sweep
+    fig = plot_figure(rows)
+    speed, hit = fig.axes[:2]
+    assert speed.get_xlabel() == hit.get_xlabel() == "VRAM budget (MB)"  # tiny's budgets are megabytes
+    assert max(speed.get_xticks()) > 1  # ticks in MB, not 0.0154 GB
+    assert speed.get_legend() is None and hit.get_legend() is None and len(fig.legends) == 1
+
+
+def test_markdown_table_parses():
+    result = fate("bench", "--vram", "50%", "--policy", "fate,ondemand", "-p", "16", "-n", "4", "-r", "1", "-q")
     assert result.returncode == 0, result.stderr
     tables = [t.strip().splitlines() for t in result.stdout.strip().split("\n\n")]
-    main, ratio = tables
-    assert main[0].split("|")[1:-1] == [" model ", " size ", " policy ", " vram ", " test ", " t/s ", " hit % ",
-                                        " pred. recall ", " GB moved "]
+    main, notes, ratio = tables
+    assert main[0].split("|")[1:-1] == [" model ", " size (hot) ", " policy ", " vram ", " test ", " t/s ",
+                                        " hit % ", " pred. recall ", " GB moved "]
+    assert all(n.startswith("- ") for n in notes)
     assert len(main) == 2 + 4 and all(line.count("|") == main[0].count("|") for line in main)
     assert len(ratio) == 2 + 4 and "× ondemand" in ratio[0]
-    csv_out = fate("bench", "--vram", "50%", "--policy", "fate", "-p", "16", "-n", "4", "-r", "1", "-q", "-o", "csv",
-                   home=tmp_path)
+    csv_out = fate("bench", "--vram", "50%", "--policy", "fate", "-p", "16", "-n", "4", "-r", "1", "-q", "-o", "csv")
     assert csv_out.stdout.splitlines()[0].split(",") == FIELDS and len(csv_out.stdout.splitlines()) == 3
 
 
@@ -172,7 +216,7 @@ def test_synthetic_model_runs_every_policy(monkeypatch):
 def test_batch_sweep_rows_and_tokens(tmp_path):
     """--batch 1,3: rows per batch size; batched requests keep resident's tokens under every policy."""
     result = fate("bench", "--vram", "50%", "--policy", "resident,fate,lru", "--batch", "1,3", "-p", "16", "-n", "5",
-                  "-r", "1", "-o", "json", "--transfer-bits", "4", "-q", home=tmp_path, timeout=600)
+                  "-r", "1", "-o", "json", "--transfer-bits", "4", "-q")
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout)
     expected = [(p, b, t + ("" if b == 1 else " b3"))

@@ -39,9 +39,11 @@ def quantize_model(model_dir: Path, store_dir: Path, params: QuantParams | None 
     return build_store(model_dir, store_dir, load_args(model_dir).experts, params, progress, origin)
 
 
-def quantize_model_for(resolved: ResolvedModel, params: QuantParams, console: Console | None = None) -> BuildResult:
+def quantize_model_for(resolved: ResolvedModel, params: QuantParams, console: Console | None = None,
+                       announce: str | None = None) -> BuildResult:
     """Build the store of a resolved model with a rich progress display on stderr (`fate quantize`, `fate pull`,
-    and a run whose budget needs a store that does not exist yet)."""
+    and a run whose budget needs a store that does not exist yet); `announce` is printed once quantizing starts
+    (never for a store that is up to date)."""
     err = console or Console(stderr=True, highlight=False, soft_wrap=True)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TimeRemainingColumn())
@@ -51,6 +53,8 @@ def quantize_model_for(resolved: ResolvedModel, params: QuantParams, console: Co
         def report(phase: str, done: int, total: int) -> None:
             if phase not in tasks:
                 label = "hashing the checkpoint (MB)" if phase == "hash" else "quantizing experts"
+                if phase != "hash" and announce:
+                    progress.console.print(announce)
                 tasks[phase] = progress.add_task(label, total=None)
             scale = 1 << 20 if phase == "hash" else 1
             progress.update(tasks[phase], completed=done // scale, total=max(total // scale, 1))
