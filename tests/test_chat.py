@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pexpect
@@ -13,11 +12,12 @@ import torch
 from fate_cli.chat import ChatSession
 from fate_cli.engine.generate import SamplingParams
 from fate_cli.engine.runtime import open_model
+from tests.helpers import fate_in_process
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
+def home(private_fate_home):  # noqa: ANN001, ANN201 - the run's home (tests/conftest.py): tiny's store built once
+    return private_fate_home
 
 
 def spawn(home, *args: str) -> pexpect.spawn:
@@ -78,12 +78,18 @@ def test_ctrl_d_leaves(home):
 
 
 def test_piped_stdin_prints_the_answer_without_escape_codes(home):
-    env = dict(os.environ, FATE_HOME=str(home))
-    result = subprocess.run([sys.executable, "-m", "fate_cli", "chat", "-n", "12", "--vram", "16MB"],
-                            input="What does hack mean?", capture_output=True, text=True, env=env, timeout=240)
+    result = fate_in_process("chat", "-n", "12", "--vram", "16MB", "--temperature", "0", home=home,
+                             stdin="What does hack mean?\n\nIn one line.")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() and "\x1b" not in result.stdout
     assert "policy fate" in result.stderr
+    turns = fate_in_process("chat", "-n", "12", "--vram", "16MB", "--temperature", "0", "--lines", home=home,
+                            stdin="What does hack mean?\n\nIn one line.\n")
+    assert turns.returncode == 0, turns.stderr
+    first = fate_in_process("chat", "-n", "12", "--vram", "16MB", "--temperature", "0", home=home,
+                            stdin="What does hack mean?")
+    assert turns.stdout.startswith(first.stdout)  # the first line is a turn of its own
+    assert len(turns.stdout) > len(first.stdout)  # and the next line another, answered after it
 
 
 def test_kv_cache_reuse_gives_the_same_answer_as_a_fresh_prefill(home, monkeypatch):

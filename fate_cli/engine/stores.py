@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -59,7 +60,13 @@ def quantize_model_for(resolved: ResolvedModel, params: QuantParams, console: Co
             scale = 1 << 20 if phase == "hash" else 1
             progress.update(tasks[phase], completed=done // scale, total=max(total // scale, 1))
 
-        return quantize_model(resolved.path, store_dir_of(resolved), params, progress=report)
+        from fate_cli.model.threads import matrix_threads
+
+        args = load_args(resolved.path)
+        # a small model's experts are small matrices: spread over threads, each pass waits at barriers (seconds
+        # per store on a busy machine instead of a fraction of one)
+        with matrix_threads(args.hidden_size * args.moe_intermediate_size, torch.device(params.device)):
+            return quantize_model(resolved.path, store_dir_of(resolved), params, progress=report)
 
 
 def open_store(resolved: ResolvedModel, build: bool) -> TierStore | None:

@@ -75,3 +75,14 @@ def step_threads(macs: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def matrix_threads(elements: int, device: torch.device) -> Iterator[None]:
+    """Work over matrices of `elements` weights each (quantizing experts: elementwise passes, small reductions)
+    on one CPU thread when a matrix is small, as step_threads does for a forward step."""
+    with step_threads(elements * (SMALL_STEP_MACS // SMALL_MATRIX), device):
+        yield
+
+
+SMALL_MATRIX = 1 << 20  # weights of a matrix below which passes over it run on one thread (4 MB in float32)
