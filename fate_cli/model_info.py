@@ -25,11 +25,16 @@ class ModelFacts:
     store: dict | None  # the tier store's manifest, None when none is built
 
 
+def expert_parameters(args: ModelArgs) -> int:
+    """One routed expert's weights: gate, up and down projections."""
+    return 3 * args.hidden_size * args.moe_intermediate_size
+
+
 def parameter_counts(args: ModelArgs, checkpoint: Checkpoint) -> tuple[int, int]:
     """(all parameters, those one token uses) from the checkpoint's tensor shapes."""
     total = sum(math.prod(checkpoint.shape(name)) for name in checkpoint.names())
     moe_layers = len(args.moe_layer_ids)
-    unused = moe_layers * (args.num_experts - args.top_k) * args.expert_params
+    unused = moe_layers * (args.num_experts - args.top_k) * expert_parameters(args)
     return total, total - unused
 
 

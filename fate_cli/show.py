@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.filesize import decimal as human_size
 
-from fate_cli.model_info import human_count, model_facts, store_size, tier_summary
+from fate_cli.model_info import expert_parameters, human_count, model_facts, store_size, tier_summary
 from fate_cli.registry import resolve
 
 
@@ -19,7 +19,7 @@ def show_command(model: str | None) -> None:
         ("family", a.family),
         ("parameters", f"{human_count(facts.parameters)} ({human_count(facts.active_parameters)} active per token)"),
         ("layers", f"{a.num_layers} ({moe} MoE)"),
-        ("experts", f"{a.num_experts} per MoE layer, top-{a.top_k}, {human_count(a.expert_params)} parameters each"
+        ("experts", f"{a.num_experts} per MoE layer, top-{a.top_k}, {human_count(expert_parameters(a))} parameters each"
                     + (f", plus a shared expert of width {a.shared_expert_intermediate_size}"
                        if a.shared_expert_intermediate_size else "")),
         ("hidden size", str(a.hidden_size)),
