@@ -76,6 +76,7 @@ def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> su
     finally:
         sys.stdin, sys.argv = saved_stdin, saved_argv
         torch.set_num_threads(saved_threads)
+        torch.set_flush_denormal(False)  # commands flush denormals; the test process's float math keeps them
         if home is not None:
             if saved_env is None:
                 os.environ.pop("FATE_HOME", None)

@@ -10,6 +10,7 @@ import torch
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.engine.runtime import open_model
 from fate_cli.model.loader import load_model
+from fate_cli.run import answer_paragraph
 from tests.helpers import assert_one_line_error
 from tests.test_cli_run import fate
 from tests.tiny_models import make_tiny_model
@@ -68,17 +69,28 @@ def test_run_prompts_file_in_batches(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2] and [r["batch"] for r in rows] == [2, 2, 1]
+    for r in rows:  # each row's stats are this prompt's, in the fields a single run reports
+        s = r["stats"]
+        assert s["prompt_tokens"] == len(r["prompt_token_ids"]) and s["generated_tokens"] == len(r["token_ids"])
+        assert s["prefill_tokens_per_s"] > 0 and s["decode_tokens_per_s"] > 0 and s["stop_reason"] == "length"
+        assert s["batch_total"]["generated_tokens"] == sum(len(o["token_ids"]) for o in rows
+                                                           if o["index"] // 2 == r["index"] // 2)
     single = fate("run", "tiny", TEXTS[1], "-n", "10", "--json", "--device", "cpu", "--temperature", "0")
     assert json.loads(single.stdout)["token_ids"] == rows[1]["token_ids"]
     text = fate("run", "tiny", "--prompts", str(prompts_file), "--batch", "3", "-n", "10", "--device", "cpu",
                 "--temperature", "0")
     assert text.returncode == 0 and "3 prompts in batches of 3" in text.stderr
-    assert [p.strip() for p in text.stdout.split("\n\n") if p.strip()] == [r["text"].strip() for r in rows]
+    assert [p.strip() for p in text.stdout.split("\n\n") if p.strip()] == [answer_paragraph(r["text"]) for r in rows]
     # klotski prefills the batch's prompts together: on a CPU an expert call's fixed cost dwarfs the copies and
     # the rows of these short prompts, so the planner puts all three in one group
     grouped = fate("run", "tiny", "--prompts", str(prompts_file), "--batch", "3", "-n", "4", "--device", "cpu",
                    "--temperature", "0", "--policy", "klotski", "--vram", "16MB")
     assert grouped.returncode == 0 and "prefilled together in 1 group of up to 3" in grouped.stderr, grouped.stderr
+
+
+def test_an_answer_with_blank_lines_stays_one_paragraph():
+    assert answer_paragraph("\n  First line.\n\n\nSecond line.\n \n") == "First line.\nSecond line."
+    assert answer_paragraph("one") == "one"
 
 
 @pytest.mark.parametrize(

@@ -181,3 +181,35 @@ def test_cpu_dispatch_sums_as_index_add():
         picks = (flat == e).nonzero().flatten()
         ref.index_add_(0, picks // block.top_k, fn(x[picks // block.top_k]).float() * weights.flatten()[picks, None])
     assert torch.equal(out, ref)
+
+
+def test_footer_and_json_say_what_ran():
+    one = fate("run", "tiny", "hi", "-n", "1", "--temperature", "0")
+    assert one.returncode == 0, one.stderr
+    footer = one.stderr.strip().splitlines()[-1]
+    assert "generated 1 tok (no decode step)" in footer and "0.0 tok/s" not in footer
+    # piped stderr keeps whole lines: the model line is one line however long
+    assert any(line.startswith("tiny (qwen3_moe") and "decode: eager" in line for line in one.stderr.splitlines())
+    offloaded = fate("run", "tiny", "hi", "-n", "4", "--temperature", "0", "--vram", "16MB")
+    assert offloaded.returncode == 0, offloaded.stderr
+    assert re.search(r"experts hit \d+\.\d% \(\d+ hits, \d+ misses\)", offloaded.stderr.splitlines()[-1])
+    whole = json.loads(fate("run", "tiny", "hi", "-n", "2", "--vram", "1GB", "--json").stdout)
+    assert whole["stats"]["policy"] is None and "nothing offloaded" in whole["stats"]["plan"]
+    moved = json.loads(fate("run", "tiny", "hi", "-n", "2", "--vram", "16MB", "--json").stdout)
+    assert moved["stats"]["policy"] == "fate"
+
+
+def test_chat_panel_shows_memory_used_and_names_every_colour():
+    from rich.console import Console
+
+    from fate_cli.chat import SessionCounters
+    from fate_cli.engine.runtime import open_model
+    from fate_cli.panel import ChatPanel
+
+    runtime = open_model("tiny", "cpu", None, "fate", "16MB")
+    assert runtime.offload is not None
+    console = Console(record=True, width=200)
+    console.print(ChatPanel(runtime, SessionCounters()).render())
+    text = console.export_text()
+    assert "plan holds" in text and "of 16.00 MB budget" in text
+    assert "lower red" in text
