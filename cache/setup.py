@@ -17,6 +17,8 @@ from cache.planner import Footprint, Plan, make_plan
 from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_policy
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
+from fate_cli.model.gated_deltanet import prefill_bytes_per_token
+from fate_cli.model.linear_state import LinearState
 from fate_cli.model.model import weight_shapes
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
@@ -39,9 +41,11 @@ def non_expert_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
 
 def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool) -> Footprint:
     size = torch.finfo(dtype).bits // 8
-    kv = 2 * args.num_layers * args.num_kv_heads * args.head_dim * context * size
+    kv = 2 * len(args.attention_layer_ids) * args.num_kv_heads * args.head_dim * context * size
+    kv += LinearState.bytes_per_row(args, dtype)  # linear-attention layers: a fixed state, whatever the context
     h, i, k = args.hidden_size, args.moe_intermediate_size, args.top_k
     prompt = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
+    prompt += PREFILL_CHUNK * prefill_bytes_per_token(args)  # a linear-attention layer's chunked prefill
     activations = prompt + 3 * h * i * 4  # and dequant scratch
     hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size).nbytes
     return Footprint(

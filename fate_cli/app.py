@@ -167,21 +167,24 @@ def chat(
                                "is one message)"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    think: bool = typer.Option(True, "--think/--no-think", help="the chat template's thinking switch "
+                               "(enable_thinking: Qwen3, Qwen3.5); also /set think off"),
 ) -> None:
     """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
     from fate_cli.chat import chat_command
 
     _threads(threads)
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
-                 top_p, top_k, panel, eager, lines)
+                 top_p, top_k, panel, eager, lines, think)
 
 
 @app.command(cls=FateCommand)
 def bench(
     model: str = typer.Argument(
         None, metavar="MODEL", help=MODEL_HELP + "; or synthetic:mixtral-8x7b | synthetic:qwen3-30b-a3b | "
-        "synthetic:olmoe-1b-7b (real shapes, random weights), replay:mixtral-8x7b (the bundled model's routing at "
-        "Mixtral's expert size); several, comma-separated " + default("the bundled model")),
+        "synthetic:qwen3.6-35b-a3b | synthetic:olmoe-1b-7b (real shapes, random weights), replay:mixtral-8x7b "
+        "(the bundled model's routing at Mixtral's expert size); several, comma-separated "
+        + default("the bundled model")),
     vram: str = typer.Option(None, metavar="SIZES", help="budgets: 8GB, a list 4GB,8GB, a range 4GB-16GB+4GB, or "
                              "shares of the hot-tier expert bytes 25%,50%,75% " + default("free memory less a margin")),
     policy: str = typer.Option(None, metavar="POLICIES", help="policies, comma-separated "

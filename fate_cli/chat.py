@@ -3,6 +3,12 @@
 The KV cache lives across turns: each turn renders the whole conversation, keeps the cached tokens that
 still match its start, and prefills only the rest. When the conversation outgrows the context, the
 oldest turns are dropped (the system message stays) and the user is told.
+
+Linear-attention layers (qwen3_5_moe) keep a recurrent state that sums up every cached token and cannot be
+cut back like keys and values. A turn continues from it when it reuses every cached token; otherwise from
+a copy of the state taken at the end of the last prompt (kept in host memory) when the reused tokens reach
+that far (a template that rewrites the last answer, e.g. dropping its reasoning, lands here); otherwise
+(dropped turns, a new system message) the conversation is prefilled again from its start.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from rich.live import Live
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, Runtime, open_model
 from fate_cli.errors import FateError, ResourceError, oom_line
+from fate_cli.model.linear_state import LinearState
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
 from fate_cli.tokenizer import Message, StreamDecoder
@@ -25,6 +32,7 @@ HELP = """commands:
   /reset                forget the conversation (keeps the system message)
   /stats                expert cache statistics of the session
   /set NAME VALUE       sampling: temperature, top_p, top_k, seed, max_tokens
+  /set think on|off     the chat template's thinking switch (enable_thinking)
   /system TEXT          set the system message (and reset)
   /exit                 leave (also Ctrl-D); Ctrl-C stops an answer"""
 
@@ -58,12 +66,25 @@ class ChatSession:
         self.cached_ids: list[int] = []  # tokens whose keys and values are in self.cache, in order
         self.counters = SessionCounters()
         self.notes: list[str] = []
+        self.saved_state: tuple[int, LinearState] | None = None  # (position, linear-attention state there)
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
 
     def reset(self) -> None:
-        self.history, self.cached_ids = [], []
+        self.history, self.cached_ids, self.saved_state = [], [], None
+
+    def resume_from(self, reuse: int) -> int:
+        """How many cached tokens this turn can keep, given that `reuse` of them match: all of them where no
+        linear-attention state is involved or it covers exactly these, else the saved state's position (put
+        back) when the match reaches it, else none."""
+        state = self.cache.state
+        if state is None or reuse == len(self.cached_ids):
+            return reuse
+        if self.saved_state is not None and self.saved_state[0] <= reuse:
+            state.restore(self.saved_state[1])
+            return self.saved_state[0]
+        return 0
 
     def prompt_ids(self) -> list[int]:
         """The conversation's tokens, dropping the oldest turns while it and an answer overflow the context."""
@@ -90,6 +111,7 @@ class ChatSession:
         reuse = 0
         while reuse < min(len(ids) - 1, len(self.cached_ids)) and ids[reuse] == self.cached_ids[reuse]:
             reuse += 1  # keep at least one token to prefill: its logits start the answer
+        reuse = self.resume_from(reuse)
         self.cached_ids = ids[:reuse]
         offload = self.runtime.offload
         if offload is not None:
@@ -100,6 +122,8 @@ class ChatSession:
             on_prefill(len(ids) - reuse)
 
         def collect(token_id: int) -> bool | None:
+            if not produced and self.cache.state is not None:  # the prompt is in, no answer token yet
+                self.saved_state = (len(ids), self.cache.state.snapshot("cpu"))
             produced.append(token_id)
             return on_token(token_id)
 
@@ -140,11 +164,14 @@ def chat_command(
     panel: bool = True,
     eager: bool = False,
     lines: bool = False,
+    think: bool = True,
 ) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
         runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     runtime.announce(err)
+    if not think:
+        runtime.tokenizer.template_vars["enable_thinking"] = False
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     session = ChatSession(runtime, system, params, max_tokens)
     if prompt is not None or not sys.stdin.isatty():
@@ -251,6 +278,13 @@ def slash_command(session: ChatSession, line: str, out: Console) -> str | None:
                       f"prediction recall {'-' if recall is None else f'{recall:.3f}'}, moved "
                       f"{', '.join(f'{t} {v / 1e6:.1f} MB' for t, v in s['bytes_moved'].items()) or 'nothing'}, "
                       f"waited on copies {s['stall_seconds']:.3f} s")
+    elif name == "/set" and rest.partition(" ")[0] == "think":
+        value = rest.partition(" ")[2].strip()
+        if value not in ("on", "off"):
+            out.print("[red]error:[/red] /set think takes on or off; e.g. /set think off")
+            return None
+        session.runtime.tokenizer.template_vars["enable_thinking"] = value == "on"
+        out.print(f"[dim]think = {value} (the chat template's enable_thinking)[/dim]")
     elif name == "/set":
         key, _, value = rest.partition(" ")
         if key not in SETTABLE:

@@ -31,6 +31,22 @@ CONFIGS: dict[str, dict] = {
         "norm_topk_prob": True, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "max_position_embeddings": 40960,
         "decoder_sparse_step": 1, "mlp_only_layers": [],
     },
+    # Qwen/Qwen3.6-35B-A3B (the same shape as Qwen/Qwen3.5-35B-A3B): the language model's text_config. Sizes
+    # from the model card (40 layers, 3 linear : 1 full, 256 experts of 512 + a shared one, top-8, hidden 2048,
+    # vocabulary 248,320, context 262,144); head counts and linear-attention widths are transformers'
+    # Qwen3_5MoeTextConfig defaults, documented as Qwen/Qwen3.5-35B-A3B's; rope_theta 1e7 as the Hub config.
+    "qwen3.6-35b-a3b": {
+        "model_type": "qwen3_5_moe", "text_config": {
+            "model_type": "qwen3_5_moe_text", "vocab_size": 248320, "hidden_size": 2048, "num_hidden_layers": 40,
+            "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256, "full_attention_interval": 4,
+            "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_value_head_dim": 128,
+            "linear_num_key_heads": 16, "linear_num_value_heads": 32, "num_experts": 256, "num_experts_per_tok": 8,
+            "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                                "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+        },
+    },
     "olmoe-1b-7b": {  # allenai/OLMoE-1B-7B-0924
         "model_type": "olmoe", "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 1024,
         "num_hidden_layers": 16, "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
@@ -73,8 +89,9 @@ def random_weights(args: ModelArgs, device: torch.device, dtype: torch.dtype, se
     tensors = {}
     for name, shape in weight_shapes(args).items():
         t = torch.empty(shape, device=device, dtype=dtype)
-        if t.dim() == 1:
-            t.fill_(1.0 if "norm" in name else 0.0)
+        if t.dim() == 1:  # norms scale by one: weight 1, or 0 where the family stores 1 + weight
+            offset = args.norm_offset and ".linear_attn." not in name  # the gated norm there is plain
+            t.fill_(1.0 if "norm" in name and not offset else 0.0)
         else:
             t.normal_(0.0, 1.0 / shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
         tensors[name] = t

@@ -46,6 +46,8 @@ class Tokenizer:
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.chat_template = self._find_template(model_dir, config)
+        # extra variables for the chat template, e.g. enable_thinking (Qwen3's thinking switch)
+        self.template_vars: dict[str, Any] = {}
         gen = read_json_object(model_dir / "generation_config.json")
         cfg = read_json_object(model_dir / "config.json")
         self.generation_defaults = gen
@@ -105,6 +107,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                **self.template_vars,
             )
         except jinja2.TemplateError as err:
             raise BadModel(f"the model's chat template failed to render: {err}; try --raw") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ INDEX = "model.safetensors.index.json"
 class ExpertSet:
     """Which tensors of a checkpoint are the routed experts, and their shapes: what a tier store is built from.
 
-    Expert e of MoE layer l is three matrices named model.layers.l.<module>.experts.e.<proj>.weight, gate and up
+    Expert e of MoE layer l is three matrices named <prefix>layers.l.<module>.experts.e.<proj>.weight, gate and up
     [intermediate, hidden] and down [hidden, intermediate]."""
 
     family: str
@@ -49,20 +50,21 @@ class ExpertSet:
     module: str = "mlp"
     proj_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     layout: str = "separate"  # "gpt_oss": fused per layer, read per expert by quant/gpt_oss_experts.py
+    prefix: str = "model."  # "model.language_model." where the text model sits inside a VLM checkpoint
 
     def names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """(gate, up, down) tensor names of one expert in the checkpoint (or the per-expert names a reader
-        derives from a fused layout)."""
+        derives from a fused layout: quant/gpt_oss_experts.py, fused_expert_slices)."""
         if self.layout == "gpt_oss":
-            return part_names(f"model.layers.{layer}.{self.module}.experts", expert)[:3]  # type: ignore[return-value]
-        base = f"model.layers.{layer}.{self.module}.experts.{expert}"
+            return part_names(f"{self.prefix}layers.{layer}.{self.module}.experts", expert)[:3]  # type: ignore[return-value]
+        base = f"{self.prefix}layers.{layer}.{self.module}.experts.{expert}"
         return tuple(f"{base}.{name}.weight" for name in self.proj_names)  # type: ignore[return-value]
 
     def bias_names(self, layer: int, expert: int) -> tuple[str, str, str] | None:
         """(gate, up, down) bias names of one expert, where the family's experts have biases."""
         if self.layout != "gpt_oss":
             return None
-        return part_names(f"model.layers.{layer}.{self.module}.experts", expert)[3:]  # type: ignore[return-value]
+        return part_names(f"{self.prefix}layers.{layer}.{self.module}.experts", expert)[3:]  # type: ignore[return-value]
 
     @property
     def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -75,6 +77,33 @@ class ExpertSet:
         """(gate, up, down) bias shapes, where bias_names gives names."""
         return (self.intermediate,), (self.intermediate,), (self.hidden,)
 HASH_CHUNK = 8 << 20
+
+
+FUSED_EXPERTS = re.compile(r"^(?P<experts>.+\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def fused_expert_slices(name: str, shape: tuple[int, ...]) -> list[tuple[str, int, int, int]]:
+    """The per-expert tensors a fused 3-D expert tensor holds, as (per-expert name, expert, first row, end row).
+
+    Checkpoints store experts either as separate tensors (`...experts.E.gate_proj.weight`, up_proj, down_proj)
+    or fused: `...experts.gate_up_proj` [experts, 2 * width, hidden] (gate rows, then up rows) and
+    `...experts.down_proj` [experts, hidden, width]. Every reader names experts the separate way; a fused
+    tensor's expert slices are contiguous rows, so they are read in place under those names.
+    """
+    m = FUSED_EXPERTS.match(name)
+    if not m or len(shape) != 3:
+        return []
+    base, experts, rows = m["experts"], shape[0], shape[1]
+    if m["kind"] == "down_proj":
+        return [(f"{base}.{e}.down_proj.weight", e, 0, rows) for e in range(experts)]
+    if rows % 2:
+        return []
+    half = rows // 2
+    return [
+        item
+        for e in range(experts)
+        for item in ((f"{base}.{e}.gate_proj.weight", e, 0, half), (f"{base}.{e}.up_proj.weight", e, half, rows))
+    ]
 
 
 def weight_files(model_dir: Path) -> list[str]:
@@ -136,7 +165,13 @@ class SourceReader:
                         continue
                     begin, end = info["data_offsets"]
                     dtype = ST_DTYPES[info["dtype"]]
-                    self.entries[key] = (name, dtype, tuple(info["shape"]), start + begin, end - begin)
+                    shape = tuple(info["shape"])
+                    self.entries[key] = (name, dtype, shape, start + begin, end - begin)
+                    row = dtype.itemsize * (shape[2] if len(shape) == 3 else 0)
+                    for part, e, first, stop in fused_expert_slices(key, shape):
+                        offset = start + begin + (e * shape[1] + first) * row
+                        rows = stop - first  # a separate tensor of the same name wins (setdefault, then set)
+                        self.entries.setdefault(part, (name, dtype, (rows, shape[2]), offset, rows * row))
             except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
                 raise BadModel(f"{path} is corrupt or truncated ({err}); delete it and run `fate pull` again") from None
 

@@ -188,3 +188,31 @@ def test_fused_norm_and_rotary_against_torch(dtype):
     fused = triton_ops.rope_rows(q, rope.cos, rope.sin, at.positions)
     # each product and the sum rounded where torch rounds them; an element may land one rounding step away
     assert _rel(fused.float(), eager.float()) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("layout", [{}, {"fused_experts": True, "text_only": True}])
+def test_qwen3_5_moe_captured_step_gives_transformers_tokens_in_float32(tmp_path, layout):
+    """The Gated DeltaNet hybrid through the captured step (its state replayed in place) against transformers'
+    generate on the CPU, float32, one row and a batch."""
+    transformers = pytest.importorskip("transformers")
+    path = make_tiny_model(tmp_path / "q35", family="qwen3_5_moe", **layout)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, CUDA, torch.float32).model
+    prompts = [[5, 9, 14, 3, 27, 8, 11], [40, 41], list(range(3, 73))]  # the last over one 64-token chunk
+    theirs = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+        theirs.append(out[0, len(p):].tolist())
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the depthwise convolution in true float32, as on the CPU
+    try:
+        graphs = DecodeGraphs(model)
+        assert generate(model, prompts[0], 20, greedy(), graphs=graphs).token_ids == theirs[0]
+        assert graphs.describe().startswith("decode: one CUDA graph per step")
+        batch = generate_batch(model, prompts, 20, greedy(), graphs=graphs)
+        assert [r.token_ids for r in batch.results] == theirs
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32

@@ -379,7 +379,8 @@ def test_errors_are_one_line_with_their_exit_status(hub, tmp_path):
         "unreachable": (tmp_path / "b", dead, ["pull", REPO], 5,
                         [f"cannot reach the Hugging Face Hub at {dead}", "HF_ENDPOINT"]),
         "family": (tmp_path / "c", hub.url, ["pull", "org/llama"], 4,
-                   ["'llama'", "supported families: gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe"]),
+                   ["'llama'", "supported families: gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, "
+                    "qwen3_5_moe_text, qwen3_moe"]),
         "no-safetensors": (tmp_path / "d", hub.url, ["pull", "org/binonly"], 4, ["no safetensors weights"]),
         "gated": (tmp_path / "e", hub.url, ["pull", "org/gated"], 5, ["org/gated is gated", "HF_TOKEN"]),
         "no-repo": (tmp_path / "f", hub.url, ["pull", "org/missing"], 3, ["repo org/missing not found on the Hub"]),

@@ -14,7 +14,14 @@ tie_word_embeddings=True), plus two options: `shards=N` (save_pretrained with a 
 (default 0).
 
 Shapes: vocab 128, hidden 32, 2 layers, 4 heads of 8, 2 KV heads, 4 experts, top-2, expert width 16
-(qwen2_moe adds a shared expert of 24; dense MLPs of mlp_only_layers are 48 wide). Special tokens:
+(qwen2_moe adds a shared expert of 24; dense MLPs of mlp_only_layers are 48 wide).
+
+qwen3_5_moe (Gated DeltaNet hybrid): 4 layers (linear, linear, linear, full unless `layer_types` says), heads
+of 16 with a quarter rotary, linear attention with 2 key heads and 4 value heads of 8, a shared expert of 24,
+every norm weight perturbed so that its offset matters. It is saved the way the Hub holds it: the text model
+inside Qwen3_5MoeForConditionalGeneration (model.language_model.*, plus a small vision tower), or with
+`text_only=True` as Qwen3_5MoeForCausalLM (model.*); `fused_experts=True` rewrites the experts as fused 3-D
+tensors (mlp.experts.gate_up_proj / down_proj) instead of separate ones. Special tokens:
 <|endoftext|> 0 (pad), <|im_start|> 1, <|im_end|> 2 (eos, also in config.json and generation_config.json).
 """
 
@@ -25,7 +32,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_5_moe")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 TOKENIZER_VOCAB = 120
 
@@ -73,11 +80,35 @@ _FAMILY_FIELDS: dict[str, dict[str, Any]] = {
     },
     "qwen3_moe": {"num_experts": 4, "moe_intermediate_size": 16, "intermediate_size": 48, "rope_theta": 1e6},
     "olmoe": {"num_experts": 4, "intermediate_size": 16, "rope_theta": 1e4},
+    "qwen3_5_moe": {
+        "num_hidden_layers": 4,
+        "head_dim": 16,
+        "num_experts": 4,
+        "moe_intermediate_size": 16,
+        "shared_expert_intermediate_size": 24,
+        "linear_num_key_heads": 2,
+        "linear_num_value_heads": 4,
+        "linear_key_head_dim": 8,
+        "linear_value_head_dim": 8,
+        "linear_conv_kernel_dim": 4,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25},
+    },
 }
+TINY_VISION = {"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+               "patch_size": 4, "num_position_embeddings": 16}
 
 
-def _config(family: str, fields: dict[str, Any]):
+def _config(family: str, fields: dict[str, Any], text_only: bool = False):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    if family == "qwen3_5_moe":
+        from transformers import Qwen3_5MoeConfig, Qwen3_5MoeTextConfig
+
+        text = {k: v for k, v in fields.items() if k not in ("eos_token_id", "pad_token_id")}
+        if text_only:
+            return Qwen3_5MoeTextConfig(**text)
+        return Qwen3_5MoeConfig(text_config=text, vision_config=TINY_VISION,
+                                tie_word_embeddings=fields["tie_word_embeddings"])
 
     cls = {"mixtral": MixtralConfig, "qwen2_moe": Qwen2MoeConfig, "qwen3_moe": Qwen3MoeConfig, "olmoe": OlmoeConfig}
     return cls[family](**fields)
@@ -99,6 +130,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
+def _fuse_experts(file: Path, num_experts: int) -> None:
+    """Rewrite separate expert tensors (...experts.E.{gate,up,down}_proj.weight) as the fused 3-D layout."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(file))
+    bases = sorted({k.split(".experts.")[0] for k in tensors if ".experts.0.gate_proj.weight" in k})
+    for base in bases:
+        parts = {p: [tensors.pop(f"{base}.experts.{e}.{p}.weight") for e in range(num_experts)]
+                 for p in ("gate_proj", "up_proj", "down_proj")}
+        tensors[f"{base}.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((g, u)) for g, u in zip(parts["gate_proj"], parts["up_proj"])])
+        tensors[f"{base}.experts.down_proj"] = torch.stack(parts["down_proj"])
+    tmp = file.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(file)
+
+
 def make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path:  # noqa: A002 - the agreed signature
     """Build a tiny random `family` checkpoint in `dir` (created if needed) and return its path."""
     if family not in FAMILIES:
@@ -110,11 +159,23 @@ def make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path:  # noqa: A002
     path.mkdir(parents=True, exist_ok=True)
     shards = int(overrides.pop("shards", 1))
     seed = int(overrides.pop("seed", 0))
+    text_only = bool(overrides.pop("text_only", False))
+    fused = bool(overrides.pop("fused_experts", False))
 
     fields = {**_COMMON, **_FAMILY_FIELDS[family], **overrides}
-    config = _config(family, fields)
+    config = _config(family, fields, text_only)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if family == "qwen3_5_moe" and not text_only:
+        from transformers import Qwen3_5MoeForConditionalGeneration
+
+        model = Qwen3_5MoeForConditionalGeneration(config).eval()
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    if family == "qwen3_5_moe":
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.add_(0.2 * torch.randn_like(p))
 
     save_kwargs: dict[str, Any] = {}
     if shards > 1:
@@ -126,6 +187,8 @@ def make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path:  # noqa: A002
                 total += tensor.numel() * tensor.element_size()
         save_kwargs["max_shard_size"] = math.ceil(total / shards) + 1
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+    if fused:
+        _fuse_experts(path / "model.safetensors", fields["num_experts"])
 
     tok = train_tokenizer()
     tok.save(str(path / "tokenizer.json"))

@@ -95,8 +95,10 @@ class DecodeStep:
     def capture_graphs(self) -> None:
         """Run each segment once (Triton compiles, cuBLAS picks its kernels), then capture each as a graph.
         Both write keys and values at the cache's last position, which no query reads before decode reaches
-        it and writes it first; the provider is not called, so no statistic or policy state changes."""
+        it and writes it first; linear-attention state, which both advance, is put back; the provider is not
+        called, so no statistic or policy state changes."""
         saved = self.positions.clone()
+        state = self.cache.state.snapshot() if self.cache.state is not None else None
         self.positions.fill_(self.cache.max_len - 1)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -113,6 +115,8 @@ class DecodeStep:
                 self._segment(index)
             graphs.append(graph)
         self.positions.copy_(saved)
+        if state is not None:
+            self.cache.state.restore(state)
         self.graphs = graphs
 
     # ---- the segments -----------------------------------------------------------------------------

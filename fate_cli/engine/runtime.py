@@ -82,6 +82,11 @@ class Runtime:
             f"on {d.type} [{where}], {dtype_name(self.loaded.dtype)}"
         )
         decode = self.graphs.expected() if self.graphs else "decode: eager"
+        if a.linear is not None:  # a Gated DeltaNet hybrid: which kernels run it, and that it reads text only
+            from fate_cli.model.gated_deltanet import backend
+
+            vision = ", text only (the vision tower is not loaded)" if "language_model" in a.checkpoint_prefix else ""
+            head = f"{head}{vision}; {backend(d)}"
         if self.offload is None:
             return f"{head}; experts resident at 16 bits; {decode}"
         backends = ", ".join(sorted(set(self.offload.backends.values())))

@@ -1,6 +1,6 @@
 """ModelArgs: everything the runtime needs from a checkpoint's config.json, for every family.
 
-Each family module (mixtral.py, qwen2_moe.py, qwen3_moe.py, olmoe.py) turns its config.json into
+Each family module (mixtral.py, qwen2_moe.py, qwen3_moe.py, olmoe.py, qwen3_5_moe.py) turns its config.json into
 one ModelArgs; the shared layers read only ModelArgs, never the raw config.
 """
 
@@ -14,6 +14,22 @@ from typing import Any
 from fate_cli.errors import BadModel, ModelNotFound
 from quant.expert_act import ClampedSwiGLU
 from quant.source import ExpertSet
+
+
+@dataclass(frozen=True)
+class LinearAttentionArgs:
+    """Gated DeltaNet layers (qwen3_5_moe): key/value heads, their widths and the causal convolution's width."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: queries, keys and values side by side."""
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
 
 
 @dataclass(frozen=True)
@@ -56,8 +72,33 @@ class ModelArgs:
     expert_bias: bool = False
     expert_layout: str = "separate"  # or "gpt_oss": fused [E, H, 2I] interleaved gate|up (or MXFP4 blocks)
 
+    checkpoint_prefix: str = "model."  # "model.language_model." where the text model sits inside a VLM
+    # hybrid families (qwen3_5_moe): "linear_attention" or "full_attention" per layer; () means all full
+    layer_types: tuple[str, ...] = field(default=())
+    linear: LinearAttentionArgs | None = None
+    rotary_dim: int = 0  # RoPE over the first rotary_dim of each head (partial rotary); 0: the whole head
+    attn_output_gate: bool = False  # q_proj also yields a per-head gate: out * sigmoid(gate) before o_proj
+    norm_offset: bool = False  # RMSNorm scales by (1 + weight), weights stored zero-centred
+
     def is_sliding_layer(self, layer: int) -> bool:
         return bool(self.sliding_layers) and self.sliding_layers[layer]
+
+    def is_linear_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == "linear_attention"
+
+    @property
+    def attention_layer_ids(self) -> list[int]:
+        """Layers with softmax attention, the ones that hold keys and values."""
+        return [i for i in range(self.num_layers) if not self.is_linear_layer(i)]
+
+    @property
+    def linear_layer_ids(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.is_linear_layer(i)]
+
+    def cache_index(self, layer: int) -> int:
+        """Layer `layer`'s row in its cache: the KV cache for attention layers, the recurrent state for
+        linear-attention layers (each holds only its own kind of layer)."""
+        return (self.linear_layer_ids if self.is_linear_layer(layer) else self.attention_layer_ids).index(layer)
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_layers[layer]
@@ -71,7 +112,7 @@ class ModelArgs:
         """The checkpoint's routed experts: names and shapes (what the tier store and the loader read)."""
         return ExpertSet(self.family, tuple(self.moe_layer_ids), self.num_experts, self.hidden_size,
                          self.moe_intermediate_size, self.moe_module, self.expert_proj_names,
-                         layout=self.expert_layout)
+                         layout=self.expert_layout, prefix=self.checkpoint_prefix)
 
 
 @dataclass(frozen=True)

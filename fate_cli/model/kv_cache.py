@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fate_cli.model.linear_state import LinearState
+
 
 @dataclass(frozen=True)
 class RowPositions:
@@ -28,7 +30,10 @@ class RowPositions:
 
 
 class KVCache:
-    """Keys and values of every layer, [layers, batch, kv_heads, max_len, head_dim], allocated once."""
+    """Keys and values of every attention layer, [layers, batch, kv_heads, max_len, head_dim], allocated once;
+    with linear-attention layers, their recurrent state beside them (`state`, set by Transformer.new_cache)."""
+
+    state: LinearState | None = None
 
     def __init__(
         self,
@@ -47,7 +52,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + (self.state.nbytes if self.state is not None else 0)
 
     def update(
         self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor
@@ -71,4 +76,5 @@ class KVCache:
         """A cache over rows start..stop of this one, sharing its memory (to prefill one prompt of a batch)."""
         view = KVCache.__new__(KVCache)
         view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        view.state = self.state.rows(start, stop) if self.state is not None else None
         return view

@@ -27,8 +27,23 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class OffsetRMSNorm(RMSNorm):
+    """RMSNorm scaled by (1 + weight) in float32, its weight stored zero-centred (qwen3_5_moe)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def make_norm(args: ModelArgs, dim: int) -> RMSNorm:
+    """The family's RMSNorm over `dim`."""
+    return OffsetRMSNorm(dim, args.rms_norm_eps) if args.norm_offset else RMSNorm(dim, args.rms_norm_eps)
+
+
 class Rotary:
-    """RoPE (default, or YaRN-scaled): cos/sin tables for every position, computed once in float32."""
+    """RoPE (default, or YaRN-scaled): cos/sin tables for every position, computed once in float32. Built over
+    fewer dimensions than the head (partial rotary), it turns the head's first dimensions and passes the rest."""
 
     def __init__(self, head_dim: int, theta: float, max_len: int, device: torch.device | str,
                  yarn: YarnRope | None = None):
@@ -44,6 +59,9 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, pos: int | RowPositions) -> torch.Tensor:
         """x: [batch, heads, T, head_dim], positions pos..pos+T (or one token per row at its own position)."""
+        rot = self.cos.shape[-1]
+        if x.shape[-1] > rot:
+            return torch.cat((self.apply(x[..., :rot], pos), x[..., rot:]), dim=-1)
         if isinstance(pos, RowPositions):
             if x.is_cuda and x.shape[2] == 1 and x.stride(-1) == 1 and triton_ops.available():
                 return triton_ops.rope_rows(x, self.cos, self.sin, pos.positions)
@@ -61,18 +79,19 @@ class Rotary:
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.layer = layer
+        self.layer = args.cache_index(layer)  # its layer of the KV cache
         self.n_heads, self.n_kv, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         bias = args.attention_bias
-        self.q_proj = nn.Linear(args.hidden_size, q_dim, bias=bias)
+        self.output_gate = args.attn_output_gate  # q_proj's rows: per head, the query then its gate
+        self.q_proj = nn.Linear(args.hidden_size, 2 * q_dim if self.output_gate else q_dim, bias=bias)
         self.k_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
         self.v_proj = nn.Linear(args.hidden_size, kv_dim, bias=bias)
         self.o_proj = nn.Linear(q_dim, args.hidden_size, bias=args.o_proj_bias)
         self.qk_norm = args.qk_norm
         if args.qk_norm == "head":
-            self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+            self.q_norm = make_norm(args, self.head_dim)
+            self.k_norm = make_norm(args, self.head_dim)
         elif args.qk_norm == "full":
             self.q_norm = RMSNorm(q_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(kv_dim, args.rms_norm_eps)
@@ -81,6 +100,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(b, t, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q, gate = q.reshape(b, t, -1), gate.reshape(b, t, -1)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
@@ -107,7 +130,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=mask, is_causal=causal, enable_gqa=self.n_kv != self.n_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+        out = out.transpose(1, 2).reshape(b, t, -1)
+        return self.o_proj(out if gate is None else out * torch.sigmoid(gate))
 
 
 class MLP(nn.Module):

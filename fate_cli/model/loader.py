@@ -16,11 +16,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from fate_cli.errors import BadModel, ModelNotFound
-from fate_cli.model import gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_moe
+from fate_cli.model import gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
 from fate_cli.model.model import Transformer, build_model, checkpoint_name, weight_shapes
 from quant.gpt_oss_experts import FusedExperts
+from quant.source import fused_expert_slices
 
 FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "mixtral": mixtral.model_args,
@@ -28,6 +29,8 @@ FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "qwen3_moe": qwen3_moe.model_args,
     "olmoe": olmoe.model_args,
     "gpt_oss": gpt_oss.model_args,
+    "qwen3_5_moe": qwen3_5_moe.model_args,
+    "qwen3_5_moe_text": qwen3_5_moe.model_args,
 }
 
 
@@ -76,6 +79,7 @@ class Checkpoint:
             )
         self.handles = {}
         self.location: dict[str, str] = {}
+        self.sliced: dict[str, tuple[str, int, int, int]] = {}  # per-expert name -> rows of a fused tensor
         for name in files:
             path = model_dir / name
             if not path.is_file():
@@ -90,22 +94,35 @@ class Checkpoint:
             self.handles[name] = handle
             for key in keys:
                 self.location[key] = name
+                if key.endswith("_proj"):  # fused [E, 2I, H] / [E, H, I] experts: per-expert names
+                    shape = tuple(handle.get_slice(key).get_shape())
+                    for part, e, first, stop in fused_expert_slices(key, shape):
+                        self.sliced[part] = (key, e, first, stop)
+        for part in set(self.sliced) & set(self.location):  # a separate tensor wins over a fused one
+            del self.sliced[part]
         self.fused = FusedExperts(lambda n: self.shape(n) if n in self.location else None,
                                   lambda n, e: self._read(n, lambda h: h.get_slice(n)[e]))
 
     def __contains__(self, name: str) -> bool:
-        return name in self.location or self.fused.shape(name) is not None
+        return name in self.location or name in self.sliced or self.fused.shape(name) is not None
 
     def names(self) -> Iterator[str]:
         return iter(self.location)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.sliced:
+            fused, _, first, stop = self.sliced[name]
+            return (stop - first, self.shape(fused)[2])
         if name not in self.location:
             return self.fused.shape(name)
         return tuple(self.handles[self.location[name]].get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
-        """A tensor by name; a fused layout's per-expert part (quant/gpt_oss_experts.py) reads its slice alone."""
+        """A tensor by name; a fused layout's per-expert part (quant/gpt_oss_experts.py, or one expert's matrix of
+        fused_expert_slices) reads its slice alone."""
+        if name in self.sliced:
+            fused, e, first, stop = self.sliced[name]
+            return self._read(fused, lambda h: h.get_slice(fused)[e, first:stop])
         if name not in self.location and self.fused.shape(name) is not None:
             return self.fused.get(name)
         return self._read(name, lambda h: h.get_tensor(name))
@@ -135,12 +152,10 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
-
-
 def check_layer_count(args: ModelArgs, ckpt: Checkpoint) -> None:
     """Checked before the model is built, so a config claiming a huge depth fails fast instead of building it."""
-    found = {int(m.group(1)) for name in ckpt.names() if (m := LAYER_NAME.match(name))}
+    layer_name = re.compile(re.escape(args.checkpoint_prefix) + r"layers\.(\d+)\.")
+    found = {int(m.group(1)) for name in ckpt.names() if (m := layer_name.match(name))}
     if found != set(range(args.num_layers)):
         raise BadModel(
             f"{ckpt.dir}: config.json says num_hidden_layers is {args.num_layers} but the checkpoint holds "

@@ -3,6 +3,7 @@
 One token's path: embed_tokens -> for each layer [input_layernorm -> self_attn (KV cache) -> residual
 -> post_attention_layernorm -> mlp (MoEBlock or dense MLP) -> residual] -> norm -> lm_head.
 Module names follow the Hugging Face checkpoints (see checkpoint_name) so weights load by name.
+Hybrid families (qwen3_5_moe) have a linear_attn (gated_deltanet.py) in place of self_attn in some layers.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from torch import nn
 
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ExpertProvider, ResidentExperts
+from fate_cli.model.gated_deltanet import GatedDeltaNet
 from fate_cli.model.kv_cache import KVCache, RowPositions
-from fate_cli.model.layers import MLP, Attention, RMSNorm, Rotary
+from fate_cli.model.layers import MLP, Attention, Rotary, make_norm
+from fate_cli.model.linear_state import LinearState
 from fate_cli.model.moe import MoEBlock
 from fate_cli.model.sink_attention import SinkAttention
 from fate_cli.model.threads import step_macs, step_threads
@@ -22,9 +25,13 @@ from fate_cli.model.threads import step_macs, step_threads
 class DecoderLayer(nn.Module):
     def __init__(self, args: ModelArgs, layer: int, provider: ExpertProvider):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = SinkAttention(args, layer) if args.attention_sinks else Attention(args, layer)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm = make_norm(args, args.hidden_size)
+        self.linear = args.is_linear_layer(layer)
+        if self.linear:
+            self.linear_attn = GatedDeltaNet(args, layer)
+        else:
+            self.self_attn = SinkAttention(args, layer) if args.attention_sinks else Attention(args, layer)
+        self.post_attention_layernorm = make_norm(args, args.hidden_size)
         if args.is_moe_layer(layer):
             self.mlp: nn.Module = MoEBlock(args, layer, provider)
         else:
@@ -39,7 +46,8 @@ class DecoderLayer(nn.Module):
     def attend(self, x: torch.Tensor, rope: Rotary, cache: KVCache, pos: int | RowPositions
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention with its residual -> (h, the MLP's input: post_attention_layernorm(h))."""
-        h = x + self.self_attn(self.input_layernorm(x), rope, cache, pos)
+        mixer = self.linear_attn if self.linear else self.self_attn
+        h = x + mixer(self.input_layernorm(x), rope, cache, pos)
         return h, self.post_attention_layernorm(h)
 
     def feed_forward(self, mlp_in: torch.Tensor, banked: bool = False) -> torch.Tensor:
@@ -53,7 +61,7 @@ class Transformer(nn.Module):
         self.args = args
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i, provider) for i in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = make_norm(args, args.hidden_size)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, False)
         self.rope: Rotary | None = None
 
@@ -76,8 +84,11 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         a, w = self.args, self.embed_tokens.weight
         if self.rope is None or self.rope.cos.shape[0] < max_len:
-            self.rope = Rotary(a.head_dim, a.rope_theta, max_len, w.device, a.rope_scaling)
-        return KVCache(a.num_layers, batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+            self.rope = Rotary(a.rotary_dim or a.head_dim, a.rope_theta, max_len, w.device, a.rope_scaling)
+        cache = KVCache(len(a.attention_layer_ids), batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
+        if a.linear is not None:
+            cache.state = LinearState.empty(a, batch, w.dtype, w.device)
+        return cache
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, pos: int | RowPositions, last_only: bool = False
@@ -124,7 +135,7 @@ def checkpoint_name(args: ModelArgs, param: str) -> str:
         param = param.replace(".mlp.gate.", f".mlp.{args.router_module}.", 1)
     if args.moe_module != "mlp":
         param = param.replace(".mlp.", f".{args.moe_module}.", 1)
-    return "model." + param
+    return args.checkpoint_prefix + param
 
 
 def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: ExpertProvider) -> Transformer:
