@@ -197,3 +197,32 @@ def test_synthetic_shape_runs_every_policy_in_the_bench(monkeypatch):
     rows = sweep([lambda: open_target("synthetic:small-qwen3.5", CPU, torch.float32, None)], "50%",
                  list(BENCH_ORDER), prompt_set(16, 2, None), 4, 1, CPU)
     assert len(rows) == 2 * len(BENCH_ORDER) and all(r["status"] == "ok" for r in rows), rows[0]
+
+
+@pytest.mark.parametrize("stepped", [False, True])
+def test_serve_scheduler_rows_keep_their_state(tiny_path, stepped):
+    """Requests through fewer rows than requests: rows freed, refilled and compacted (the last row's state moves
+    into the freed one); each answer equals the request run alone."""
+    from fate_cli.engine.scheduler import Finished, Request, Scheduler
+    from tests.test_scheduler import Collect
+
+    rt = open_model(str(tiny_path), "cpu", "float32")
+    rt.graphs = DecodeGraphs(rt.model, capture=False) if stepped else None
+    prompts = [[5, 9, 14, 3, 27, 8, 11], [40, 41], list(range(3, 40)), [7, 7, 30], [99, 3, 4, 5, 6]]
+    limits = [12, 3, 12, 7, 9]
+    eos = rt.tokenizer.eos_ids
+    alone = [generate(rt.model, p, n, greedy(), eos).token_ids for p, n in zip(prompts, limits)]
+    scheduler = Scheduler(rt, 3, 128, 8)
+    scheduler.warm_up()
+    out = [Collect() for _ in prompts]
+    scheduler.start()
+    try:
+        for p, n, c in zip(prompts, limits, out):
+            scheduler.submit(Request(p, n, SamplingParams(temperature=0.0), c))
+        assert all(c.done.wait(timeout=120) for c in out)
+    finally:
+        scheduler.close()
+    assert scheduler.stats.finished["length"] + scheduler.stats.finished["stop"] == len(prompts)
+    for ids, c in zip(alone, out):
+        assert isinstance(c.end, Finished) and c.end.completion_tokens == len(ids)
+        assert "".join(c.pieces) == rt.tokenizer.decode([t for t in ids if t not in eos])

@@ -367,6 +367,8 @@ class Scheduler:
             moved = self.rows[last]
             self.cache.k[:, i, :, : moved.pos] = self.cache.k[:, last, :, : moved.pos]
             self.cache.v[:, i, :, : moved.pos] = self.cache.v[:, last, :, : moved.pos]
+            if self.cache.state is not None:  # and its linear-attention state (qwen3_5_moe)
+                self.cache.state.copy_row(last, i)
             self.rows[i] = moved
         self.rows.pop()
 

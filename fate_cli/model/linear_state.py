@@ -47,6 +47,11 @@ class LinearState:
         """Rows start..stop, sharing this state's memory."""
         return LinearState(self.conv[:, start:stop], self.ssm[:, start:stop])
 
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row `src`'s state into row `dst` (a batch compacting its rows)."""
+        self.conv[:, dst] = self.conv[:, src]
+        self.ssm[:, dst] = self.ssm[:, src]
+
     def snapshot(self, device: torch.device | str | None = None) -> LinearState:
         """A copy, to restore later (on `device`, e.g. in host memory, to spare the GPU's)."""
         return LinearState(self.conv.to(device, copy=True), self.ssm.to(device, copy=True))
