@@ -16,12 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import quant.store
+from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.runtime import open_model
+from fate_cli.engine.stores import default_store_dir, quantize_model
 from fate_cli.errors import EXIT_BAD_MODEL, EXIT_BUSY, FateError
-from fate_cli.generate import Sampler, SamplingParams, generate
 from fate_cli.quantize import verify_command
 from fate_cli.registry import resolve
-from fate_cli.runtime import open_model
-from quant.store import MANIFEST, QuantParams, default_store_dir, quantize_model, store_lock
+from quant.store import MANIFEST, QuantParams, store_lock
 from tests.helpers import one_thread  # noqa: F401 - autouse fixture
 
 PARAMS = QuantParams(method="minmax")  # the store's bytes do not matter here, only how they are kept
@@ -69,7 +70,8 @@ def templates(tmp_path_factory):
     old = _build(root / "old", OLD_PARAMS)
     os.environ["FATE_HOME"] = str(root / "clean")
     tokens = _run_tokens()
-    yield {"clean": clean, "old": old, "tokens": tokens, "writes": counter.writes, "manifest": json.loads((clean / MANIFEST).read_text())}
+    yield {"clean": clean, "old": old, "tokens": tokens, "writes": counter.writes,
+           "manifest": json.loads((clean / MANIFEST).read_text())}
     if saved is None:
         os.environ.pop("FATE_HOME", None)
     else:
