@@ -1,3 +1,3 @@
-from fate_cli.app import main
+from fate_cli.entry import main
 
 main()

@@ -14,6 +14,8 @@ from rich.console import Console
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.engine.runtime import Runtime, open_model
 from fate_cli.errors import UsageError
+from fate_cli.model.generation_config import generation_defaults
+from fate_cli.model.values import check_sampling, check_text
 from fate_cli.registry import resolve
 from fate_cli.tokenizer import Message, StreamDecoder, Tokenizer
 
@@ -22,12 +24,15 @@ def sampling_from(
     runtime: Runtime, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
 ) -> SamplingParams:
     """Options given on the command line win; the rest come from generation_config.json."""
-    gen = runtime.tokenizer.generation_defaults
-    sampled = bool(gen.get("do_sample", False))
+    check_sampling(temperature, top_p, top_k, seed)
+    given = {n for n, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    gen = generation_defaults(runtime.tokenizer.generation_defaults,
+                              runtime.resolved.path / "generation_config.json", given)
+    sampled = gen.do_sample
     return SamplingParams(
-        temperature=temperature if temperature is not None else float(gen.get("temperature", 1.0)) if sampled else 0.0,
-        top_p=top_p if top_p is not None else float(gen.get("top_p", 1.0)) if sampled else 1.0,
-        top_k=top_k if top_k is not None else int(gen.get("top_k", 0)) if sampled else 0,
+        temperature=temperature if temperature is not None else gen.temperature if sampled else 0.0,
+        top_p=top_p if top_p is not None else gen.top_p if sampled else 1.0,
+        top_k=top_k if top_k is not None else gen.top_k if sampled else 0,
         seed=seed,
     )
 
@@ -59,13 +64,17 @@ def run_command(
     eager: bool = False,
 ) -> None:
     err = Console(stderr=True, highlight=False)
+    check_sampling(temperature, top_p, top_k, seed)  # before anything loads
+    if prompt is not None:
+        check_text(prompt, "PROMPT")
     if prompts_file is not None or batch != 1:
         if prompt is not None or prompts_file is None:
-            raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
+            raise UsageError("PROMPT and --prompts FILE were both given, or --batch without --prompts; "
+                            "give one of them")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
                             dtype, as_json, vram, policy, transfer_bits, err, eager)
     if prompt is None:
-        raise UsageError("no prompt: give PROMPT, or --prompts FILE for many")
+        raise UsageError("no prompt; give PROMPT, or --prompts FILE for many")
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     if not as_json:
         runtime.announce(err)

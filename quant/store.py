@@ -88,7 +88,8 @@ class QuantParams:
         if self.method not in METHODS:
             raise UsageError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.iters < 1 or self.dense_layers < 0 or self.max_shard_bytes < 1:
-            raise UsageError("--hqq-iters and the shard size must be positive, --dense-layers at least 0")
+            raise UsageError("--hqq-iters and the shard size must be positive, --dense-layers at least 0; "
+                            "give such values")
 
     def to_json(self) -> dict:
         return asdict(self)
