@@ -28,6 +28,7 @@ ST_DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
     "I8": torch.int8,
+    "I16": torch.int16,
     "U8": torch.uint8,
     "I32": torch.int32,
     "I64": torch.int64,

@@ -26,6 +26,11 @@ class SamplingParams:
     seed: int | None = 0
 
 
+# Sampling's limit as the temperature goes to 0 is greedy; below float32's smallest normal number the
+# division below would underflow to 0 / 0.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
@@ -40,7 +45,7 @@ class Sampler:
         (the caller sees it with the token, no extra synchronisation)."""
         p = self.params
         finite = torch.isfinite(logits.amax(dim=-1))  # NaN and +inf propagate through the max
-        if p.temperature <= 0:
+        if p.temperature < GREEDY_BELOW:
             return torch.where(finite, logits.argmax(dim=-1), NON_FINITE)
         logits = torch.where(finite[:, None], logits.float(), 0.0)
         # shifted to <= 0 before dividing, so that a tiny temperature gives -inf, never inf - inf = NaN

@@ -20,6 +20,11 @@ _EXPERT = re.compile(r"model\.layers\.(\d+)\.([A-Za-z_]+)\.experts\.(\d+)\.")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
+def _is_range(found: set[int], n: int) -> bool:
+    """found == set(range(n)), without building range(n): n comes from the config and may be 2**31."""
+    return len(found) == n and (n == 0 or (min(found) == 0 and max(found) == n - 1))
+
+
 def check_against_weights(args: ModelArgs, reader: SourceReader) -> None:
     """Raise BadModel at the first dimension of `args` the checkpoint's headers contradict."""
     where = reader.dir / "config.json"
@@ -39,13 +44,13 @@ def check_against_weights(args: ModelArgs, reader: SourceReader) -> None:
         if name.endswith((".weight", ".bias")) and not dtype.is_floating_point:
             raise BadModel(f"{reader.dir}: tensor {name} is {str(dtype).removeprefix('torch.')}, not a float; fate "
                            "runs 16- and 32-bit float checkpoints, use one")
-    if layers != set(range(args.num_layers)):
+    if not _is_range(layers, args.num_layers):
         raise mismatch(f"num_hidden_layers is {args.num_layers} but the checkpoint holds {len(layers)} layers")
     # fused experts (gpt_oss: one [E, ...] tensor per matrix) carry their count in a shape, which the loader's
     # shape checks compare; separate ones are counted by name here
     for layer in args.moe_layer_ids if args.expert_layout == "separate" else ():
         found = experts.get(layer, set())
-        if found != set(range(args.num_experts)):
+        if not _is_range(found, args.num_experts):
             raise mismatch(f"the number of experts is {args.num_experts} but layer {layer} of the checkpoint holds "
                            f"{len(found)}")
     expected = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size),
