@@ -69,8 +69,8 @@ def run_command(
         check_text(prompt, "PROMPT")
     if prompts_file is not None or batch != 1:
         if prompt is not None or prompts_file is None:
-            raise UsageError("PROMPT and --prompts FILE were both given, or --batch without --prompts; "
-                            "give one of them")
+            raise UsageError("PROMPT and --prompts FILE (with --batch B) are two ways to give prompts; give one, "
+                             "not both")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
                             dtype, as_json, vram, policy, transfer_bits, err, eager)
     if prompt is None:

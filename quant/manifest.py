@@ -33,7 +33,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _matches(pattern: str) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None
+    match = re.compile(pattern).fullmatch
+    return lambda v: isinstance(v, str) and match(v) is not None
 
 
 _PLAIN = r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}"  # no separator, no leading dot: cannot point outside its folder
@@ -81,33 +82,93 @@ JOURNAL_SCHEMA: dict = {
 }
 
 
+class _Bad(Exception):
+    """A misfit found deep in a value; the keys leading to it are added on the way out (so that a value that
+    fits, the usual case, costs no path strings)."""
+
+    def __init__(self, what: str):
+        self.what, self.keys = what, []
+
+
 def check(value: Any, schema: Any, path: str = "") -> None:
     """Raise ManifestError naming the first field of `value` that does not fit `schema`."""
-    where = path or "the top level"
+    try:
+        _checker(schema)(value)
+    except _Bad as bad:
+        where = path
+        for key in reversed(bad.keys):
+            where += key if key.startswith("[") else f"{'.' if where else ''}{key}"
+        raise ManifestError(f"{where or 'the top level'} {bad.what}") from None
+
+
+_CHECKERS: dict[int, Callable[[Any], None]] = {}
+
+
+def _checker(schema: Any) -> Callable[[Any], None]:
+    """The schema turned into nested closures once, so that checking a manifest of ten thousand experts does
+    not dispatch on the schema's types for every field."""
+    if id(schema) not in _CHECKERS:
+        _CHECKERS[id(schema)] = _compile(schema)
+    return _CHECKERS[id(schema)]
+
+
+def _compile(schema: Any) -> Callable[[Any], None]:
     if isinstance(schema, Rule):
-        if not schema.ok(value):
-            raise ManifestError(f"{where} must be {schema.what}, not {_short(value)}")
-    elif isinstance(schema, list):
-        if not isinstance(value, list):
-            raise ManifestError(f"{where} must be a list, not {_short(value)}")
-        for n, item in enumerate(value):
-            check(item, schema[0], f"{path}[{n}]")
-    elif isinstance(schema, dict):
-        if not isinstance(value, dict):
-            raise ManifestError(f"{where} must be an object, not {_short(value)}")
-        key_rule = next(iter(schema)) if len(schema) == 1 and isinstance(next(iter(schema)), Rule) else None
-        if key_rule is not None:
-            for key, item in value.items():
-                check(key, key_rule, f"{path}{'.' if path else ''}<key {key!r}>")
-                check(item, schema[key_rule], f"{path}{'.' if path else ''}{key}")
-            return
-        missing = [k for k in schema if k not in value]
-        if missing:
-            raise ManifestError(f"{path + ' ' if path else ''}lacks the field {missing[0]!r}")
-        for key, sub in schema.items():
-            check(value[key], sub, f"{path}{'.' if path else ''}{key}")
-    else:
+        ok, what = schema.ok, schema.what
+
+        def leaf(value: Any) -> None:
+            if not ok(value):
+                raise _Bad(f"must be {what}, not {_short(value)}")
+
+        return leaf
+    if isinstance(schema, list):
+        item_check = _compile(schema[0])
+
+        def items(value: Any) -> None:
+            if not isinstance(value, list):
+                raise _Bad(f"must be a list, not {_short(value)}")
+            for n, item in enumerate(value):
+                try:
+                    item_check(item)
+                except _Bad as bad:
+                    bad.keys.append(f"[{n}]")
+                    raise
+
+        return items
+    if not isinstance(schema, dict):
         raise TypeError(f"not a schema: {schema!r}")
+    first = next(iter(schema))
+    if len(schema) == 1 and isinstance(first, Rule):  # a mapping: keys by a rule, values by one schema
+        key_ok, key_what, value_check = first.ok, first.what, _compile(schema[first])
+
+        def mapping(value: Any) -> None:
+            if not isinstance(value, dict):
+                raise _Bad(f"must be an object, not {_short(value)}")
+            for key, item in value.items():
+                if not key_ok(key):
+                    raise _Bad(f"has the key {_short(key)}, which is not {key_what}")
+                try:
+                    value_check(item)
+                except _Bad as bad:
+                    bad.keys.append(key)
+                    raise
+
+        return mapping
+    fields = [(key, _compile(sub)) for key, sub in schema.items()]
+
+    def record(value: Any) -> None:
+        if not isinstance(value, dict):
+            raise _Bad(f"must be an object, not {_short(value)}")
+        for key, field_check in fields:
+            if key not in value:
+                raise _Bad(f"lacks the field {key!r}")
+            try:
+                field_check(value[key])
+            except _Bad as bad:
+                bad.keys.append(key)
+                raise
+
+    return record
 
 
 def is_valid(value: Any, schema: Any) -> bool:

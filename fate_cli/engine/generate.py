@@ -44,12 +44,15 @@ class Sampler:
         """logits [batch, vocab] -> token ids [batch]; NON_FINITE for a row whose logits hold NaN or infinity
         (the caller sees it with the token, no extra synchronisation)."""
         p = self.params
-        finite = torch.isfinite(logits.amax(dim=-1))  # NaN and +inf propagate through the max
         if p.temperature < GREEDY_BELOW:
-            return torch.where(finite, logits.argmax(dim=-1), NON_FINITE)
-        logits = torch.where(finite[:, None], logits.float(), 0.0)
+            token = logits.argmax(dim=-1)
+            chosen = logits.gather(-1, token[:, None]).squeeze(-1)  # NaN and +inf win the argmax: their row shows
+            return torch.where(torch.isfinite(chosen), token, NON_FINITE)
+        logits = logits.float()
+        top = logits.amax(dim=-1, keepdim=True)
+        finite = torch.isfinite(top)  # NaN and +inf propagate through the max
         # shifted to <= 0 before dividing, so that a tiny temperature gives -inf, never inf - inf = NaN
-        logits = (logits - logits.amax(dim=-1, keepdim=True)) / p.temperature
+        logits = torch.where(finite, logits - top, 0.0) / p.temperature
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,7 +63,8 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return torch.where(finite, torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), NON_FINITE)
+        token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return torch.where(finite.squeeze(-1), token, NON_FINITE)
 
 
 @dataclass
