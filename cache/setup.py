@@ -104,7 +104,7 @@ def transfer_tier_for(store: TierStore, bits: int | None) -> str | None:
     if bits not in by_bits:
         raise UsageError(
             f"--transfer-bits {bits} matches no tier of the store (tiers: "
-            f"{', '.join(f'INT{b}' for b in sorted(by_bits))})"
+            f"{', '.join(f'INT{b}' for b in sorted(by_bits))}); give one of those bits, or leave it out"
         )
     return by_bits[bits]
 

@@ -100,7 +100,9 @@ class TieredExperts(ResidentExperts):
                 tier = plan[(layer, e)]
                 info = store.tiers.get(tier)
                 if info is None or layer not in info.layers:
-                    raise UsageError(f"the tier store has no {tier} copy of layer {layer}")
+                    raise UsageError(f"the tier store has no {tier} copy of layer {layer}; "
+                                     f"choose other tiers, or rebuild the store "
+                                     "with `fate quantize` (--dense-layers for 16-bit copies)")
                 buf = store.read(tier, layer, e).to(self.device)
                 self.bytes += buf.nbytes
                 if info.layout.kind == "dense":

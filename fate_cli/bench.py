@@ -13,6 +13,7 @@ import csv
 import io
 import itertools
 import json
+import os
 import re
 import statistics
 import sys
@@ -28,6 +29,7 @@ from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.runtime import device_label, dtype_name, experts_for, open_weights, pick_device, pick_dtype
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import FateError, UsageError
+from fate_cli.model.values import BUDGET_SHARE, MAX_BUDGETS
 from fate_cli.registry import BUNDLED_ROOT, resolve
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
@@ -55,12 +57,7 @@ def parse_budgets(text: str | None, footprint) -> list[tuple[str, int | None]]: 
         if not item:
             continue
         if item.endswith("%"):
-            try:
-                share = float(item[:-1]) / 100
-            except ValueError:
-                raise UsageError(f"cannot read the share '{item}'; write it like 50%") from None
-            if share <= 0:
-                raise UsageError(f"the share '{item}' must be more than zero")
+            share = BUDGET_SHARE.parse(item[:-1], "the --vram share") / 100
             out.append((item, int(footprint.fixed + share * footprint.all_hot)))
             continue
         rng = re.fullmatch(r"(.+?)-(.+?)\+(.+)", item)
@@ -68,15 +65,31 @@ def parse_budgets(text: str | None, footprint) -> list[tuple[str, int | None]]: 
             lo, hi, step = (parse_size(g) for g in rng.groups())
             if lo > hi:
                 raise UsageError(f"the range '{item}' runs backwards; write it like 4GB-16GB+4GB")
+            if (hi - lo) // step + 1 + len(out) > MAX_BUDGETS:  # counted before any budget is built
+                raise UsageError(f"the range '{item}' gives {(hi - lo) // step + 1} budgets; at most {MAX_BUDGETS} "
+                                 "in all, raise the step")
             value = lo
             while value <= hi:
                 out.append((format_size(value).replace(" ", ""), value))
                 value += step
             continue
         out.append((item, parse_size(item)))
+    if len(out) > MAX_BUDGETS:
+        raise UsageError(f"--vram lists {len(out)} budgets; give at most {MAX_BUDGETS}")
     if not out:
         raise UsageError("--vram is empty; give a size like 8GB, a list 4GB,8GB or a range 4GB-16GB+4GB")
     return out
+
+
+def check_writable(path_text: str, option: str) -> None:
+    """An output file's folder exists and can be written, checked before the sweep that fills it."""
+    folder = Path(path_text).expanduser().parent
+    if not folder.is_dir():
+        raise UsageError(f"{option} {path_text}: the folder {folder} does not exist; create it or give another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {path_text}: the folder {folder} is not writable; give another path")
+    if Path(path_text).is_dir():
+        raise UsageError(f"{option} {path_text} is a folder; give a file name")
 
 
 def parse_policies(text: str | None) -> list[str]:
@@ -415,9 +428,14 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig = plot_figure(rows)
     tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    except BaseException:  # the old plot stays whole, no partial one is left
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
 
 
 # ---- the command -------------------------------------------------------------------------------------
@@ -434,13 +452,16 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     if output not in ("md", "csv", "json"):
         raise UsageError(f"unknown output format '{output}'; use md, csv or json")
     if plot_file and not plot_file.lower().endswith(".png"):
-        raise UsageError(f"--plot {plot_file}: give a .png file name")
+        raise UsageError(f"--plot {plot_file} is not a PNG file name; give one ending in .png")
     if plot_file:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("--plot needs matplotlib, the `plot` extra; pip install 'fate-moe[plot]', or leave "
                              "--plot out") from None
+    for opt, out_file in (("--plot", plot_file), ("--rows-to", rows_to)):  # before hours of measuring, not after
+        if out_file:
+            check_writable(out_file, opt)
     policies = parse_policies(policy)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
@@ -472,11 +493,12 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     if spread:
         console.print(f"warning: {len(spread)} row{'s' if len(spread) > 1 else ''} with a spread larger than the "
                       "mean (marked (!)); raise -r or run on a quieter machine", highlight=False)
-    if plot_file:
-        plot(rows, Path(plot_file))
-    if output == "json":
+    if output == "json":  # the table first: a plot that fails to draw loses nothing measured
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     elif output == "csv":
         sys.stdout.write(to_csv(rows))
     else:
         sys.stdout.write(markdown(rows))
+    sys.stdout.flush()
+    if plot_file:
+        plot(rows, Path(plot_file))

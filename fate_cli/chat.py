@@ -21,8 +21,9 @@ from rich.live import Live
 
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, Runtime, open_model
-from fate_cli.errors import FateError, ResourceError, oom_line
+from fate_cli.errors import FateError, ResourceError, UsageError, oom_line
 from fate_cli.model.linear_state import LinearState
+from fate_cli.model.values import SAMPLING, check_sampling, check_text
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
 from fate_cli.tokenizer import Message, StreamDecoder
@@ -37,8 +38,6 @@ HELP = """commands:
   /exit                 leave (also Ctrl-D); Ctrl-C stops an answer"""
 
 PANEL_REFRESH_PER_S = 4  # several times a second, cheap enough to cost decode under 2%
-
-SETTABLE = {"temperature": float, "top_p": float, "top_k": int, "seed": int, "max_tokens": int}
 
 
 class SessionCounters:
@@ -167,6 +166,14 @@ def chat_command(
     think: bool = True,
 ) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
+    check_sampling(temperature, top_p, top_k, seed)  # bad input fails before the model loads
+    text = None
+    if prompt is not None:
+        text = check_text(prompt, "--prompt")
+    elif not sys.stdin.isatty():  # read as bytes: a pipe's invalid UTF-8 gets a one-line error, not a traceback
+        text = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "the message on stdin")
+    if system is not None:
+        check_text(system, "--system")
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
         runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
     runtime.announce(err)
@@ -174,8 +181,7 @@ def chat_command(
         runtime.tokenizer.template_vars["enable_thinking"] = False
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
     session = ChatSession(runtime, system, params, max_tokens)
-    if prompt is not None or not sys.stdin.isatty():
-        text = prompt if prompt is not None else sys.stdin.read()
+    if text is not None:
         # piped stdin is one message, blank lines and all, unless --lines makes each line a turn
         turns = [t for t in text.splitlines() if t.strip()] if lines and prompt is None else [text]
         for turn in turns:
@@ -212,6 +218,9 @@ def interactive_loop(session: ChatSession, err: Console, with_panel: bool) -> No
             return
         except KeyboardInterrupt:
             out.print("^C")
+            continue
+        except UnicodeDecodeError:
+            out.print("[red]error:[/red] that line is not valid UTF-8; type it again")
             continue
         if not text.strip():
             continue
@@ -287,16 +296,13 @@ def slash_command(session: ChatSession, line: str, out: Console) -> str | None:
         out.print(f"[dim]think = {value} (the chat template's enable_thinking)[/dim]")
     elif name == "/set":
         key, _, value = rest.partition(" ")
-        if key not in SETTABLE:
-            out.print(f"[red]error:[/red] /set takes one of {', '.join(SETTABLE)}; e.g. /set temperature 0.7")
+        if key not in SAMPLING:
+            out.print(f"[red]error:[/red] /set takes one of {', '.join(SAMPLING)}; e.g. /set temperature 0.7")
             return None
         try:
-            parsed = SETTABLE[key](value.strip())
-        except ValueError:
-            out.print(f"[red]error:[/red] /set {key} needs a {SETTABLE[key].__name__}, not {value.strip()!r}")
-            return None
-        if parsed < 0 or (key == "max_tokens" and parsed < 1):
-            out.print(f"[red]error:[/red] /set {key} must be positive")
+            parsed = SAMPLING[key].parse(value, f"/set {key}")
+        except UsageError as error:
+            out.print(f"[red]error:[/red] {error}")
             return None
         if key == "max_tokens":
             session.max_tokens = parsed

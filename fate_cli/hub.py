@@ -210,14 +210,14 @@ def hub_errors(repo: str, revision: str) -> Iterator[None]:
     except FateError:
         raise
     except hf.GatedRepoError:
-        raise NetworkError(f"{repo} is gated: accept its licence on huggingface.co and set HF_TOKEN") from None
+        raise NetworkError(f"{repo} is gated; accept its licence on huggingface.co and set HF_TOKEN") from None
     except hf.RevisionNotFoundError:
-        raise ModelNotFound(f"revision {revision} not found in {repo} on the Hub") from None
+        raise ModelNotFound(f"revision {revision} not found in {repo} on the Hub; check --revision") from None
     except hf.DisabledRepoError:
-        raise ModelNotFound(f"repo {repo} is disabled on the Hub") from None
+        raise ModelNotFound(f"repo {repo} is disabled on the Hub; pull another repo") from None
     except hf.RepositoryNotFoundError:
         raise ModelNotFound(
-            f"repo {repo} not found on the Hub at {endpoint} (a private repo needs HF_TOKEN)"
+            f"repo {repo} not found on the Hub at {endpoint}; check the spelling (a private repo needs HF_TOKEN)"
         ) from None
     except hf.RemoteEntryNotFoundError as err:
         raise NetworkError(
@@ -253,7 +253,7 @@ def hub_errors(repo: str, revision: str) -> Iterator[None]:
             raise NetworkError(
                 f"a download from {endpoint} was cut short ({repo}); run `fate pull` again to fetch the rest"
             ) from None
-        raise NetworkError(f"pulling {repo} failed: {_reason(err)}") from None
+        raise NetworkError(f"pulling {repo} failed ({_reason(err)}); run `fate pull` again") from None
     except (ValueError, KeyError, TypeError) as err:  # a JSON body that is not what the Hub sends
         raise NetworkError(
             f"{endpoint} gave an answer fate cannot read for {repo} ({_reason(err)}); check HF_ENDPOINT"
@@ -361,9 +361,10 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadModel(f"{what} ({path.name}) cannot be read: {_reason(err)}") from None
+        raise BadModel(f"{what} ({path.name}) cannot be read ({_reason(err)}); "
+                       f"the repo is not a usable model") from None
     if not isinstance(data, dict):
-        raise BadModel(f"{what} ({path.name}) must hold a JSON object")
+        raise BadModel(f"{what} ({path.name}) must hold a JSON object; the repo is not a usable model")
     return data
 
 
@@ -386,13 +387,15 @@ def _weight_files(repo: str, tree: dict[str, RemoteFile], index: dict[str, Any] 
         return [SINGLE_WEIGHTS]
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
-        raise BadModel(f"{repo}: {INDEX_FILE} has no weight_map")
+        raise BadModel(f"{repo}: {INDEX_FILE} has no weight_map; the repo is not a usable model")
     shards = sorted({str(v) for v in weight_map.values()})
     for shard in shards:
         if "/" in shard or "\\" in shard or shard.startswith(".") or not shard.endswith(".safetensors"):
-            raise BadModel(f"{repo}: {INDEX_FILE} lists an unexpected shard name {shard!r}")
+            raise BadModel(f"{repo}: {INDEX_FILE} lists an unexpected shard name {shard!r}; "
+                           f"the repo is not a usable model")
         if shard not in tree:
-            raise BadModel(f"{repo}: {INDEX_FILE} lists {shard}, which the repo does not have")
+            raise BadModel(f"{repo}: {INDEX_FILE} lists {shard}, which the repo does not have; "
+                           "the repo is not a usable model")
     return shards
 
 

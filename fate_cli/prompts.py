@@ -13,7 +13,9 @@ def read_prompts(path_text: str) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read --prompts {path}: {getattr(err, 'strerror', None) or err}") from None
+        raise UsageError(f"cannot read --prompts {path} ({getattr(err, 'strerror', None) or err}); "
+                         f"give a UTF-8 text file, "
+            "one prompt per line or per paragraph") from None
     if re.search(r"\n\s*\n", text.strip()):
         prompts = [p.strip() for p in re.split(r"\n\s*\n", text)]
     else:

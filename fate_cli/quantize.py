@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fate_cli.engine.runtime import dtype_name, pick_device, pick_dtype
 from fate_cli.engine.stores import quantize_model_for, store_dir_of
 from fate_cli.errors import ModelNotFound, UsageError
+from fate_cli.model.values import SHARD_MB
 from fate_cli.model_info import store_size as _store_size
 from fate_cli.model_info import tier_summary as _tier_summary
 from fate_cli.registry import BUNDLED_ROOT, resolve
@@ -43,9 +44,10 @@ def quantize_command(
         raise UsageError(
             "the hqq package is not installed; `pip install hqq` (DISABLE_CUDA=1 on a CPU) or use --method minmax"
         )
+    shard_bytes = max(1, int(SHARD_MB.check(shard_mb, "--shard-mb") * (1 << 20)))
     params = QuantParams(
         hot_bits=hot_bits, hot_group_size=group_size, cold_bits=cold_bits, cold_group_size=cold_group_size,
-        dense_layers=dense_layers, method=method, iters=hqq_iters, max_shard_bytes=max(1, int(shard_mb * (1 << 20))),
+        dense_layers=dense_layers, method=method, iters=hqq_iters, max_shard_bytes=shard_bytes,
         device=dev.type,
     )
     params.validate()

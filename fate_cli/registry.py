@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fate_cli.errors import FateError, ModelNotFound, UsageError
+from fate_cli.model.values import check_repo_id
 
 PULL_MARKER = ".fate-pull.json"  # written last by `fate pull`: its presence means the download is complete
 BUNDLED_ROOT = Path(__file__).parent / "models"
@@ -114,7 +115,9 @@ def resolve(name: str | None) -> ResolvedModel:
     if looks_like_repo(name):
         return _pulled(name, name, None)
     if local.exists() or os.sep in name:
-        raise ModelNotFound(f"{local} is not a Hugging Face model folder (no config.json)")
+        raise ModelNotFound(f"{local} is not a Hugging Face model folder (no config.json); "
+                            f"give a folder holding config.json, "
+                            "tokenizer.json and safetensors weights")
     raise unknown_alias(name)
 
 
@@ -133,8 +136,9 @@ def alias_for_pull(name: str) -> tuple[str, str | None]:
     if name in table:
         alias = table[name]
         if not alias.repo:
-            raise UsageError(f"'{name}' is bundled with fate and needs no pull")
+            raise UsageError(f"'{name}' is bundled with fate and needs no pull; run it directly, "
+                             f"e.g. `fate run {name} hello`")
         return alias.repo, alias.family
-    if looks_like_repo(name):
-        return name, None
+    if "/" in name and not name.startswith((".", "/", "~")):
+        return check_repo_id(name), None  # refused before any request to the Hub
     raise unknown_alias(name)

@@ -14,6 +14,8 @@ from rich.console import Console
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.engine.runtime import Runtime, open_model
 from fate_cli.errors import UsageError
+from fate_cli.model.generation_config import generation_defaults
+from fate_cli.model.values import check_sampling, check_text
 from fate_cli.registry import resolve
 from fate_cli.tokenizer import Message, StreamDecoder, Tokenizer
 
@@ -22,12 +24,15 @@ def sampling_from(
     runtime: Runtime, temperature: float | None, top_p: float | None, top_k: int | None, seed: int | None
 ) -> SamplingParams:
     """Options given on the command line win; the rest come from generation_config.json."""
-    gen = runtime.tokenizer.generation_defaults
-    sampled = bool(gen.get("do_sample", False))
+    check_sampling(temperature, top_p, top_k, seed)
+    given = {n for n, v in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)) if v is not None}
+    gen = generation_defaults(runtime.tokenizer.generation_defaults,
+                              runtime.resolved.path / "generation_config.json", given)
+    sampled = gen.do_sample
     return SamplingParams(
-        temperature=temperature if temperature is not None else float(gen.get("temperature", 1.0)) if sampled else 0.0,
-        top_p=top_p if top_p is not None else float(gen.get("top_p", 1.0)) if sampled else 1.0,
-        top_k=top_k if top_k is not None else int(gen.get("top_k", 0)) if sampled else 0,
+        temperature=temperature if temperature is not None else gen.temperature if sampled else 0.0,
+        top_p=top_p if top_p is not None else gen.top_p if sampled else 1.0,
+        top_k=top_k if top_k is not None else gen.top_k if sampled else 0,
         seed=seed,
     )
 
@@ -45,7 +50,8 @@ def prompt_from_stdin(prompt: str | None) -> str:
         return prompt
     if prompt is None and (sys.stdin is None or sys.stdin.isatty()):
         raise UsageError("no prompt: give PROMPT, pipe it to stdin, or --prompts FILE for many")
-    text = sys.stdin.read().strip()
+    # read as bytes: a pipe's invalid UTF-8 gets a one-line error, not a traceback
+    text = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "the prompt on stdin").strip()
     if not text:
         raise UsageError("stdin holds no prompt; pipe some text, or give PROMPT")
     return text
@@ -71,9 +77,13 @@ def run_command(
     eager: bool = False,
 ) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # a pipe gets whole lines, not 80 columns
+    check_sampling(temperature, top_p, top_k, seed)  # before anything loads
+    if prompt is not None and prompt != "-":
+        check_text(prompt, "PROMPT")
     if prompts_file is not None or batch != 1:
         if prompt is not None or prompts_file is None:
-            raise UsageError("give either PROMPT or --prompts FILE (with --batch B), not both")
+            raise UsageError("PROMPT and --prompts FILE (with --batch B) are two ways to give prompts; give one, "
+                             "not both")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
                             dtype, as_json, vram, policy, transfer_bits, err, eager)
     prompt = prompt_from_stdin(prompt)

@@ -599,4 +599,5 @@ def serve_command(model: str | None, host: str, port: int, api_key: str | None, 
     if state.error is not None:
         if isinstance(state.error, FateError | KeyboardInterrupt | OSError | RuntimeError):
             raise state.error
-        raise FateError(f"loading the model failed: {state.error}")
+        raise FateError(f"loading the model failed ({state.error}); an unexpected error, report it with the "
+                        "command you ran")

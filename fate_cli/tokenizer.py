@@ -18,6 +18,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from fate_cli.errors import BadModel, ModelNotFound
 from fate_cli.model.args import read_json_object
+from fate_cli.model.values import check_text
 
 
 def _token_text(value: Any) -> str | None:
@@ -83,7 +84,7 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.tok.encode(check_text(text, "the text"), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -111,6 +112,9 @@ class Tokenizer:
             )
         except jinja2.TemplateError as err:
             raise BadModel(f"the model's chat template failed to render: {err}; try --raw") from None
+        except Exception as err:  # the template is the model's code: 1/0, a range too large for the sandbox...
+            what = f"{type(err).__name__}: {str(err).splitlines()[0]}" if str(err) else type(err).__name__
+            raise BadModel(f"the model's chat template failed to render ({what}); try --raw") from None
 
     def encode_chat(self, messages: list[Message]) -> list[int]:
         """Token ids of the rendered conversation; the template itself places bos/eos tokens."""

@@ -21,6 +21,7 @@ import torch
 
 from fate_cli.errors import BadModel, ModelNotFound
 from quant.gpt_oss_experts import FusedExperts, part_names
+from quant.manifest import SOURCE_NAME, TEXT, ManifestError, check
 
 ST_DTYPES = {
     "BF16": torch.bfloat16,
@@ -28,6 +29,7 @@ ST_DTYPES = {
     "F32": torch.float32,
     "F64": torch.float64,
     "I8": torch.int8,
+    "I16": torch.int16,
     "U8": torch.uint8,
     "I32": torch.int32,
     "I64": torch.int64,
@@ -110,9 +112,14 @@ def weight_files(model_dir: Path) -> list[str]:
     index = model_dir / INDEX
     if index.is_file():
         try:
-            return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
             raise BadModel(f"{index} is malformed (no weight_map); re-download the model") from None
+        try:  # tensor name -> shard file inside the model folder
+            check(weight_map, {TEXT: SOURCE_NAME}, "weight_map")
+        except ManifestError as err:
+            raise BadModel(f"{index} is malformed ({err}); re-download the model") from None
+        return sorted(set(weight_map.values()))
     if (model_dir / "model.safetensors").is_file():
         return ["model.safetensors"]
     raise ModelNotFound(f"{model_dir} has no model.safetensors or {INDEX}; pull the model again with `fate pull`")

@@ -38,7 +38,7 @@ import os
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -46,9 +46,11 @@ import torch
 
 from fate_cli.errors import BadModel, Busy, ModelNotFound, UsageError
 from quant.hqq_quant import METHODS, hqq_settings, hqq_version, quantize_matrix
-from quant.layout import ALIGN, ExpertLayout, dtype_name
+from quant.layout import ALIGN, DTYPES, ExpertLayout, dtype_name
+from quant.manifest import JOURNAL_SCHEMA, MANIFEST_SCHEMA, ManifestError, first_difference, is_valid
+from quant.manifest import check as check_schema
 from quant.packing import PackedMatrix
-from quant.source import ExpertSet, SourceReader, file_record, source_files
+from quant.source import HASH_CHUNK, ExpertSet, SourceReader, file_record, source_files
 
 FORMAT = "fate-tiers"
 FORMAT_VERSION = 1
@@ -86,10 +88,30 @@ class QuantParams:
         if self.method not in METHODS:
             raise UsageError(f"unknown quantization method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.iters < 1 or self.dense_layers < 0 or self.max_shard_bytes < 1:
-            raise UsageError("--hqq-iters and the shard size must be positive, --dense-layers at least 0")
+            raise UsageError("--hqq-iters and the shard size must be positive, --dense-layers at least 0; "
+                            "give such values")
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> QuantParams:
+        """The parameters a manifest records; ManifestError names the first missing, unknown or wrong field."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown or set(names) - set(data):
+            what = f"has an unknown field {unknown[0]!r}" if unknown else f"lacks {sorted(set(names) - set(data))[0]!r}"
+            raise ManifestError(f"params {what}")
+        for f in fields(cls):
+            value, kind = data[f.name], type(f.default)
+            if type(value) is not kind:  # exact: a bool is no int here, a float no int
+                raise ManifestError(f"params.{f.name} must be a {kind.__name__}, not {value!r}")
+        params = cls(**data)
+        try:
+            params.validate()
+        except UsageError as err:
+            raise ManifestError(f"params: {err}") from None
+        return params
 
 
 @dataclass(frozen=True)
@@ -170,12 +192,17 @@ def _fingerprint(params: QuantParams, sources: dict, tiers: dict[str, TierPlan],
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, Ctrl-C: the old file stays whole and no partial copy is left
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -211,6 +238,38 @@ def _parse_st_header(path: Path) -> tuple[dict, int]:
         if n > 100 << 20:
             raise ValueError("header length out of range")
         return json.loads(f.read(n)), 8 + n
+
+
+def _shard_digests(path: Path) -> tuple[str, dict[str, str]]:
+    """One read of a shard: the file's sha256 and each expert's, from the header's offsets."""
+    header, start = _parse_st_header(path)
+    header.pop("__metadata__", None)
+    spans = sorted((start + v["data_offsets"][0], start + v["data_offsets"][1], k) for k, v in header.items())
+    file_hash, experts = hashlib.sha256(), {}
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+
+        def feed(n: int, *hashes) -> None:  # noqa: ANN002 - hashlib objects
+            while n > 0:
+                got = f.readinto(view[: min(n, len(buf))])
+                if not got:
+                    raise ValueError(f"{path.name} ends early")
+                for h in hashes:
+                    h.update(view[:got])
+                n -= got
+
+        pos = 0
+        for begin, end, key in spans:
+            if begin < pos:
+                raise ValueError(f"{path.name}: experts overlap")
+            feed(begin - pos, file_hash)
+            expert_hash = hashlib.sha256()
+            feed(end - begin, file_hash, expert_hash)
+            experts[key], pos = expert_hash.hexdigest(), end
+        while got := f.readinto(buf):  # whatever follows the last expert
+            file_hash.update(view[:got])
+    return file_hash.hexdigest(), experts
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -268,8 +327,32 @@ class _ShardWriter:
         return {"sha256": self.file_hash.hexdigest(), "size": self.final.stat().st_size, "experts": self.experts}
 
     def abandon(self) -> None:
-        self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Remove the partial shard. Closing flushes, which fails again on a full disk: the unlink still runs."""
+        with contextlib.suppress(OSError):
+            self.file.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink(missing_ok=True)
+
+
+def _being_written(store_dir: Path) -> bool:
+    """Whether a `fate quantize` holds the store's lock right now (probed, not held)."""
+    try:
+        f = open(store_dir / LOCK, "rb")
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def _busy(store_dir: Path) -> Busy:
+    return Busy(f"another `fate quantize` is writing {store_dir}; wait for it to finish")
 
 
 @contextlib.contextmanager
@@ -279,7 +362,7 @@ def store_lock(store_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Busy(f"another `fate quantize` is writing {store_dir}; wait for it to finish") from None
+            raise _busy(store_dir) from None
         try:
             yield
         finally:
@@ -322,16 +405,23 @@ def _source_info(model_dir: Path, files: dict, origin: dict) -> dict:
 
 
 def _reusable(store_dir: Path, journal: dict | None, fingerprint: str, shards: list[ShardPlan]) -> dict:
+    """The finished shards a rebuild keeps: the file's sha256 matches the journal's and its header lists the
+    planned experts. Their per-expert hashes are taken from the bytes, not the journal, which may be wrong."""
     if not journal or journal.get("fingerprint") != fingerprint:
         return {}
     done = {}
     for shard in shards:
-        rec = (journal.get("shards") or {}).get(shard.file)
+        rec = journal["shards"].get(shard.file)
         path = store_dir / shard.file
-        if not rec or not path.is_file() or path.stat().st_size != rec.get("size"):
+        if not rec or not path.is_file() or path.stat().st_size != rec["size"]:
             continue
-        if file_record(path)["sha256"] == rec.get("sha256"):
-            done[shard.file] = rec
+        try:
+            digest, experts = _shard_digests(path)
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            continue
+        keys = [expert_key(shard.tier, layer, e) for layer, e in shard.experts]
+        if digest == rec["sha256"] and list(experts) == keys:
+            done[shard.file] = {"sha256": digest, "size": rec["size"], "experts": experts}
     return done
 
 
@@ -412,8 +502,11 @@ def build_store(
     reader = SourceReader(model_dir)
     source_dtype = _check_source(experts, reader)
     with store_lock(store_dir):
+        # a manifest or journal that is not well formed is worth nothing: rebuild as if it were absent
         existing = _read_json(store_dir / MANIFEST)
+        existing = existing if is_valid(existing, MANIFEST_SCHEMA) else None
         journal = _read_json(store_dir / PROGRESS)
+        journal = journal if is_valid(journal, JOURNAL_SCHEMA) else None
         known = ((existing or {}).get("source") or {}).get("files") or (journal or {}).get("sources") or {}
         sources = _hash_sources(model_dir, known, progress)
         tiers = plan_tiers(experts, params, source_dtype)
@@ -459,6 +552,11 @@ def build_store(
                         builds.append(_ExpertBuild(writers[tier.name], tier, params))
                     for which, name in zip(("gate", "up", "down"), experts.names(layer, e)):
                         w = reader.get(name)
+                        if not torch.isfinite(w).all():  # HQQ would turn them into a store of garbage
+                            raise BadModel(
+                                f"{reader.dir}: tensor {name} holds NaN or infinite values; the checkpoint is "
+                                "damaged, re-download it"
+                            )
                         for b in builds:
                             b.add(which, w)
                         del w
@@ -486,13 +584,11 @@ def build_store(
 
 def _journal_from_manifest(manifest: dict) -> dict:
     """A complete store that no longer checks out: its files and hashes, so that intact shards are kept."""
-    try:
-        shards = {f: {"sha256": r["sha256"], "size": r["size"], "experts": {}} for f, r in manifest["files"].items()}
-        for key, rec in manifest["experts"].items():
+    shards = {f: {"sha256": r["sha256"], "size": r["size"], "experts": {}} for f, r in manifest["files"].items()}
+    for key, rec in manifest["experts"].items():
+        if rec["file"] in shards:
             shards[rec["file"]]["experts"][key] = rec["sha256"]
-    except (KeyError, TypeError, AttributeError):
-        return {}
-    return {"fingerprint": manifest.get("fingerprint"), "shards": shards}
+    return {"fingerprint": manifest["fingerprint"], "sources": manifest["source"]["files"], "shards": shards}
 
 
 def _manifest(expert_set, params, source_dtype, source, tiers, shards, journal, fingerprint) -> dict:
@@ -522,22 +618,66 @@ def _manifest(expert_set, params, source_dtype, source, tiers, shards, journal, 
         "source": source,
         "params": params.to_json(),
         "quantizer": quantizer,
-        "tiers": {
-            t.name: {
-                "kind": t.layout.kind,
-                "bits": t.layout.bits,
-                "group_size": t.layout.group_size,
-                "dtype": t.layout.dtype,
-                "layers": list(t.layers),
-                "expert_bytes": t.layout.nbytes,
-                "layout": t.layout.to_json(),
-                "files": [s.file for s in shards if s.tier == t.name],
-            }
-            for t in tiers.values()
-        },
+        "tiers": _tiers_json(tiers, shards),
         "files": {s.file: {"sha256": records[s.file]["sha256"], "size": records[s.file]["size"]} for s in shards},
         "experts": experts,
     }
+
+
+def _tiers_json(tiers: dict[str, TierPlan], shards: list[ShardPlan]) -> dict:
+    return {
+        t.name: {
+            "kind": t.layout.kind,
+            "bits": t.layout.bits,
+            "group_size": t.layout.group_size,
+            "dtype": t.layout.dtype,
+            "layers": list(t.layers),
+            "expert_bytes": t.layout.nbytes,
+            "layout": t.layout.to_json(),
+            "files": [s.file for s in shards if s.tier == t.name],
+        }
+        for t in tiers.values()
+    }
+
+
+def _check_manifest(manifest: dict) -> None:
+    """Every field well formed (quant.manifest), and the derived ones equal to what a build with the recorded
+    parameters, shape and sources would write: tiers, layouts, shard plan, expert placement, fingerprint."""
+    check_schema(manifest, MANIFEST_SCHEMA)
+    params = QuantParams.from_json(manifest["params"])
+    model = manifest["model"]
+    if model["source_dtype"] not in DTYPES:
+        raise ManifestError(f"model.source_dtype {model['source_dtype']!r} is not a dtype fate writes")
+    layers = model["moe_layers"]
+    if not layers or layers != sorted(set(layers)):
+        raise ManifestError("model.moe_layers must list layer numbers in increasing order")
+    # counted before planning, so that a damaged count cannot make the plan enumerate billions of experts
+    planned = model["num_experts"] * (2 * len(layers) + min(params.dense_layers, len(layers)))
+    if len(manifest["experts"]) != planned:
+        raise ManifestError(f"experts lists {len(manifest['experts'])} experts, the recorded shape implies {planned}")
+    recorded = ExpertSet(model["family"], tuple(layers), model["num_experts"], model["hidden_size"],
+                         model["moe_intermediate_size"])
+    tiers = plan_tiers(recorded, params, DTYPES[model["source_dtype"]])
+    shards = plan_shards(tiers, recorded.num_experts, params.max_shard_bytes)
+    expected = {
+        "fingerprint": _fingerprint(params, manifest["source"]["files"], tiers, shards),
+        "tiers": _tiers_json(tiers, shards),
+        "files": sorted(s.file for s in shards),
+        "experts": {expert_key(s.tier, layer, e): s.file for s in shards for layer, e in s.experts},
+    }
+    found = {
+        "fingerprint": manifest["fingerprint"],
+        "tiers": manifest["tiers"],
+        "files": sorted(manifest["files"]),
+        "experts": {key: rec["file"] for key, rec in manifest["experts"].items()},
+    }
+    # the large sections compare at C speed (strings only); the path of a difference is looked for only then
+    big_equal = found["files"] == expected["files"] and found["experts"] == expected["experts"]
+    diff = first_difference({k: found[k] for k in ("fingerprint", "tiers")},
+                            {k: expected[k] for k in ("fingerprint", "tiers")})
+    diff = diff or (None if big_equal else first_difference(found, expected))
+    if diff:
+        raise ManifestError(f"{diff} disagrees with the recorded parameters and shape")
 
 
 # ------------------------------------------------------------------------------------------ check & read
@@ -552,6 +692,8 @@ def check_store(store_dir: Path, model_dir: Path, deep: bool = True, name: str |
     name = name or str(model_dir)
     manifest_path = store_dir / MANIFEST
     if not manifest_path.is_file():
+        if _being_written(store_dir):  # not damaged: a build is under way
+            raise _busy(store_dir)
         leftovers = store_dir.is_dir() and any(
             p.suffix in (".safetensors", ".tmp") or p.name == PROGRESS for p in store_dir.iterdir()
         )
@@ -572,10 +714,11 @@ def check_store(store_dir: Path, model_dir: Path, deep: bool = True, name: str |
     if manifest.get("complete") is not True:
         raise BadModel(f"the tier store at {store_dir} is incomplete; run `fate quantize {name}` to finish it")
     try:
-        _check_sources(manifest, model_dir, store_dir, name)
-        _check_files(manifest, store_dir, name, deep)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise BadModel(f"{manifest_path} is damaged ({type(err).__name__}: {err}); {_rebuild(name)}") from None
+        _check_manifest(manifest)
+    except ManifestError as err:
+        raise BadModel(f"{manifest_path} is damaged ({err}); {_rebuild(name)}") from None
+    _check_sources(manifest, model_dir, store_dir, name)
+    _check_files(manifest, store_dir, name, deep)
     return manifest
 
 
@@ -589,6 +732,8 @@ def _check_sources(manifest: dict, model_dir: Path, store_dir: Path, name: str) 
         )
     for file, rec in recorded.items():
         path = model_dir / file
+        if not path.is_file():
+            raise ModelNotFound(f"{path} is missing; run `fate pull` again to fetch it")
         st = path.stat()
         if st.st_size == rec["size"] and st.st_mtime_ns == rec["mtime_ns"]:
             continue
@@ -634,11 +779,20 @@ def _check_files(manifest: dict, store_dir: Path, name: str, deep: bool) -> None
                     f"the tier store at {store_dir} is damaged: {file} does not hold the experts the manifest "
                     f"lists; {_rebuild(name)}"
                 )
-            if deep and file_record(path)["sha256"] != rec["sha256"]:
+            if not deep:
+                continue
+            digest, experts = _shard_digests(path)
+            if digest != rec["sha256"]:
                 raise BadModel(
                     f"the tier store at {store_dir} is damaged: {file} does not match its sha256 in the manifest; "
                     f"{_rebuild(name)}"
                 )
+            for key in keys:  # what TierStore.read checks as it reads each expert
+                if experts[key] != manifest["experts"][key]["sha256"]:
+                    raise BadModel(
+                        f"the tier store at {store_dir} is damaged: expert {key} in {file} does not match its "
+                        f"sha256 in the manifest; {_rebuild(name)}"
+                    )
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> su
     saved_stdin, saved_argv, saved_threads = sys.stdin, sys.argv, torch.get_num_threads()
     if home is not None:
         os.environ["FATE_HOME"] = str(home)
-    sys.stdin, sys.argv = io.StringIO(stdin), ["fate", *args]
+    sys.stdin, sys.argv = io.TextIOWrapper(io.BytesIO(stdin.encode()), encoding="utf-8"), ["fate", *args]  # a pipe
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

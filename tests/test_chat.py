@@ -49,7 +49,7 @@ def test_interactive_session(home):
     child.sendline("/set temperature 0")
     child.expect("temperature = 0.0")
     child.sendline("/set temperature warm")
-    child.expect("needs a float")
+    child.expect("needs a number")
     child.sendline("/set max_tokens 16")
     child.expect(">>> ")
     child.sendline("And what is a computer?")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fate_cli.engine.finite import NON_FINITE, non_finite_error
 from fate_cli.errors import ResourceError
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
@@ -25,6 +26,11 @@ class SamplingParams:
     seed: int | None = 0
 
 
+# Sampling's limit as the temperature goes to 0 is greedy; below float32's smallest normal number the
+# division below would underflow to 0 / 0.
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
+
 class Sampler:
     def __init__(self, params: SamplingParams, device: torch.device):
         self.params = params
@@ -35,11 +41,18 @@ class Sampler:
             self.generator.seed()
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [batch, vocab] -> token ids [batch]."""
+        """logits [batch, vocab] -> token ids [batch]; NON_FINITE for a row whose logits hold NaN or infinity
+        (the caller sees it with the token, no extra synchronisation)."""
         p = self.params
-        if p.temperature <= 0:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / p.temperature
+        if p.temperature < GREEDY_BELOW:
+            token = logits.argmax(dim=-1)
+            chosen = logits.gather(-1, token[:, None]).squeeze(-1)  # NaN and +inf win the argmax: their row shows
+            return torch.where(torch.isfinite(chosen), token, NON_FINITE)
+        logits = logits.float()
+        top = logits.amax(dim=-1, keepdim=True)
+        finite = torch.isfinite(top)  # NaN and +inf propagate through the max
+        # shifted to <= 0 before dividing, so that a tiny temperature gives -inf, never inf - inf = NaN
+        logits = torch.where(finite, logits - top, 0.0) / p.temperature
         if p.top_k > 0:
             kth = torch.topk(logits, min(p.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -50,7 +63,8 @@ class Sampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
         probs = torch.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        token = torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+        return torch.where(finite.squeeze(-1), token, NON_FINITE)
 
 
 @dataclass
@@ -124,6 +138,8 @@ def generate(
     logits = model(tokens, cache, start_pos, last_only=True)[:, -1]
     token = sampler(logits)
     next_id = int(token.item())  # the host must see each token to stream it and test for EOS
+    if next_id == NON_FINITE:
+        raise non_finite_error(model)
     t1 = time.perf_counter()
     stats.prefill_seconds = t1 - t0
 
@@ -143,6 +159,8 @@ def generate(
         pos += 1
         token = sampler(logits)
         next_id = int(token.item())
+        if next_id == NON_FINITE:
+            raise non_finite_error(model)
     synchronize(device)
     stats.decode_seconds = time.perf_counter() - t1
     stats.generated_tokens = len(out)
@@ -203,6 +221,8 @@ def generate_batch(
             first[i] = row
     tokens = sampler(torch.stack(first))
     ids = tokens.tolist()
+    if NON_FINITE in ids:
+        raise non_finite_error(model)
     t1 = time.perf_counter()
 
     outs: list[list[int]] = [[] for _ in prompts]
@@ -226,6 +246,8 @@ def generate_batch(
         pos = [p if reasons[i] else p + 1 for i, p in enumerate(pos)]  # a finished row rewrites its last slot
         tokens = sampler(logits)
         ids = tokens.tolist()
+        if NON_FINITE in ids:
+            raise non_finite_error(model)
     synchronize(device)
     decode_seconds = time.perf_counter() - t1
 

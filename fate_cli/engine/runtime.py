@@ -12,6 +12,7 @@ from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
+from fate_cli.model.config_check import check_against_weights
 from fate_cli.model.experts import ExpertProvider
 from fate_cli.model.loader import LoadedModel, Weights, load_args, load_resident_experts, load_weights
 from fate_cli.registry import ResolvedModel, resolve
@@ -169,14 +170,21 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
     if policy is not None:  # planned from config.json alone: a budget too small is refused before loading
         from cache.budget import auto_budget, parse_size
         from cache.setup import plan_for
+        from quant.source import SourceReader
         from quant.store import QuantParams
 
         args = load_args(resolved.path)
+        check_against_weights(args, SourceReader(resolved.path))  # a config the weights contradict is never planned
         budget = parse_size(vram) if vram else auto_budget(dev)
         check_device_free(dev, budget, vram)
         ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
         store = open_store(resolved, build=False)
         params = QuantParams(**store.manifest["params"]) if store else QuantParams()
+        if transfer_bits is not None and transfer_bits not in (params.hot_bits, params.cold_bits):
+            raise UsageError(  # checked before a store is built or a plan made
+                f"--transfer-bits {transfer_bits} matches no tier of the store (hot INT{params.hot_bits}, cold "
+                f"INT{params.cold_bits}); give {params.hot_bits} or {params.cold_bits}, or leave it out"
+            )
         setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
         if not setup.full_precision and args.expert_bias:
             from fate_cli.errors import ResourceError

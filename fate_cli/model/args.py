@@ -7,6 +7,7 @@ one ModelArgs; the shared layers read only ModelArgs, never the raw config.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,11 @@ class YarnRope:
     mscale_all_dim: float | None = None
 
 
+def is_positive_number(value: Any) -> bool:
+    """JSON numbers include 1e999 (infinity) and, from Python's parser, NaN: neither is a dimension or a scale."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < math.inf
+
+
 class ConfigReader:
     """Typed access to config.json with one clear error per bad or missing field."""
 
@@ -155,9 +161,12 @@ class ConfigReader:
         value = self.cfg.get(key, default)
         if value is None:
             raise self._fail(key, "is missing")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise self._fail(key, f"must be a positive number, not {value!r}")
+        if not is_positive_number(value):
+            raise self._fail(key, f"must be a positive finite number, not {value!r}")
         return float(value)
+
+    def optional_float(self, key: str) -> float | None:
+        return None if self.cfg.get(key) is None else self.float(key)
 
     def bool(self, key: str, default: bool) -> bool:
         value = self.cfg.get(key, default)
@@ -208,8 +217,8 @@ class ConfigReader:
             return self.float("rope_theta")
         if params and params.get("rope_theta") is not None:
             value = params["rope_theta"]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise self._fail("rope_parameters.rope_theta", f"must be a positive number, not {value!r}")
+            if not is_positive_number(value):
+                raise self._fail("rope_parameters.rope_theta", f"must be a positive finite number, not {value!r}")
             return float(value)
         return default
 

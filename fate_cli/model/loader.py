@@ -6,7 +6,6 @@ model's parameters, so the whole checkpoint is never held in memory twice.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,10 +17,11 @@ from safetensors import SafetensorError, safe_open
 from fate_cli.errors import BadModel, ModelNotFound
 from fate_cli.model import gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
+from fate_cli.model.config_check import check_against_weights
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
 from fate_cli.model.model import Transformer, build_model, checkpoint_name, weight_shapes
 from quant.gpt_oss_experts import FusedExperts
-from quant.source import fused_expert_slices
+from quant.source import SourceReader, fused_expert_slices, weight_files
 
 FAMILIES: dict[str, Callable[[dict, Path], ModelArgs]] = {
     "mixtral": mixtral.model_args,
@@ -46,12 +46,12 @@ def load_args(model_dir: Path) -> ModelArgs:
     if args.num_heads % args.num_kv_heads:
         raise BadModel(
             f"{model_dir / 'config.json'}: num_attention_heads ({args.num_heads}) must be a multiple of "
-            f"num_key_value_heads ({args.num_kv_heads})"
+            f"num_key_value_heads ({args.num_kv_heads}); fix config.json or re-download the model"
         )
     if not 0 < args.top_k <= args.num_experts:
         raise BadModel(
             f"{model_dir / 'config.json'}: num_experts_per_tok ({args.top_k}) must be between 1 and the "
-            f"number of experts ({args.num_experts})"
+            f"number of experts ({args.num_experts}); fix config.json or re-download the model"
         )
     return args
 
@@ -61,22 +61,7 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path):
         self.dir = model_dir
-        index = model_dir / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-                raise BadModel(f"{index} is malformed (no weight_map); re-download the model") from None
-            files = sorted(set(weight_map.values()))
-        elif (model_dir / "model.safetensors").is_file():
-            files = ["model.safetensors"]
-        else:
-            raise ModelNotFound(
-                f"{model_dir} has no model.safetensors or model.safetensors.index.json; "
-                "pull the model again with `fate pull`"
-            )
+        files = weight_files(model_dir)  # the index's shard names checked: plain names inside the folder
         self.handles = {}
         self.location: dict[str, str] = {}
         self.sliced: dict[str, tuple[str, int, int, int]] = {}  # per-expert name -> rows of a fused tensor
@@ -219,6 +204,7 @@ def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: tor
     device = torch.device(device)
     args = load_args(model_dir)
     ckpt = Checkpoint(model_dir)
+    check_against_weights(args, SourceReader(model_dir))  # before a config's dimensions size anything
     check_layer_count(args, ckpt)
     check_checkpoint(args, ckpt)
     tensors = {param: ckpt.get(checkpoint_name(args, param)).to(device=device, dtype=dtype, copy=True)

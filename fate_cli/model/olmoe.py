@@ -7,16 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fate_cli.errors import BadModel
 from fate_cli.model.args import ConfigReader, ModelArgs, common_fields
 
 
 def model_args(cfg: dict[str, Any], path: Path) -> ModelArgs:
     r = ConfigReader(cfg, path)
     fields = common_fields(r, rope_theta=10000.0, rms_norm_eps=1e-5, max_positions=4096)
-    clip = cfg.get("clip_qkv")
-    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
-        raise BadModel(f"{path}: field 'clip_qkv' must be a positive number or null, not {clip!r}")
+    clip = r.optional_float("clip_qkv")
     return ModelArgs(
         family="olmoe",
         **fields,
@@ -26,6 +23,6 @@ def model_args(cfg: dict[str, Any], path: Path) -> ModelArgs:
         norm_topk_prob=r.bool("norm_topk_prob", False),
         attention_bias=r.bool("attention_bias", False),
         qk_norm="full",
-        clip_qkv=None if clip is None else float(clip),
+        clip_qkv=clip,
         moe_layers=(True,) * fields["num_layers"],
     )

@@ -99,3 +99,28 @@ def test_mutated_safetensors_header(data):
     weights.write_bytes(bytes(raw))
     load_or_clean_error(path)
     shutil.rmtree(path.parent)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_mutated_generation_config(data):
+    """A generation_config.json's sampling fields either give a sampler that samples, or one clean error."""
+    from fate_cli.engine.generate import Sampler, SamplingParams
+    from fate_cli.model.generation_config import generation_defaults
+
+    gen = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 40}
+    for _ in range(data.draw(st.integers(1, 3))):
+        key = data.draw(st.sampled_from(sorted(gen)))
+        if data.draw(st.booleans()):
+            gen.pop(key, None)
+        else:
+            gen[key] = data.draw(st.one_of(JSON_VALUES, st.floats(0, 2), st.integers(0, 10**6)))
+    try:
+        d = generation_defaults(gen, Path("generation_config.json"))
+    except FateError as err:
+        assert str(err) and "\n" not in str(err) and "; " in str(err)
+        return
+    params = SamplingParams(temperature=d.temperature if d.do_sample else 0.0, top_p=d.top_p, top_k=d.top_k, seed=1)
+    logits = torch.randn(2, 4096, generator=torch.Generator().manual_seed(0)) * 10
+    tokens = Sampler(params, torch.device("cpu"))(logits).tolist()
+    assert all(0 <= t < 4096 for t in tokens)
