@@ -274,7 +274,7 @@ def perplexity(
     if full and max_windows is not None:
         from fate_cli.errors import UsageError
 
-        raise UsageError("give --full or --max-windows, not both")
+        raise UsageError("--full and --max-windows both ask how much text to score; give one of them")
     _threads(threads)
     perplexity_command(model, file, tiers, window, None if full else max_windows or DEFAULT_WINDOWS, device, dtype)
 

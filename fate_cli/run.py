@@ -49,7 +49,7 @@ def prompt_from_stdin(prompt: str | None) -> str:
     if prompt is not None and prompt != "-":
         return prompt
     if prompt is None and (sys.stdin is None or sys.stdin.isatty()):
-        raise UsageError("no prompt: give PROMPT, pipe it to stdin, or --prompts FILE for many")
+        raise UsageError("no prompt; give PROMPT, pipe it to stdin, or --prompts FILE for many")
     # read as bytes: a pipe's invalid UTF-8 gets a one-line error, not a traceback
     text = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "the prompt on stdin").strip()
     if not text:

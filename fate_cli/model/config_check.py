@@ -14,10 +14,8 @@ from collections import defaultdict
 
 from fate_cli.errors import BadModel
 from fate_cli.model.args import ModelArgs
+from fate_cli.model.model import checkpoint_name
 from quant.source import SourceReader
-
-_EXPERT = re.compile(r"model\.layers\.(\d+)\.([A-Za-z_]+)\.experts\.(\d+)\.")
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _is_range(found: set[int], n: int) -> bool:
@@ -33,12 +31,15 @@ def check_against_weights(args: ModelArgs, reader: SourceReader) -> None:
         return BadModel(f"{where}: {what}; the weights do not match the config, fix config.json or re-download "
                         "the model")
 
+    prefix = re.escape(args.checkpoint_prefix)  # "model.", or "model.language_model." inside a VLM
+    layer_name = re.compile(prefix + r"layers\.(\d+)\.")
+    expert_name = re.compile(prefix + r"layers\.(\d+)\.([A-Za-z_]+)\.experts\.(\d+)\.")
     layers: set[int] = set()
     experts: dict[int, set[int]] = defaultdict(set)
     for name in reader.entries:
-        if m := _LAYER.match(name):
+        if m := layer_name.match(name):
             layers.add(int(m.group(1)))
-        if (m := _EXPERT.match(name)) and m.group(2) == args.moe_module:
+        if (m := expert_name.match(name)) and m.group(2) == args.moe_module:
             experts[int(m.group(1))].add(int(m.group(3)))
         dtype = reader.dtype(name)
         if name.endswith((".weight", ".bias")) and not dtype.is_floating_point:
@@ -53,9 +54,11 @@ def check_against_weights(args: ModelArgs, reader: SourceReader) -> None:
         if not _is_range(found, args.num_experts):
             raise mismatch(f"the number of experts is {args.num_experts} but layer {layer} of the checkpoint holds "
                            f"{len(found)}")
-    expected = {"model.embed_tokens.weight": (args.vocab_size, args.hidden_size),
-                "model.layers.0.self_attn.q_proj.weight": (args.num_heads * args.head_dim, args.hidden_size),
-                "model.layers.0.self_attn.k_proj.weight": (args.num_kv_heads * args.head_dim, args.hidden_size)}
+    q_rows = args.num_heads * args.head_dim * (2 if args.attn_output_gate else 1)  # the gate rides in q_proj
+    expected = {checkpoint_name(args, "embed_tokens.weight"): (args.vocab_size, args.hidden_size),
+                checkpoint_name(args, "layers.0.self_attn.q_proj.weight"): (q_rows, args.hidden_size),
+                checkpoint_name(args, "layers.0.self_attn.k_proj.weight"): (args.num_kv_heads * args.head_dim,
+                                                                            args.hidden_size)}
     if args.moe_layer_ids and args.expert_layout == "separate":
         names = args.experts.names(args.moe_layer_ids[0], 0)
         expected |= dict(zip(names, args.experts.shapes))
