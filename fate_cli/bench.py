@@ -31,6 +31,7 @@ from fate_cli.engine.stores import open_store
 from fate_cli.errors import FateError, UsageError
 from fate_cli.model.values import BUDGET_SHARE, MAX_BUDGETS
 from fate_cli.registry import BUNDLED_ROOT, resolve
+from quant.files import write_atomic
 
 BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
 FIELDS = [
@@ -427,13 +428,8 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig = plot_figure(rows)
-    tmp = path.with_name(path.name + ".tmp.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        tmp.replace(path)
-    except BaseException:  # the old plot stays whole, no partial one is left
-        tmp.unlink(missing_ok=True)
-        raise
+    try:  # the old plot stays whole, no partial one is left
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
 

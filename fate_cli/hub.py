@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
-import json
 import os
 import shutil
 import signal
@@ -72,6 +70,7 @@ from fate_cli.registry import (
     repo_dir,
     unknown_alias,
 )
+from quant.files import UnreadableJSON, exclusive_lock, lock_note, read_json_object, write_json_atomic
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_WEIGHTS = "model.safetensors"
@@ -127,27 +126,16 @@ def _lock_path(repo: str) -> Path:
     return models_dir() / ".locks" / f"{_folder_name(repo)}.lock"
 
 
-def _holder(fd: int) -> tuple[str, str]:
-    """(pid, "pulling" or "removing") as written into a lock file by its holder."""
-    words = os.pread(fd, 200, 0).decode(errors="replace").split()
+def _holder(note: str) -> tuple[str, str]:
+    """(pid, "pulling" or "removing") from the note the lock's holder wrote."""
+    words = note.split()
     return (words[0] if words else "unknown"), ("removing" if words[1:2] == ["rm"] else "pulling")
 
 
 def lock_holder(repo: str) -> tuple[str, str] | None:
     """Who holds `repo`'s lock right now, or None (for `fate list`)."""
-    try:
-        fd = os.open(_lock_path(repo), os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder(fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # also drops our shared lock
-    return None
+    note = lock_note(_lock_path(repo))
+    return None if note is None else _holder(note)
 
 
 @contextlib.contextmanager
@@ -158,27 +146,18 @@ def model_lock(repo: str, action: str) -> Iterator[None]:
     """
     path = _lock_path(repo)
     _ensure_dir(path.parent)
+
+    def busy(note: str) -> Busy:
+        pid, doing = _holder(note)
+        return Busy(f"another fate process is {doing} {repo} (pid {pid}); wait for it to finish")
+
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        path.touch()
     except OSError as err:
         raise ResourceError(f"cannot write to {path} ({err.strerror}); set FATE_HOME to a writable folder") from None
-    try:
-        for attempt in range(5):  # a few tries: `fate list` probes the lock for an instant (lock_holder)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if attempt == 4:
-                    pid, doing = _holder(fd)
-                    raise Busy(
-                        f"another fate process is {doing} {repo} (pid {pid}); wait for it to finish"
-                    ) from None
-                time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {action}\n".encode(), 0)
+    # a few tries: `fate list` probes the lock for an instant (lock_holder)
+    with exclusive_lock(path, busy, note=f"{os.getpid()} {action}\n", tries=5):
         yield
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------- error mapping
@@ -359,13 +338,9 @@ def _download(repo: str, sha: str, names: list[str], local_dir: Path, tqdm_class
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BadModel(f"{what} ({path.name}) cannot be read ({_reason(err)}); "
-                       f"the repo is not a usable model") from None
-    if not isinstance(data, dict):
-        raise BadModel(f"{what} ({path.name}) must hold a JSON object; the repo is not a usable model")
-    return data
+        return read_json_object(path)
+    except UnreadableJSON as err:
+        raise BadModel(f"{what} ({path.name}) cannot be used ({err}); the repo is not a usable model") from None
 
 
 def _check_family(config: dict[str, Any], repo: str, alias_family: str | None, con: Console) -> str:
@@ -433,13 +408,7 @@ def _remove_orphan_partials(model_dir: Path) -> int:
 
 
 def _write_marker(model_dir: Path, record: dict[str, Any]) -> None:
-    tmp = model_dir / f"{PULL_MARKER}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, model_dir / PULL_MARKER)
+    write_json_atomic(model_dir / PULL_MARKER, record, indent=2)
 
 
 def after_pull(name: str, model_dir: Path, record: dict[str, Any], quantize: bool = True) -> None:
@@ -641,8 +610,8 @@ def _dir_size(path: Path) -> int:
 
 def _family_of(path: Path) -> str:
     try:
-        family = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        family = read_json_object(path / "config.json").get("model_type")
+    except UnreadableJSON:
         return "?"
     return family if isinstance(family, str) else "?"
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from fate_cli.errors import FateError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.loader import Checkpoint, load_args
+from quant.files import UnreadableJSON, read_json_object
 
 
 @dataclass
@@ -42,10 +42,10 @@ def read_store(store_dir: Path) -> dict | None:
     from quant.store import MANIFEST
 
     try:
-        manifest = json.loads((store_dir / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        manifest = read_json_object(store_dir / MANIFEST)
+    except UnreadableJSON:
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("complete", True) else None
+    return manifest if manifest.get("complete", True) else None
 
 
 def tier_summary(manifest: dict) -> str:
@@ -74,8 +74,8 @@ def model_facts(path: Path, name: str) -> ModelFacts:
     args = load_args(path)
     total, active = parameter_counts(args, Checkpoint(path))
     try:
-        dtype = str(json.loads((path / "config.json").read_text(encoding="utf-8")).get("torch_dtype") or "?")
-    except (OSError, ValueError):
+        dtype = str(read_json_object(path / "config.json").get("torch_dtype") or "?")
+    except UnreadableJSON:
         dtype = "?"
     store_dir = default_store_dir(path, name)
     return ModelFacts(args, total, active, dtype, store_dir, read_store(store_dir))

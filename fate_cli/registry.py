@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import tomllib
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 from fate_cli.errors import FateError, ModelNotFound, UsageError
 from fate_cli.model.values import check_repo_id
+from quant.files import UnreadableJSON, read_json_object
 
 PULL_MARKER = ".fate-pull.json"  # written last by `fate pull`: its presence means the download is complete
 BUNDLED_ROOT = Path(__file__).parent / "models"
@@ -86,8 +86,8 @@ def is_complete(path: Path) -> bool:
 
 def pull_record(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / PULL_MARKER).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+        return read_json_object(path / PULL_MARKER)
+    except UnreadableJSON:
         return {}
 
 

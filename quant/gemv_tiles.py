@@ -13,12 +13,13 @@ Reading this module needs neither Triton nor a GPU.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import torch
+
+from quant.files import read_json_object, write_text_atomic
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TILE_KEYS = ("BLOCK_N", "BLOCK_K", "SPLIT_K", "num_warps", "DIRECT")
@@ -49,7 +50,7 @@ def parse_key(text: str) -> Shape:
 
 def read(path: Path) -> dict[Shape, dict]:
     """The tiles in a file written by `write`."""
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = read_json_object(path)
     tiles = {}
     for text, cfg in raw.items():
         unknown = set(cfg) - set(TILE_KEYS)
@@ -63,9 +64,7 @@ def write(path: Path, tiles: dict[Shape, dict]) -> None:
     """Write `tiles` to `path` through a temporary file in the same folder, renamed over it."""
     text = "{\n" + ",\n".join(f'  "{key(*shape)}": {json.dumps(tiles[shape])}' for shape in sorted(tiles)) + "\n}\n"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def for_gpu(device_name: str, config_dir: Path = CONFIG_DIR) -> dict[Shape, dict]:

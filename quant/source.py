@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fate_cli.errors import BadModel, ModelNotFound
+from quant.files import UnreadableJSON, read_json_object
 from quant.gpt_oss_experts import FusedExperts, part_names
 from quant.manifest import SOURCE_NAME, TEXT, ManifestError, check
 
@@ -112,8 +113,8 @@ def weight_files(model_dir: Path) -> list[str]:
     index = model_dir / INDEX
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+            weight_map = read_json_object(index)["weight_map"]
+        except (UnreadableJSON, KeyError):
             raise BadModel(f"{index} is malformed (no weight_map); re-download the model") from None
         try:  # tensor name -> shard file inside the model folder
             check(weight_map, {TEXT: SOURCE_NAME}, "weight_map")

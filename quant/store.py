@@ -31,7 +31,6 @@ and with deep=True a file whose sha256 differs. TierStore.read checks each exper
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 
 from fate_cli.errors import BadModel, Busy, ModelNotFound, UsageError
+from quant.files import UnreadableJSON, exclusive_lock, fsync_dir, lock_note, read_json_object, write_json_atomic
 from quant.hqq_quant import METHODS, hqq_settings, hqq_version, quantize_matrix
 from quant.layout import ALIGN, DTYPES, ExpertLayout, dtype_name
 from quant.manifest import JOURNAL_SCHEMA, MANIFEST_SCHEMA, ManifestError, first_difference, is_valid
@@ -190,37 +190,12 @@ def _fingerprint(params: QuantParams, sources: dict, tiers: dict[str, TierPlan],
 # ------------------------------------------------------------------------------------------ files
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, Ctrl-C: the old file stays whole and no partial copy is left
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _read_json(path: Path) -> dict | None:
+    """A store's JSON file, or None when it is missing or unusable (then it is rebuilt)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json_object(path)
+    except UnreadableJSON:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _st_header(tier: str, keys: list[str], nbytes: int) -> bytes:
@@ -288,7 +263,11 @@ class _ShardWriter:
         self.file_hash = hashlib.sha256()
         self.experts: dict[str, str] = {}
         self.key: str | None = None
-        self._put(memoryview(_st_header(shard.tier, self.keys, layout.nbytes)))
+        try:
+            self._put(memoryview(_st_header(shard.tier, self.keys, layout.nbytes)))
+        except BaseException:  # not yet the caller's to abandon: leave no partial shard
+            self.abandon()
+            raise
 
     def _put(self, data: memoryview) -> None:
         self.file.write(data)
@@ -319,11 +298,15 @@ class _ShardWriter:
         return len(self.experts) == len(self.keys)
 
     def finish(self) -> dict:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.final)
+        except BaseException:  # a full disk at the last flush, Ctrl-C: no partial shard is left
+            self.abandon()
+            raise
+        fsync_dir(self.final.parent)
         return {"sha256": self.file_hash.hexdigest(), "size": self.final.stat().st_size, "experts": self.experts}
 
     def abandon(self) -> None:
@@ -336,19 +319,7 @@ class _ShardWriter:
 
 def _being_written(store_dir: Path) -> bool:
     """Whether a `fate quantize` holds the store's lock right now (probed, not held)."""
-    try:
-        f = open(store_dir / LOCK, "rb")
-    except OSError:
-        return False
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        except OSError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-    return False
+    return lock_note(store_dir / LOCK) is not None
 
 
 def _busy(store_dir: Path) -> Busy:
@@ -358,15 +329,8 @@ def _busy(store_dir: Path) -> Busy:
 @contextlib.contextmanager
 def store_lock(store_dir: Path) -> Iterator[None]:
     store_dir.mkdir(parents=True, exist_ok=True)
-    with open(store_dir / LOCK, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _busy(store_dir) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with exclusive_lock(store_dir / LOCK, lambda _note: _busy(store_dir)):
+        yield
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -526,7 +490,7 @@ def build_store(
         reused = len(done)
         _clean(store_dir, keep=set(done))
         journal = {"fingerprint": fingerprint, "sources": sources, "shards": dict(done)}
-        _write_json_atomic(store_dir / PROGRESS, journal)
+        write_json_atomic(store_dir / PROGRESS, journal)
 
         pending = {}
         for shard in shards:
@@ -564,7 +528,7 @@ def build_store(
                         if writers[tier.name].end():
                             writer = writers.pop(tier.name)
                             journal["shards"][writer.final.name] = writer.finish()
-                            _write_json_atomic(store_dir / PROGRESS, journal)
+                            write_json_atomic(store_dir / PROGRESS, journal)
                     count += 1
                     if progress:
                         progress("quantize", count, total)
@@ -574,7 +538,7 @@ def build_store(
 
         manifest = _manifest(experts, params, source_dtype, _source_info(model_dir, sources, origin or {}), tiers,
                              shards, journal, fingerprint)
-        _write_json_atomic(store_dir / MANIFEST, manifest)
+        write_json_atomic(store_dir / MANIFEST, manifest)
         (store_dir / PROGRESS).unlink(missing_ok=True)
         return BuildResult(
             store_dir, manifest, reused_shards=reused, written_shards=len(shards) - reused,

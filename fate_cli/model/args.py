@@ -6,13 +6,13 @@ one ModelArgs; the shared layers read only ModelArgs, never the raw config.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fate_cli.errors import BadModel, ModelNotFound
+from quant import files
 from quant.expert_act import ClampedSwiGLU
 from quant.source import ExpertSet
 
@@ -228,12 +228,9 @@ def read_json_object(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadModel(f"{path} is not valid JSON ({err}); re-download the model") from None
-    if not isinstance(data, dict):
-        raise BadModel(f"{path} must hold a JSON object; re-download the model")
-    return data
+        return files.read_json_object(path)
+    except files.UnreadableJSON as err:
+        raise BadModel(f"{path} cannot be used ({err}); re-download the model") from None
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:

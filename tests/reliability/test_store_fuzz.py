@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import quant.files
 import quant.store
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import open_model
@@ -66,6 +67,7 @@ def templates(tmp_path_factory):
     counter = _Disk(None, None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(quant.store, "open", counter.open, raising=False)
+        mp.setattr(quant.files, "open", counter.open, raising=False)
         clean = _build(root / "clean", PARAMS)
     old = _build(root / "old", OLD_PARAMS)
     os.environ["FATE_HOME"] = str(root / "clean")
@@ -177,7 +179,8 @@ def test_verify_agrees_with_run_on_any_manifest_field(templates, tmp_path, data)
 
 
 class _Disk:
-    """quant.store's writes through a disk that fills after `room` bytes, or a Ctrl-C at the n-th write."""
+    """The store's writes (quant.store, quant.files) through a disk that fills after `room` bytes, or a Ctrl-C at
+    the n-th write."""
 
     def __init__(self, room: int | None, interrupt_at: int | None):
         self.room, self.interrupt_at, self.writes, self.full = room, interrupt_at, 0, False
@@ -241,7 +244,8 @@ def test_a_failed_write_leaves_the_old_file_or_nothing_and_the_next_run_repairs_
     disk = _Disk(int(at * total), None) if fault == "disk full" else _Disk(None, 1 + int(at * templates["writes"]))
     old = json.loads((templates["old"] / MANIFEST).read_text()) if start == "old" else {"files": {}}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(quant.store, "open", disk.open, raising=False)
+        mp.setattr(quant.store, "open", disk.open, raising=False)  # the shards
+        mp.setattr(quant.files, "open", disk.open, raising=False)  # the journal and the manifest
         try:
             quantize_model(resolve("tiny").path, store, PARAMS)
             finished = True
