@@ -2,7 +2,8 @@
 
 Replays the bundled model's routing (held-out text, greedy) through each policy with tiny experts on the
 CPU and prints, per budget, the experts moved per request in prefill and per token in decode (in hot-tier
-expert units: a cold transfer counts its share) and the decode hit rate. Used to choose fate's prefetch
+expert units: a cold transfer counts its share), Belady's MIN for the row's slots on the same routing
+(cache/belady.py: the fewest loads any policy could make) and the decode hit rate. Used to choose fate's prefetch
 thresholds (docs/bench-results.md).
 
     python3 benchmarks/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,lru,eap,fmoe,ondemand]
@@ -14,6 +15,7 @@ import argparse
 
 import torch
 
+from cache.belady import min_loads
 from fate_cli.bench import open_target, parse_budgets, prompt_set
 from fate_cli.engine.replay import ReplayModel
 
@@ -36,8 +38,14 @@ def main() -> None:
             offload = session.offload
             prefill = decode = 0.0
             hits = misses = 0
+            routing: dict[int, list[set[int]]] = {}  # per MoE layer, the experts of every step of every request
+            counted: list[bool] = []  # the steps whose loads count: decode steps of the measured requests
             for i, prompt in enumerate(prompts):
                 steps = target.steps([prompt], args.n)
+                for k, step in enumerate(steps):
+                    for traffic in step.layers:
+                        routing.setdefault(traffic.layer, []).append(set(traffic.ids))
+                    counted.append(i > 0 and k > 0)
                 player = ReplayModel(session.provider, target.hidden, cpu, torch.float32, max(s.tokens for s in steps))
                 session.provider.begin_request()
                 offload.reset_stats()
@@ -52,9 +60,13 @@ def main() -> None:
                 decode += (sum(stats.bytes_moved.values()) - moved0) / hot
                 hits += stats.hits - hits0
                 misses += stats.misses - misses0
+            # the floor for this row's slots: layers held whole load nothing
+            floor = sum(min_loads(routing[layer], state.capacity, counted)
+                        for layer, state in offload.layers.items()) / args.r / args.n
+            per_token = decode / args.r / args.n
             print(f"{label:>4} {policy:9} prefill {prefill / args.r:7.1f} experts/request  "
-                  f"decode {decode / args.r / args.n:6.2f} experts/token  decode hit {hits / (hits + misses):.3f}",
-                  flush=True)
+                  f"decode {per_token:6.2f} experts/token (MIN {floor:5.2f}, {per_token / floor if floor else 0:4.2f}x)"
+                  f"  decode hit {hits / (hits + misses):.3f}", flush=True)
             session.close()
 
 
