@@ -171,10 +171,22 @@ def generate(
     return GenerationResult(out, stats)
 
 
-def prefill_groups(model: Transformer, lengths: list[int]) -> list[list[int]]:
-    """Which prompts of a batch are prefilled together: the provider's choice (klotski groups them), else
-    each alone."""
-    return model.provider.prefill_groups(lengths)
+def prefill_rows(model: Transformer, prompts: Sequence[Sequence[int]], cache: KVCache, first_row: int = 0
+                 ) -> list[torch.Tensor]:
+    """Prompt i prefilled from position 0 into row first_row + i of `cache`, alone or in the groups the expert
+    provider asks for (klotski's pass through each layer together) -> each prompt's last logits [vocab]."""
+    device = model.embed_tokens.weight.device
+    logits: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    for group in model.provider.prefill_groups([len(p) for p in prompts]):
+        inputs = [torch.tensor([list(prompts[i])], dtype=torch.long, device=device) for i in group]
+        rows = [cache.rows(first_row + i, first_row + i + 1) for i in group]
+        if len(group) == 1:
+            out = model(inputs[0], rows[0], 0, last_only=True)[:, -1]
+        else:
+            out = model.prefill_together(inputs, rows)
+        for i, row_logits in zip(group, out):
+            logits[i] = row_logits
+    return logits
 
 
 @dataclass
@@ -210,16 +222,7 @@ def generate_batch(
 
     synchronize(device)
     t0 = time.perf_counter()
-    first: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    for group in prefill_groups(model, [len(p) for p in prompts]):
-        inputs = [torch.tensor([list(prompts[i])], dtype=torch.long, device=device) for i in group]
-        if len(group) == 1:
-            logits = model(inputs[0], cache.rows(group[0], group[0] + 1), 0, last_only=True)[:, -1]
-        else:
-            logits = model.prefill_together(inputs, [cache.rows(i, i + 1) for i in group])
-        for i, row in zip(group, logits):
-            first[i] = row
-    tokens = sampler(torch.stack(first))
+    tokens = sampler(torch.stack(prefill_rows(model, prompts, cache)))
     ids = tokens.tolist()
     if NON_FINITE in ids:
         raise non_finite_error(model)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fate_cli.engine.decode_step import DecodeStep, unavailable
-from fate_cli.engine.generate import Sampler, SamplingParams, prefill_groups, synchronize
+from fate_cli.engine.generate import Sampler, SamplingParams, prefill_rows, synchronize
 from fate_cli.model.kv_cache import RowPositions
 from fate_cli.tokenizer import Tokenizer
 
@@ -277,23 +277,14 @@ class Scheduler:
         lengths = [len(r.prompt_ids) for r in new]
         synchronize(self.device)
         t0 = time.perf_counter()
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(new)
-        for group in prefill_groups(self.model, lengths):
-            inputs = [torch.tensor([new[i].prompt_ids], dtype=torch.long, device=self.device) for i in group]
-            caches = [self.cache.rows(first + i, first + i + 1) for i in group]
-            if len(group) == 1:
-                out = self.model(inputs[0], caches[0], 0, last_only=True)[:, -1]
-            else:
-                out = self.model.prefill_together(inputs, caches)
-            for i, row_logits in zip(group, out):
-                logits[i] = row_logits[None]
+        logits = prefill_rows(self.model, [r.prompt_ids for r in new], self.cache, first)
         for request, row_logits in zip(new, logits):
             self._admitting.remove(request)
             row = Row(request, Sampler(request.params, self.device), StopText(self.tokenizer, request.stop),
                       limit=min(request.max_tokens, self.context - len(request.prompt_ids)),
                       pos=len(request.prompt_ids), bias=self._bias(request))
             self.rows.append(row)
-            row.token = int(self._sample(row, row_logits)[0])
+            row.token = int(self._sample(row, row_logits[None])[0])
         synchronize(self.device)
         self.stats.record(self.stats.prefill, sum(lengths), time.perf_counter() - t0)
         self.stats.admitted += len(new)
