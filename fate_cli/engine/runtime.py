@@ -12,9 +12,8 @@ from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
-from fate_cli.model.config_check import check_against_weights
 from fate_cli.model.experts import ExpertProvider
-from fate_cli.model.loader import LoadedModel, Weights, load_args, load_resident_experts, load_weights
+from fate_cli.model.loader import LoadedModel, Weights, checked_args, load_resident_experts, load_weights
 from fate_cli.registry import ResolvedModel, resolve
 from fate_cli.tokenizer import Tokenizer
 
@@ -23,6 +22,7 @@ if TYPE_CHECKING:
 
     from cache.host_tier import HostTier
     from cache.setup import OffloadSetup
+    from fate_cli.model.args import ModelArgs
     from predictors.coactivation import Coactivation
     from quant.store import TierStore
 
@@ -139,11 +139,13 @@ def open_model(
     return runtime
 
 
-def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype) -> Weights:
-    """A model's non-expert weights on the device: what every command (and each row of a bench) builds on."""
+def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype,
+                 args: ModelArgs | None = None) -> Weights:
+    """A model's non-expert weights on the device: what every command (and each row of a bench) builds on.
+    args: its config as `checked_args` gave it, when the caller has it already."""
     # Trained weights produce denormal activations, which slow CPU float math ~80x; they round to zero.
     torch.set_flush_denormal(True)
-    return load_weights(resolved.path, device, dtype)
+    return load_weights(resolved.path, device, dtype, args)
 
 
 def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore | None, transfer_bits: int | None,
@@ -166,15 +168,13 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
     dev = pick_device(device)
     tokenizer = Tokenizer(resolved.path)
     dt = pick_dtype(dtype, dev)
-    setup = store = None
+    setup = store = args = None
     if policy is not None:  # planned from config.json alone: a budget too small is refused before loading
         from cache.budget import auto_budget, parse_size
         from cache.setup import plan_for
-        from quant.source import SourceReader
         from quant.store import QuantParams
 
-        args = load_args(resolved.path)
-        check_against_weights(args, SourceReader(resolved.path))  # a config the weights contradict is never planned
+        args = checked_args(resolved.path)  # a config the weights contradict is never planned
         budget = parse_size(vram) if vram else auto_budget(dev)
         check_device_free(dev, budget, vram)
         ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
@@ -194,7 +194,7 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
                 "the budget does not hold them all; raise --vram or run without --policy")
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
-    weights = open_weights(resolved, dev, dt)
+    weights = open_weights(resolved, dev, dt, args)
     experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
     loaded = LoadedModel(weights.model(experts), weights.args, weights.checkpoint, dev, dt)
     offload = experts if isinstance(experts, OffloadedExperts) else None

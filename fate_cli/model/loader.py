@@ -6,7 +6,6 @@ model's parameters, so the whole checkpoint is never held in memory twice.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,15 +136,12 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def check_layer_count(args: ModelArgs, ckpt: Checkpoint) -> None:
-    """Checked before the model is built, so a config claiming a huge depth fails fast instead of building it."""
-    layer_name = re.compile(re.escape(args.checkpoint_prefix) + r"layers\.(\d+)\.")
-    found = {int(m.group(1)) for name in ckpt.names() if (m := layer_name.match(name))}
-    if found != set(range(args.num_layers)):
-        raise BadModel(
-            f"{ckpt.dir}: config.json says num_hidden_layers is {args.num_layers} but the checkpoint holds "
-            f"{len(found)} layers; the weights do not match the config"
-        )
+def checked_args(model_dir: Path) -> ModelArgs:
+    """config.json read, and compared with the checkpoint's tensor headers before its dimensions size anything
+    (the layer count among them)."""
+    args = load_args(model_dir)
+    check_against_weights(args, SourceReader(model_dir))
+    return args
 
 
 def check_checkpoint(args: ModelArgs, ckpt: Checkpoint) -> None:
@@ -198,14 +194,13 @@ class Weights:
         return build_model(self.args, self.tensors, provider)
 
 
-def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Weights:
+def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 args: ModelArgs | None = None) -> Weights:
     """config.json and the checkpoint checked against each other, then its non-expert weights read onto `device`
-    (experts are a provider's business)."""
+    (experts are a provider's business). args: config.json as `checked_args` gave it already (a planned run)."""
     device = torch.device(device)
-    args = load_args(model_dir)
+    args = args or checked_args(model_dir)
     ckpt = Checkpoint(model_dir)
-    check_against_weights(args, SourceReader(model_dir))  # before a config's dimensions size anything
-    check_layer_count(args, ckpt)
     check_checkpoint(args, ckpt)
     tensors = {param: ckpt.get(checkpoint_name(args, param)).to(device=device, dtype=dtype, copy=True)
                for param in weight_shapes(args)}
