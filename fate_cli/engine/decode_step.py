@@ -52,7 +52,8 @@ class DecodeStep:
         self.mask = torch.zeros(self.batch, 1, 1, cache.max_len, dtype=torch.bool, device=self.device)
         self.at = RowPositions(self.positions, cache.max_len, self.mask)  # the mask is made once a step
         moe = model.args.moe_layer_ids
-        self.banks = {i: self.provider.bank(i) for i in moe}  # made (stacked, tables synced) before any capture
+        for i in moe:  # each bank made (experts stacked, tables synced) before any capture
+            self.provider.bank(i)
         self.host_layers = [i for i in moe if self.provider.needs_host(i)]
         self.outputs: list[dict[str, torch.Tensor]] = [{} for _ in range(len(self.host_layers) + 1)]
         self.capture = capture
@@ -219,12 +220,12 @@ class DecodeGraphs:
         return self._cache
 
     def step(self, cache: KVCache) -> DecodeStep | None:
-        """The captured step over `cache` and the model's current provider; None (and a note) where the eager
-        path must run."""
+        """The captured step over `cache` (the model's provider is fixed when it is built); None (and a note)
+        where the eager path must run."""
         if not self.enabled:
             return None
         s = self._step
-        if s is not None and s.cache is cache and s.provider is self.model.provider:
+        if s is not None and s.cache is cache:
             return s
         self._step = None
         self.note = unavailable(self.model, cache.k.shape[1], self.capture)
