@@ -116,11 +116,10 @@ def build_offloaded(
     device: torch.device,
     dtype: torch.dtype,
     transfer_bits: int | None = None,
-    backend: str | None = None,
     host: HostTier | None = None,
 ) -> OffloadedExperts:
     """The expert cache a plan and a policy make over the tier store (the host tier is built here unless given:
     a bench shares one across its rows)."""
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
-    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, backend, host=host)
+    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, host=host)
