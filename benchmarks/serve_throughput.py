@@ -9,6 +9,8 @@ One JSON object per N also goes to --out when given.
 
     PYTHONPATH=. python3 benchmarks/serve_throughput.py tiny --clients 1,4,16 --max-tokens 128 --out r.jsonl
     (extra arguments after `--` go to fate serve, e.g. `-- --vram 50% --policy fate`)
+    PYTHONPATH=. python3 benchmarks/serve_throughput.py synthetic:qwen3-30b-a3b -- --vram 8GB --policy fate
+    (a synthetic shape: random weights, prompts read as bytes; see fate_cli/synthetic.py)
 """
 
 from __future__ import annotations
@@ -132,6 +134,10 @@ def main() -> None:
 
 def eos_of(model: str) -> list[int]:
     sys.path.insert(0, os.getcwd())
+    from fate_cli.synthetic import is_synthetic
+
+    if is_synthetic(model):  # random weights, no vocabulary: nothing ends a request early
+        return []
     from fate_cli.registry import resolve
     from fate_cli.tokenizer import Tokenizer
 

@@ -152,12 +152,10 @@ def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, tra
         recorded = weights.model(experts_for(weights, None, None, None))
         return ReplayTarget(name, recorded, hidden, inter, device, dtype, transfer_bits)
     if is_synthetic(name):
-        from fate_cli.synthetic import random_weights, synthetic_args
-        from quant.synthetic import SyntheticStore
+        from fate_cli.synthetic import random_weights, synthetic_args, synthetic_store
 
         args = synthetic_args(name)
-        store = SyntheticStore(args.hidden_size, args.moe_intermediate_size, args.moe_layer_ids, args.num_experts,
-                               name=name)
+        store = synthetic_store(args, name)
         return ModelTarget(name, "synthetic", random_weights(args, device, dtype), store, transfer_bits)
     resolved = resolve(name)
     weights = open_weights(resolved, device, dtype)

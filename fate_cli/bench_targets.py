@@ -30,12 +30,12 @@ from cache.setup import (
 from fate_cli.engine.coactivation import bundled_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
-from fate_cli.engine.runtime import DEFAULT_CONTEXT
-from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
+from fate_cli.engine.runtime import DEFAULT_CONTEXT, store_dense_experts
+from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.loader import Weights, load_resident_experts
 from fate_cli.model.model import Transformer
 from predictors.coactivation import Coactivation
-from quant.kernels import dense_weights, select_backend
+from quant.kernels import select_backend
 from quant.store import QuantParams
 
 
@@ -108,12 +108,7 @@ class Target:
         return Session(self, setup, offload, offload)
 
     def dense_experts(self) -> ResidentExperts:
-        lay = self.store.tiers["dense"].layout
-        return ResidentExperts({
-            layer: [DenseExpert(*dense_weights(self.store.read("dense", layer, e).to(self.device), lay, self.dtype))
-                    for e in range(self.ctx.num_experts)]
-            for layer in self.ctx.moe_layers
-        })
+        return store_dense_experts(self.store, self.ctx.num_experts, self.ctx.moe_layers, self.device, self.dtype)
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         raise NotImplementedError

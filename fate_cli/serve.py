@@ -525,15 +525,12 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
     """The loading thread: open the model, make the scheduler, capture its steps; then serve."""
-    from fate_cli.engine.runtime import DEFAULT_CONTEXT, open_model
+    from fate_cli.engine.runtime import DEFAULT_CONTEXT, model_args, open_model
     from fate_cli.engine.scheduler import Scheduler
 
     s = state.settings
     try:
-        from fate_cli.model.loader import load_args
-        from fate_cli.registry import resolve
-
-        limit = load_args(resolve(s.model).path).max_position_embeddings
+        limit = model_args(s.model).max_position_embeddings
         context = min(s.context or DEFAULT_CONTEXT, limit)
         runtime = open_model(s.model, s.device, s.dtype, s.policy, s.vram, s.transfer_bits,
                              context=s.max_batch * context, eager=s.eager)
@@ -562,9 +559,9 @@ def serve_command(model: str | None, host: str, port: int, api_key: str | None, 
     except ImportError:
         raise UsageError(EXTRA) from None
     from fate_cli.engine import runtime, scheduler  # noqa: F401 - torch is imported here, on the main thread
-    from fate_cli.registry import resolve
+    from fate_cli.engine.runtime import resolve_model
 
-    resolved = resolve(model)  # an unknown model fails now, before the socket opens
+    resolved = resolve_model(model)  # an unknown model fails now, before the socket opens
     api_key = api_key or os.environ.get("FATE_API_KEY") or None
     settings = Settings(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
                         transfer_bits, eager)

@@ -15,6 +15,10 @@ from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.loader import FAMILIES, Weights
 from fate_cli.model.model import weight_shapes
+from fate_cli.model.values import check_text
+from fate_cli.registry import ResolvedModel
+from fate_cli.tokenizer import Tokenizer
+from quant.synthetic import SyntheticStore
 
 PREFIX = "synthetic:"
 
@@ -96,3 +100,41 @@ def random_weights(args: ModelArgs, device: torch.device, dtype: torch.dtype, se
             t.normal_(0.0, 1.0 / shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
         tensors[name] = t
     return Weights(args, tensors, None, torch.device(device), dtype)
+
+
+class SyntheticTokenizer(Tokenizer):
+    """A synthetic model's stand-in tokenizer: it has random weights and no vocabulary, so text is read as its
+    UTF-8 bytes (token id = byte value) and a generated id reads back as `<id>`. Enough to drive `fate run`
+    and `fate serve` at a real model's shape; no end-of-sequence token, so every request runs to its limit."""
+
+    chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
+                    "{% if add_generation_prompt %}assistant: {% endif %}"
+
+    def __init__(self, args: ModelArgs):  # noqa: D107 - no tokenizer files to read
+        self.vocab = args.vocab_size
+        self.bos_token = self.eos_token = None
+        self.template_vars: dict = {}
+        self.generation_defaults: dict = {}
+        self.eos_ids: list[int] = []
+
+    @property
+    def vocab_size(self) -> int:
+        return self.vocab
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(check_text(text, "the text").encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(f"<{i}>" for i in ids)
+
+
+def synthetic_store(args: ModelArgs, name: str) -> SyntheticStore:
+    """Random experts of the shape, straight into the tiers (no checkpoint)."""
+    return SyntheticStore(args.hidden_size, args.moe_intermediate_size, args.moe_layer_ids, args.num_experts,
+                          name=name)
+
+
+def synthetic_model(name: str) -> ResolvedModel:
+    """A synthetic model as a resolved name: checked against the known shapes; its path is a label only."""
+    synthetic_args(name)
+    return ResolvedModel(name=name, path=Path(f"<{name}>"))

@@ -12,13 +12,21 @@ from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
-from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
 from fate_cli.model.loader import LoadedModel, Weights, checked_args, load_resident_experts, load_weights
 from fate_cli.registry import ResolvedModel, resolve
+from fate_cli.synthetic import (
+    SyntheticTokenizer,
+    is_synthetic,
+    random_weights,
+    synthetic_args,
+    synthetic_model,
+    synthetic_store,
+)
 from fate_cli.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from cache.host_tier import HostTier
     from cache.setup import OffloadSetup
@@ -139,6 +147,18 @@ def open_model(
     return runtime
 
 
+def resolve_model(name: str | None) -> ResolvedModel:
+    """A model name, alias, folder or `synthetic:<shape>`, checked before anything loads."""
+    return synthetic_model(name) if is_synthetic(name) else resolve(name)
+
+
+def model_args(name: str | None) -> ModelArgs:
+    """The model's config, read (or, for a synthetic shape, made) without loading weights."""
+    from fate_cli.model.loader import load_args
+
+    return synthetic_args(name) if is_synthetic(name) else load_args(resolve(name).path)
+
+
 def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dtype,
                  args: ModelArgs | None = None) -> Weights:
     """A model's non-expert weights on the device: what every command (and each row of a bench) builds on.
@@ -153,6 +173,9 @@ def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore |
                 ) -> ExpertProvider:
     """The experts a plan asks for: the checkpoint's at 16 bits (no plan, or every expert fits), else an expert
     cache over the tier store."""
+    if (setup is None or setup.full_precision) and weights.checkpoint is None:  # synthetic: the store's 16 bits
+        return store_dense_experts(store, weights.args.num_experts, weights.args.moe_layer_ids, weights.device,
+                                   weights.dtype)
     if setup is None or setup.full_precision:
         return load_resident_experts(weights.args, weights.checkpoint, weights.device, weights.dtype)
     from cache.policies import PolicyContext
@@ -162,23 +185,39 @@ def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore |
     return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host)
 
 
+def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence[int], device: torch.device,
+                        dtype: torch.dtype) -> ResidentExperts:
+    """Every expert at 16 bits from a store's dense tier: a synthetic model's stand-in for checkpoint experts."""
+    from quant.kernels import dense_weights
+
+    lay = store.tiers["dense"].layout
+    return ResidentExperts({
+        layer: [DenseExpert(*dense_weights(store.read("dense", layer, e).to(device), lay, dtype))
+                for e in range(num_experts)]
+        for layer in moe_layers
+    })
+
+
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,
           transfer_bits: int | None, context: int | None) -> Runtime:
-    resolved = resolve(name)
+    synthetic = is_synthetic(name)
+    resolved = resolve_model(name)
     dev = pick_device(device)
-    tokenizer = Tokenizer(resolved.path)
     dt = pick_dtype(dtype, dev)
+    tokenizer = SyntheticTokenizer(synthetic_args(name)) if synthetic else Tokenizer(resolved.path)
+    policy = policy or ("resident" if synthetic else None)  # no checkpoint: its experts live in the tiers
     setup = store = args = None
     if policy is not None:  # planned from config.json alone: a budget too small is refused before loading
         from cache.budget import auto_budget, parse_size
         from cache.setup import plan_for
         from quant.store import QuantParams
 
-        args = checked_args(resolved.path)  # a config the weights contradict is never planned
+        # a config the weights contradict is never planned
+        args = synthetic_args(name) if synthetic else checked_args(resolved.path)
         budget = parse_size(vram) if vram else auto_budget(dev)
         check_device_free(dev, budget, vram)
         ctx_len = min(context or DEFAULT_CONTEXT, args.max_position_embeddings)
-        store = open_store(resolved, build=False)
+        store = synthetic_store(args, name) if synthetic else open_store(resolved, build=False)
         params = QuantParams(**store.manifest["params"]) if store else QuantParams()
         if transfer_bits is not None and transfer_bits not in (params.hot_bits, params.cold_bits):
             raise UsageError(  # checked before a store is built or a plan made
@@ -194,8 +233,13 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
                 "the budget does not hold them all; raise --vram or run without --policy")
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
-    weights = open_weights(resolved, dev, dt, args)
-    experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
+    if synthetic:
+        torch.set_flush_denormal(True)
+        weights = random_weights(args, dev, dt)
+        experts = experts_for(weights, setup, store, transfer_bits)
+    else:
+        weights = open_weights(resolved, dev, dt, args)
+        experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
     loaded = LoadedModel(weights.model(experts), weights.args, weights.checkpoint, dev, dt)
     offload = experts if isinstance(experts, OffloadedExperts) else None
     return Runtime(resolved, loaded, tokenizer, setup, offload)
