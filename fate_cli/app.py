@@ -181,8 +181,8 @@ def chat(
 @app.command(cls=FateCommand)
 def bench(
     model: str = typer.Argument(
-        None, metavar="MODEL", help=MODEL_HELP + "; or synthetic:mixtral-8x7b | synthetic:qwen3-30b-a3b | "
-        "synthetic:qwen3.6-35b-a3b | synthetic:olmoe-1b-7b (real shapes, random weights), replay:mixtral-8x7b "
+        None, metavar="MODEL", help=MODEL_HELP + "; or synthetic:SHAPE, SHAPE one of mixtral-8x7b, qwen3-30b-a3b, "
+        "qwen3.6-35b-a3b, olmoe-1b-7b, gpt-oss-20b, gpt-oss-120b (real shapes, random weights), replay:mixtral-8x7b "
         "(the bundled model's routing at Mixtral's expert size); several, comma-separated "
         + default("the bundled model")),
     vram: str = typer.Option(None, metavar="SIZES", help="budgets: 8GB, a list 4GB,8GB, a range 4GB-16GB+4GB, or "

@@ -4,7 +4,6 @@ tiers, a byte tokenizer, every policy planned as for a real model."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import model_args, open_model, resolve_model
