@@ -10,7 +10,10 @@ from torch import nn
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ExpertProvider
 from fate_cli.model.layers import MLP
+from quant.grouped import grouped_backend, grouped_ffn
 from quant.moe_kernels import moe_ffn
+
+GROUPED_MIN_TOKENS = 2  # one token: the expert loop's GEMVs (a decode step outside a captured graph)
 
 
 def route(
@@ -67,12 +70,27 @@ class MoEBlock(nn.Module):
             return routed
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
+    def grouped(self, x: torch.Tensor, used: int) -> str | None:
+        """The grouped path that computes this layer's `used` experts for x at once, or None (a loop over them):
+        a step of several tokens whose routed experts all fit the provider's bank together."""
+        p = self.provider
+        if x.shape[0] < GROUPED_MIN_TOKENS or not p.fused or not p.fits_step(used):
+            return None
+        return grouped_backend(x, p.bank(self.layer))
+
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Group the (token, choice) pairs by expert and run each expert once on its tokens."""
+        """Group the (token, choice) pairs by expert and run each expert once on its tokens: every routed expert
+        of the layer in one grouped pass where the provider's bank can hold them all at once (quant/grouped.py),
+        else expert by expert as the provider serves them."""
         flat_ids = ids.flatten()
-        order = torch.argsort(flat_ids, stable=True)
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
         used = [e for e, c in enumerate(counts) if c]
+        if self.grouped(x, len(used)):
+            self.provider.prepare(self.layer, used, [counts[e] for e in used])  # misses moved, slots held
+            out = grouped_ffn(x, weights, ids, self.provider.bank(self.layer))
+            self.provider.finish(self.layer)
+            return out
+        order = torch.argsort(flat_ids, stable=True)
         flat_weights = weights.flatten()
         out = torch.zeros_like(x)
         starts = [0, *itertools.accumulate(counts)]

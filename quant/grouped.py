@@ -1,0 +1,191 @@
+"""A layer's routed experts for many tokens at once (prefill): pairs sorted by expert, then grouped products.
+
+For x [T, H] with routing ids, weights [T, k], the T * k (token, choice) pairs are sorted by expert once, on
+the device (the host never reads the routing for it). Then, over a bank (quant/moe_kernels.py) that holds
+every routed expert:
+- 16-bit experts (`DenseBank`): torch's grouped GEMM (`F.grouped_mm`) over the sorted rows, gate|up, the
+  activation, down: two launches whatever the number of experts;
+- a cache's slots (`PackedBank`) on CUDA: a Triton grouped GEMM, one launch per tier and matrix. The sorted
+  rows are padded per expert to whole BLOCK_M tiles; each program multiplies one tile of one expert's rows by
+  a BLOCK_N tile of that expert's weights, dequantized on chip from the slot the bank's table names, so the
+  weights are read once per tile of rows and never written out at 16 bits.
+Each expert's output is scaled by its routing weight and summed into its token in expert order, as the
+per-expert loop in fate_cli/model/moe.py sums (so float32 runs give the loop's tokens).
+`grouped_backend` says which path a bank takes, or why none does (then the caller loops over experts).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from quant.moe_kernels import Bank, DenseBank, PackedBank
+from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, tier_fits
+
+GROUPED_DENSE = "grouped GEMM (torch)"
+GROUPED_PACKED = "grouped fused-dequant GEMM (triton)"
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_backend(x: torch.Tensor, bank: Bank) -> str | None:
+    """The path `grouped_ffn` takes for x over this bank, or None where it cannot run (the caller loops)."""
+    if isinstance(bank, DenseBank):
+        return GROUPED_DENSE if _dense_fits(x, bank) else None
+    return GROUPED_PACKED if _packed_fits(x, bank) else None
+
+
+def _dense_fits(x: torch.Tensor, bank: DenseBank) -> bool:
+    if _grouped_mm is None or x.dtype != bank.gate_up.dtype:
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return False  # torch's CUDA grouped GEMM takes bf16 on sm80 and later
+    # its kernels read 16-byte aligned rows; the bank must be the identity map (a stacked layer, not slots)
+    align = 16 // x.element_size()
+    return (x.shape[1] % align == 0 and bank.intermediate % align == 0 and bank.gate_up.data_ptr() % 16 == 0
+            and bank.down.data_ptr() % 16 == 0 and bank.gate_up.shape[0] == bank.table.shape[1])
+
+
+def _packed_fits(x: torch.Tensor, bank: PackedBank) -> bool:
+    if not (x.is_cuda and available()) or bank.buf.stride(0) % 4:
+        return False
+    return all(lay.kind == "quantized" and tier_fits(lay.bits, lay.group_size, lay.hidden, lay.intermediate)
+               and _block_k(lay.hidden, lay.group_size) and _block_k(lay.intermediate, lay.group_size)
+               for lay in bank.layouts)
+
+
+def _block_k(k: int, group: int) -> int:
+    """The widest K tile of 128/64/32 columns that divides K in whole groups (0: none)."""
+    return next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), 0)
+
+
+def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank) -> torch.Tensor:
+    """sum over each token's k routed experts of weight * expert(x): x [T, H], weights/ids [T, k] -> [T, H]."""
+    tokens, k = ids.shape
+    num_experts = bank.table.shape[1]
+    flat = ids.reshape(-1)
+    experts, order = torch.sort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts)
+    rows = order // k  # the token of each sorted pair
+    if isinstance(bank, DenseBank):
+        y = _dense(x, bank, rows, experts, torch.cumsum(counts, 0, dtype=torch.int32))
+    else:
+        y = _packed(x, bank, rows, experts, counts)
+    y = (y.float() * weights.reshape(-1)[order, None].float()).to(x.dtype)
+    out = torch.zeros_like(x)
+    if out.is_cuda:
+        return out.index_add_(0, rows, y)
+    # CPU index_add_ spreads even a few rows over threads (~100x slower); index_put_ sums duplicates in order
+    return out.index_put_((rows,), y, accumulate=True)
+
+
+def _dense(x: torch.Tensor, bank: DenseBank, rows: torch.Tensor, experts: torch.Tensor,
+           offs: torch.Tensor) -> torch.Tensor:
+    inter = bank.intermediate
+    h = _grouped_mm(x[rows], bank.gate_up.transpose(1, 2), offs=offs)  # [P, 2I], each row by its expert
+    if bank.gate_up_bias is not None:
+        h = h + bank.gate_up_bias[experts]
+    gate, up = h[:, :inter], h[:, inter:]
+    act = F.silu(gate) * up if bank.act is None else bank.act(gate, up)
+    y = _grouped_mm(act.contiguous(), bank.down.transpose(1, 2), offs=offs)
+    if bank.down_bias is not None:
+        y = y + bank.down_bias[experts]
+    return y
+
+
+def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torch.Tensor,
+            counts: torch.Tensor) -> torch.Tensor:
+    """The sorted pairs' expert outputs [P, H] through the Triton grouped GEMM, per tier and matrix."""
+    pairs, num_experts = rows.numel(), counts.numel()
+    block_m = 16 if pairs <= 16 * num_experts else 32 if pairs <= 64 * num_experts else 64
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    first = torch.cumsum(counts, 0) - counts  # each expert's first sorted pair
+    rank = torch.arange(pairs, device=x.device) - first[experts]
+    position = (ends - padded)[experts] + rank  # each sorted pair's padded row
+    blocks = triton.cdiv(pairs, block_m) + num_experts  # an upper bound: no host read of the counts
+    starts = torch.arange(blocks, device=x.device) * block_m
+    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+    block_expert[block_expert >= num_experts] = -1
+    src = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=x.device)
+    src[position] = rows.to(torch.int32)
+    inter, hidden = bank.intermediate, x.shape[1]
+    h = torch.empty(blocks * block_m, 2 * inter, device=x.device, dtype=x.dtype)
+    _launch(bank, x.contiguous(), src, block_expert, h, "gate_up", block_m)
+    act = F.silu(h[:, :inter]) * h[:, inter:]
+    own = torch.where(src >= 0, torch.arange(src.numel(), device=x.device, dtype=torch.int32), -1)
+    y = torch.empty(blocks * block_m, hidden, device=x.device, dtype=x.dtype)
+    _launch(bank, act, own, block_expert, y, "down", block_m)
+    return y[position]
+
+
+def _launch(bank: PackedBank, x: torch.Tensor, src: torch.Tensor, block_expert: torch.Tensor, y: torch.Tensor,
+            matrix: str, block_m: int) -> None:
+    num_experts = bank.table.shape[1]
+    slot_bytes = bank.buf.stride(0)
+    for tier, lay in enumerate(bank.layouts):
+        if tier and lay == bank.layouts[0]:
+            break  # one tier format (--transfer-bits): the first launch served every slot
+        gate_up, down = lay.packed(bank.buf[0, : lay.nbytes])
+        w = gate_up if matrix == "gate_up" else down
+        n, k = w.shape
+        block_k = _block_k(k, w.group_size)
+        block_n = 128 if n >= 1024 else 64
+        grid = (block_expert.numel(), triton.cdiv(n, block_n))
+        _grouped_kernel[grid](
+            x, src, block_expert, bank.table, w.codes, w.scale, w.zero, y, n, k, x.stride(0), w.codes.stride(0),
+            w.scale.stride(0), y.stride(0), slot_bytes // 4, slot_bytes // 2, num_experts, F32_TWO_23,
+            TIER=tier, ANY_TIER=lay == bank.layouts[-1] and tier == 0, BITS=w.bits, GROUP=w.group_size,
+            IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=4, num_stages=3)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from quant.triton_kernels import _w_tile
+
+    @triton.jit
+    def _grouped_kernel(
+        x_ptr, src_ptr, blk_ptr, table_ptr, w_ptr, s_ptr, z_ptr, y_ptr,
+        N, K, stride_xm, stride_wn, stride_sn, stride_ym, slot_words, slot_halves, E, magic,
+        TIER: tl.constexpr, ANY_TIER: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """y[r] = x[src[r]] @ W_e.T for the BLOCK_M padded rows r of one expert e (rows with src < 0 are
+        padding), W_e dequantized tile by tile from e's slot. Blocks of no expert, of an expert with no slot
+        or at another tier do nothing."""
+        pid_m = tl.program_id(0)
+        e = tl.load(blk_ptr + pid_m)
+        if e < 0:
+            return
+        slot = tl.load(table_ptr + e)
+        tier = tl.load(table_ptr + E + e)
+        if slot < 0:
+            return
+        if not ANY_TIER:
+            if tier != TIER:
+                return
+        r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        src = tl.load(src_ptr + r)
+        m_ok = src >= 0
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < N
+        slot64 = slot.to(tl.int64)
+        w_base = w_ptr + slot64 * slot_words
+        s_base = s_ptr + slot64 * slot_halves
+        z_base = z_ptr + slot64 * slot_halves
+        DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+        kk = tl.arange(0, BLOCK_K)
+        x_rows = x_ptr + src.to(tl.int64)[:, None] * stride_xm
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = _w_tile(w_base, s_base, z_base, n, n_ok, k0, stride_wn, stride_sn, magic, BITS, GROUP, BLOCK_N,
+                        BLOCK_K, DTYPE)
+            xt = tl.load(x_rows + (k0 + kk)[None, :], mask=m_ok[:, None], other=0.0)
+            if IEEE:
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc)
+        tl.store(y_ptr + r[:, None] * stride_ym + n[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
