@@ -9,8 +9,9 @@ every routed expert:
   rows are padded per expert to whole BLOCK_M tiles; each program multiplies one tile of one expert's rows by
   a BLOCK_N tile of that expert's weights, dequantized on chip from the slot the bank's table names, so the
   weights are read once per tile of rows and never written out at 16 bits.
-Each expert's output is scaled by its routing weight and summed into its token in expert order, as the
-per-expert loop in fate_cli/model/moe.py sums (so float32 runs give the loop's tokens).
+Each expert's output is scaled by its routing weight and summed into its token in ascending expert order,
+each addition rounded as the per-expert loop in fate_cli/model/moe.py rounds it (so runs give the loop's
+tokens), without atomics (so two runs give the same bits).
 `grouped_backend` says which path a bank takes, or why none does (then the caller loops over experts).
 """
 
@@ -58,8 +59,10 @@ def _block_k(k: int, group: int) -> int:
     return next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), 0)
 
 
-def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank) -> torch.Tensor:
-    """sum over each token's k routed experts of weight * expert(x): x [T, H], weights/ids [T, k] -> [T, H]."""
+def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank,
+                config: dict | None = None) -> torch.Tensor:
+    """sum over each token's k routed experts of weight * expert(x): x [T, H], weights/ids [T, k] -> [T, H].
+    config: the Triton tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `packed_config`'s."""
     tokens, k = ids.shape
     num_experts = bank.table.shape[1]
     flat = ids.reshape(-1)
@@ -69,13 +72,23 @@ def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank:
     if isinstance(bank, DenseBank):
         y = _dense(x, bank, rows, experts, torch.cumsum(counts, 0, dtype=torch.int32))
     else:
-        y = _packed(x, bank, rows, experts, counts)
+        y = _packed(x, bank, rows, experts, counts, config or packed_config(rows.numel(), counts.numel()))
     y = (y.float() * weights.reshape(-1)[order, None].float()).to(x.dtype)
-    out = torch.zeros_like(x)
-    if out.is_cuda:
-        return out.index_add_(0, rows, y)
-    # CPU index_add_ spreads even a few rows over threads (~100x slower); index_put_ sums duplicates in order
-    return out.index_put_((rows,), y, accumulate=True)
+    return _combine(y, order, ids)
+
+
+def _combine(y: torch.Tensor, order: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Each token's k scaled expert outputs (y in sorted-pair order) summed in ascending expert order, each
+    addition rounded to the activation dtype: the per-expert loop's sums, deterministically (no atomics)."""
+    tokens, k = ids.shape
+    back = torch.empty_like(order)
+    back[order] = torch.arange(order.numel(), device=order.device)
+    by_expert = torch.argsort(ids, dim=1, stable=True)
+    picks = back.view(tokens, k).gather(1, by_expert)  # each token's pairs, ascending expert
+    out = y[picks[:, 0]]
+    for j in range(1, k):
+        out += y[picks[:, j]]
+    return out
 
 
 def _dense(x: torch.Tensor, bank: DenseBank, rows: torch.Tensor, experts: torch.Tensor,
@@ -92,11 +105,18 @@ def _dense(x: torch.Tensor, bank: DenseBank, rows: torch.Tensor, experts: torch.
     return y
 
 
+def packed_config(pairs: int, num_experts: int) -> dict:
+    """Tiles for the Triton grouped GEMM: BLOCK_M near the rows an expert gets on average (each expert's rows
+    are padded to whole tiles)."""
+    block_m = 16 if pairs <= 16 * num_experts else 32 if pairs <= 64 * num_experts else 64
+    return {"BLOCK_M": block_m, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
+
+
 def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torch.Tensor,
-            counts: torch.Tensor) -> torch.Tensor:
+            counts: torch.Tensor, config: dict) -> torch.Tensor:
     """The sorted pairs' expert outputs [P, H] through the Triton grouped GEMM, per tier and matrix."""
     pairs, num_experts = rows.numel(), counts.numel()
-    block_m = 16 if pairs <= 16 * num_experts else 32 if pairs <= 64 * num_experts else 64
+    block_m = config["BLOCK_M"]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     first = torch.cumsum(counts, 0) - counts  # each expert's first sorted pair
@@ -109,17 +129,17 @@ def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torc
     src = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=x.device)
     src[position] = rows.to(torch.int32)
     inter, hidden = bank.intermediate, x.shape[1]
-    h = torch.empty(blocks * block_m, 2 * inter, device=x.device, dtype=x.dtype)
-    _launch(bank, x.contiguous(), src, block_expert, h, "gate_up", block_m)
+    h = torch.zeros(blocks * block_m, 2 * inter, device=x.device, dtype=x.dtype)  # padding rows stay zero
+    _launch(bank, x.contiguous(), src, block_expert, h, "gate_up", config)
     act = F.silu(h[:, :inter]) * h[:, inter:]
     own = torch.where(src >= 0, torch.arange(src.numel(), device=x.device, dtype=torch.int32), -1)
     y = torch.empty(blocks * block_m, hidden, device=x.device, dtype=x.dtype)
-    _launch(bank, act, own, block_expert, y, "down", block_m)
+    _launch(bank, act, own, block_expert, y, "down", config)
     return y[position]
 
 
 def _launch(bank: PackedBank, x: torch.Tensor, src: torch.Tensor, block_expert: torch.Tensor, y: torch.Tensor,
-            matrix: str, block_m: int) -> None:
+            matrix: str, config: dict) -> None:
     num_experts = bank.table.shape[1]
     slot_bytes = bank.buf.stride(0)
     for tier, lay in enumerate(bank.layouts):
@@ -129,14 +149,14 @@ def _launch(bank: PackedBank, x: torch.Tensor, src: torch.Tensor, block_expert: 
         w = gate_up if matrix == "gate_up" else down
         n, k = w.shape
         block_k = _block_k(k, w.group_size)
-        block_n = 128 if n >= 1024 else 64
+        block_n = min(config["BLOCK_N"], triton.next_power_of_2(n))
         grid = (block_expert.numel(), triton.cdiv(n, block_n))
         _grouped_kernel[grid](
             x, src, block_expert, bank.table, w.codes, w.scale, w.zero, y, n, k, x.stride(0), w.codes.stride(0),
             w.scale.stride(0), y.stride(0), slot_bytes // 4, slot_bytes // 2, num_experts, F32_TWO_23,
             TIER=tier, ANY_TIER=lay == bank.layouts[-1] and tier == 0, BITS=w.bits, GROUP=w.group_size,
-            IEEE=x.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=4, num_stages=3)
+            IEEE=x.dtype == torch.float32, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=config["num_warps"], num_stages=config["num_stages"])
 
 
 if HAVE_TRITON:
