@@ -26,8 +26,9 @@ from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
 from cache.stats import CacheStats
-from fate_cli.model.experts import DenseExpert, ExpertFn, ExpertProvider, stack_experts
-from quant.kernels import QuantExpert, dense_weights, select_backend
+from fate_cli.model.experts import ExpertFn, ExpertProvider, dense_expert, stack_experts
+from quant.expert_act import ClampedSwiGLU
+from quant.kernels import QuantExpert, select_backend
 from quant.moe_kernels import Bank, PackedBank
 from quant.store import TierStore
 
@@ -89,9 +90,12 @@ class OffloadedExperts(ExpertProvider):
         backend: str | None = None,
         ram_limit: int | None = None,
         host: HostTier | None = None,
+        act: ClampedSwiGLU | None = None,
     ):
-        """host: a HostTier built earlier for the same store and layers (a benchmark shares one across runs)."""
-        self.store, self.plan, self.policy = store, plan, policy
+        """host: a HostTier built earlier for the same store and layers (a benchmark shares one across runs).
+        act: the model's expert activation (ModelArgs.expert_act); the biases, if any, travel in each expert's
+        buffer (quant/layout.py)."""
+        self.store, self.plan, self.policy, self.act = store, plan, policy, act
         self.device, self.dtype, self.transfer_tier = device, dtype, transfer_tier
         self.stats = CacheStats()
         ctx = policy.ctx
@@ -106,10 +110,8 @@ class OffloadedExperts(ExpertProvider):
         self.full: dict[int, list[ExpertFn]] = {}
         for layer in plan.full_layers:
             lay = self.layouts["dense"]
-            self.full[layer] = [
-                DenseExpert(*dense_weights(store.read("dense", layer, e).to(device), lay, dtype))
-                for e in range(ctx.num_experts)
-            ]
+            self.full[layer] = [dense_expert(store.read("dense", layer, e).to(device), lay, dtype, act)
+                                for e in range(ctx.num_experts)]
         slots = {layer: plan.slots[layer] for layer in cached}
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n), ctx.num_experts, device)
@@ -172,7 +174,7 @@ class OffloadedExperts(ExpertProvider):
                 tier = self.transfer_tier or self.policy.miss_tier()
                 host = self.host.get(tier, next(iter(self.layers)), 0)
                 self.layer_times = measure_layer_times(
-                    host, lambda buf: QuantExpert(buf, self.layouts[tier], self.backends[tier]), self.device,
+                    host, lambda buf: QuantExpert(buf, self.layouts[tier], self.backends[tier], self.act), self.device,
                     self.layouts[tier].hidden, self.dtype)
             lacking = [max(0, self.num_experts - s.capacity) for s in self.layers.values()]
             groups = plan_groups(lengths, self.layer_times, sum(lacking) / len(lacking), self.num_experts,
@@ -198,7 +200,8 @@ class OffloadedExperts(ExpertProvider):
                 cold = self.layouts.get("cold", hot)
                 # only the tiers this cache moves need the fused kernels (--transfer-bits moves one)
                 layouts = {"hot": (hot, hot), "cold": (cold, cold)}.get(self.transfer_tier, (hot, cold))
-                self._banks[layer] = PackedBank(self.pool.buf[first : first + state.capacity], layouts, state.table)
+                self._banks[layer] = PackedBank(self.pool.buf[first : first + state.capacity], layouts, state.table,
+                                                self.act)
                 state.sync_table()
         return self._banks[layer]
 
@@ -314,7 +317,7 @@ class OffloadedExperts(ExpertProvider):
 
     def _expert_fn(self, layer: int, slot: int, tier: str) -> ExpertFn:
         layout = self.layouts[tier]
-        return QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout, self.backends[tier])
+        return QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout, self.backends[tier], self.act)
 
     # ---- reporting --------------------------------------------------------------------------------
 

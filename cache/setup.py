@@ -20,6 +20,7 @@ from fate_cli.model.args import ModelArgs
 from fate_cli.model.gated_deltanet import prefill_bytes_per_token
 from fate_cli.model.linear_state import LinearState
 from fate_cli.model.model import weight_shapes
+from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
@@ -47,14 +48,15 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
     prompt = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
     prompt += PREFILL_CHUNK * prefill_bytes_per_token(args)  # a linear-attention layer's chunked prefill
     activations = prompt + 3 * h * i * 4  # and dequant scratch
-    hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size).nbytes
+    bias = "bfloat16" if args.expert_bias else None  # 16 bits in every tier (its size is what counts here)
+    hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size, bias).nbytes
     return Footprint(
         moe_layers=tuple(args.moe_layer_ids),
         num_experts=args.num_experts,
         top_k=k,
         non_expert=non_expert_bytes(args, dtype),
         expert_hot=hot,
-        expert_full=3 * h * i * 2,
+        expert_full=3 * h * i * 2 + ((2 * i + h) * 2 if args.expert_bias else 0),
         kv_cache=kv,
         workspace=(CUDA_WORKSPACE if cuda else 0) + activations,
         # a prompt token prefilled in a group: four hidden-sized tensors, a float32 expert output, one expert's
@@ -117,9 +119,10 @@ def build_offloaded(
     dtype: torch.dtype,
     transfer_bits: int | None = None,
     host: HostTier | None = None,
+    act: ClampedSwiGLU | None = None,
 ) -> OffloadedExperts:
     """The expert cache a plan and a policy make over the tier store (the host tier is built here unless given:
-    a bench shares one across its rows)."""
+    a bench shares one across its rows). act: the model's expert activation (ModelArgs.expert_act)."""
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
-    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, host=host)
+    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, host=host, act=act)

@@ -24,9 +24,9 @@ import torch
 from cache.planner import FATE_SHALLOW_LAYERS
 from fate_cli.errors import BadModel, UsageError
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import DenseExpert, ResidentExperts
+from fate_cli.model.experts import ResidentExperts, dense_expert
 from fate_cli.model.loader import Checkpoint
-from quant.kernels import QuantExpert, dense_weights, select_backend
+from quant.kernels import QuantExpert, select_backend
 from quant.store import TierStore
 
 TIER_CHOICES = ("bf16", "hot", "cold", "mixed")
@@ -106,9 +106,10 @@ class TieredExperts(ResidentExperts):
                 buf = store.read(tier, layer, e).to(self.device)
                 self.bytes += buf.nbytes
                 if info.layout.kind == "dense":
-                    table.append(DenseExpert(*dense_weights(buf, info.layout, dtype)))
+                    table.append(dense_expert(buf, info.layout, dtype, args.expert_act))
                 else:
-                    expert = QuantExpert(buf, info.layout, backend or select_backend(self.device, info.layout))
+                    expert = QuantExpert(buf, info.layout, backend or select_backend(self.device, info.layout),
+                                         args.expert_act)
                     self.backends.add(expert.backend)
                     table.append(expert)
             self.layers[layer] = table

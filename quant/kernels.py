@@ -1,4 +1,6 @@
-"""Expert FFN callables computed straight from a tier's packed buffer: down(silu(gate x) * up x).
+"""Expert FFN callables computed straight from a tier's packed buffer: down(silu(gate x) * up x), or where the
+family's experts have biases and another activation (gpt_oss), down(act(gate x + b_g, up x + b_u)) + b_d with the
+biases read from the buffer (quant/layout.py) and the activation given by the model (quant/expert_act.py).
 
 Backends, chosen per device and tier (`select_backend`, overridable with FATE_QUANT_BACKEND=torch|triton):
 - "cpu dequant+matmul": on a CPU, dequantize gate_up and down with the plain-torch reference
@@ -24,6 +26,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.packing import PackedMatrix, dequantize
 from quant.triton_kernels import tier_fits
@@ -55,19 +58,28 @@ def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:
 
 
 class QuantExpert:
-    """One expert of a quantized tier, on the device its buffer is on (same call as DenseExpert)."""
+    """One expert of a quantized tier, on the device its buffer is on (same call as DenseExpert). act: the
+    family's activation of (gate, up) (None: silu(gate) * up)."""
 
-    def __init__(self, buf: torch.Tensor, layout: ExpertLayout, backend: str | None = None):
-        self.buf, self.layout = buf, layout
+    def __init__(self, buf: torch.Tensor, layout: ExpertLayout, backend: str | None = None,
+                 act: ClampedSwiGLU | None = None):
+        self.buf, self.layout, self.act = buf, layout, act
         self.gate_up, self.down = layout.packed(buf)
+        self.biases = layout.biases(buf)
         self.backend = backend or select_backend(buf.device, layout)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == TRITON:
-            return expert_ffn(x, self.gate_up, self.down)
+            return expert_ffn(x, self.gate_up, self.down, self.biases, self.act)
         i = self.layout.intermediate
         w = dequantize(self.gate_up, x.dtype)
-        return F.linear(F.silu(F.linear(x, w[:i])) * F.linear(x, w[i:]), dequantize(self.down, x.dtype))
+        if self.biases is None and self.act is None:
+            return F.linear(F.silu(F.linear(x, w[:i])) * F.linear(x, w[i:]), dequantize(self.down, x.dtype))
+        # as DenseExpert computes it from the dequantized weights and the biases in x's dtype
+        b_gu, b_d = (None, None) if self.biases is None else (b.to(x.dtype) for b in self.biases)
+        g = F.linear(x, w[:i], None if b_gu is None else b_gu[:i])
+        u = F.linear(x, w[i:], None if b_gu is None else b_gu[i:])
+        return F.linear(activate(g, u, self.act), dequantize(self.down, x.dtype), b_d)
 
     @property
     def nbytes(self) -> int:
@@ -90,16 +102,38 @@ def dense_weights(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype) -
     return gate_up[:i], gate_up[i:], down
 
 
+def expert_biases(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """An expert's (gate, up, down) biases in `dtype`, or None where its layout has none (any tier's buffer)."""
+    biases = layout.biases(buf)
+    if biases is None:
+        return None
+    gate_up, down = (b.to(dtype) for b in biases)
+    i = layout.intermediate
+    return gate_up[:i], gate_up[i:], down
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, act: ClampedSwiGLU | None) -> torch.Tensor:
+    """The expert's activation of (gate, up): silu(gate) * up, or the family's."""
+    return F.silu(gate) * up if act is None else act(gate, up)
+
+
 FUSED_MAX_ROWS = 128  # more rows of a large expert: Hopper's wgmma GEMM or dequantize + cuBLAS (quant/README.md)
 LARGE_EXPERT = 1 << 24  # weights in gate|up from which that holds (Mixtral's 58.7M: yes; Qwen3's 3.1M: no)
 
 
-def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> torch.Tensor:
+def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix,
+               biases: tuple[torch.Tensor, torch.Tensor] | None = None, act: ClampedSwiGLU | None = None
+               ) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [M, H] on the GPU, from packed gate_up [2I, H] and down [H, I]: the fused
     GEMV at batch 1, the fused GEMM at a few rows, and for many rows of a large expert Hopper's wgmma GEMM or
-    dequantize + cuBLAS."""
+    dequantize + cuBLAS. With biases (gate|up [2I], down [H]) or another activation, the same products with the
+    biases and the activation applied between them by torch."""
     from quant import hopper_gemm
     from quant import triton_kernels as tk
+
+    if biases is not None or act is not None:
+        return _biased_ffn(x, gate_up, down, biases, act)
 
     if x.shape[0] <= tk.GEMV_MAX_ROWS:
         h = tk.gemv(x, gate_up, out_dtype=torch.float32)
@@ -115,3 +149,26 @@ def expert_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix) -> to
         return tk.gemm(F.silu(h[:, :inter]) * h[:, inter:], down)
     h = F.linear(x, tk.dequant(gate_up, x.dtype))
     return F.linear(F.silu(h[:, :inter]) * h[:, inter:], tk.dequant(down, x.dtype))
+
+
+def _biased_ffn(x: torch.Tensor, gate_up: PackedMatrix, down: PackedMatrix,
+                biases: tuple[torch.Tensor, torch.Tensor] | None, act: ClampedSwiGLU | None) -> torch.Tensor:
+    """expert_ffn for experts with biases or another activation: the fused GEMV (batch 1, h in float32) or GEMM
+    (a few rows, 16-bit) for the products, else dequantize + cuBLAS; bias and activation in between."""
+    from quant import triton_kernels as tk
+
+    inter = down.shape[1]
+    b_gu, b_d = (None, None) if biases is None else biases
+    if x.shape[0] <= tk.GEMV_MAX_ROWS:
+        h = tk.gemv(x, gate_up, out_dtype=torch.float32)
+        h = h if b_gu is None else h + b_gu.float()
+        y = tk.gemv(activate(h[:, :inter], h[:, inter:], act), down, out_dtype=torch.float32)
+        return (y if b_d is None else y + b_d.float()).to(x.dtype)
+    if x.dtype in (torch.bfloat16, torch.float16) and x.shape[0] <= FUSED_MAX_ROWS:
+        h = tk.gemm(x, gate_up)
+        h = h if b_gu is None else h + b_gu.to(x.dtype)
+        y = tk.gemm(activate(h[:, :inter], h[:, inter:], act).contiguous(), down)
+        return y if b_d is None else y + b_d.to(x.dtype)
+    h = F.linear(x, tk.dequant(gate_up, x.dtype), None if b_gu is None else b_gu.to(x.dtype))
+    return F.linear(activate(h[:, :inter], h[:, inter:], act), tk.dequant(down, x.dtype),
+                    None if b_d is None else b_d.to(x.dtype))

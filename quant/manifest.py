@@ -6,8 +6,9 @@ manifest is refused with the path of the first wrong field instead of a KeyError
 run. Whether the fields agree with each other (layouts, shard plan, fingerprint) is checked by
 quant.store, which recomputes them the way a build does.
 
-A schema is a plain value: a type or a Rule for a leaf, a dict for an object with exactly these keys,
-`{KEY: schema}` for a mapping whose keys are checked by KEY's rule, a one-element list for a list.
+A schema is a plain value: a type or a Rule for a leaf, a dict for an object with these keys (a key given as
+`MayLack("name")` may be absent), `{KEY: schema}` for a mapping whose keys are checked by KEY's rule, a
+one-element list for a list.
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ class ManifestError(ValueError):
 class Rule:
     what: str  # how the error describes an acceptable value
     ok: Callable[[Any], bool]
+
+
+class MayLack(str):
+    """A record's key that may be absent (a field only some stores write)."""
 
 
 def _is_int(v: Any) -> bool:
@@ -66,6 +71,7 @@ MANIFEST_SCHEMA: dict = {
         "num_experts": POSITIVE,
         "moe_layers": [COUNT],
         "source_dtype": TEXT,
+        MayLack("expert_bias"): Rule("true (written only where the experts have biases)", lambda v: v is True),
     },
     "source": {"path": TEXT, "repo": TEXT_OR_NULL, "revision": TEXT_OR_NULL, "files": {SOURCE_NAME: SOURCE_RECORD}},
     "params": ANY_OBJECT,  # its fields are QuantParams', checked by QuantParams.from_json
@@ -161,6 +167,8 @@ def _compile(schema: Any) -> Callable[[Any], None]:
             raise _Bad(f"must be an object, not {_short(value)}")
         for key, field_check in fields:
             if key not in value:
+                if isinstance(key, MayLack):
+                    continue
                 raise _Bad(f"lacks the field {key!r}")
             try:
                 field_check(value[key])

@@ -55,6 +55,11 @@ class ExpertSet:
     layout: str = "separate"  # "gpt_oss": fused per layer, read per expert by quant/gpt_oss_experts.py
     prefix: str = "model."  # "model.language_model." where the text model sits inside a VLM checkpoint
 
+    @property
+    def bias(self) -> bool:
+        """Whether each expert has biases on its three projections (gpt_oss)."""
+        return self.layout == "gpt_oss"
+
     def names(self, layer: int, expert: int) -> tuple[str, str, str]:
         """(gate, up, down) tensor names of one expert in the checkpoint (or the per-expert names a reader
         derives from a fused layout: quant/gpt_oss_experts.py, fused_expert_slices)."""
@@ -65,7 +70,7 @@ class ExpertSet:
 
     def bias_names(self, layer: int, expert: int) -> tuple[str, str, str] | None:
         """(gate, up, down) bias names of one expert, where the family's experts have biases."""
-        if self.layout != "gpt_oss":
+        if not self.bias:
             return None
         return part_names(f"{self.prefix}layers.{layer}.{self.module}.experts", expert)[3:]  # type: ignore[return-value]
 

@@ -149,17 +149,23 @@ def expert_key(tier: str, layer: int, expert: int) -> str:
 # ------------------------------------------------------------------------------------------ plans
 
 
+def sixteen_bit(source_dtype: torch.dtype) -> str:
+    """The dtype of a store's 16-bit copies (the dense tier, expert biases): the checkpoint's when it is 16-bit,
+    else bfloat16."""
+    return dtype_name(source_dtype if source_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16)
+
+
 def plan_tiers(experts: ExpertSet, params: QuantParams, source_dtype: torch.dtype) -> dict[str, TierPlan]:
     h, i, layers = experts.hidden, experts.intermediate, experts.layers
+    dense = sixteen_bit(source_dtype)
+    bias = dense if experts.bias else None  # biases stay at 16 bits in every tier, beside the weights
     tiers = {
-        "hot": TierPlan("hot", ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size), layers),
-        "cold": TierPlan("cold", ExpertLayout.quantized(h, i, params.cold_bits, params.cold_group_size), layers),
+        "hot": TierPlan("hot", ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size, bias), layers),
+        "cold": TierPlan("cold", ExpertLayout.quantized(h, i, params.cold_bits, params.cold_group_size, bias),
+                         layers),
     }
     if params.dense_layers:
-        dense_dtype = source_dtype if source_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
-        tiers["dense"] = TierPlan(
-            "dense", ExpertLayout.dense(h, i, dtype_name(dense_dtype)), layers[: params.dense_layers]
-        )
+        tiers["dense"] = TierPlan("dense", ExpertLayout.dense(h, i, dense, bias), layers[: params.dense_layers])
     return tiers
 
 
@@ -414,6 +420,11 @@ class _ExpertBuild:
 
     def add(self, which: str, w: torch.Tensor) -> None:
         lay = self.tier.layout
+        if which.endswith("_bias"):  # after the weights: the bias segments come last
+            seg = lay.segment("down.bias" if which == "down_bias" else "gate_up.bias")
+            dt = DTYPES[lay.bias]
+            self.w.write_at(seg.offset + (w.numel() * dt.itemsize if which == "up_bias" else 0), w.to(dt))
+            return
         if lay.kind == "dense":
             dt = getattr(torch, lay.dtype)
             offset = {"gate": 0, "up": w.numel() * dt.itemsize, "down": 0}[which]
@@ -440,7 +451,8 @@ def _check_source(experts: ExpertSet, reader: SourceReader) -> torch.dtype:
     dtype = None
     for layer in experts.layers:
         for e in range(experts.num_experts):
-            for name, shape in zip(experts.names(layer, e), experts.shapes):
+            biases = zip(experts.bias_names(layer, e) or (), experts.bias_shapes)
+            for n, (name, shape) in enumerate([*zip(experts.names(layer, e), experts.shapes), *biases]):
                 if name not in reader:
                     raise BadModel(f"{reader.dir}: tensor {name} is missing from the checkpoint; re-download the model")
                 if reader.shape(name) != shape:
@@ -450,7 +462,8 @@ def _check_source(experts: ExpertSet, reader: SourceReader) -> torch.dtype:
                     )
                 if not reader.dtype(name).is_floating_point:
                     raise BadModel(f"{reader.dir}: tensor {name} is {reader.dtype(name)}, not a float; cannot quantize")
-                dtype = dtype or reader.dtype(name)
+                if n < 3:  # the weights' dtype decides the 16-bit copies'
+                    dtype = dtype or reader.dtype(name)
     return dtype or torch.bfloat16
 
 
@@ -514,7 +527,9 @@ def build_store(
                             writers[tier.name] = _ShardWriter(store_dir, pending[(tier.name, layer, e)], tier.layout)
                         writers[tier.name].begin(expert_key(tier.name, layer, e))
                         builds.append(_ExpertBuild(writers[tier.name], tier, params))
-                    for which, name in zip(("gate", "up", "down"), experts.names(layer, e)):
+                    names = [*zip(("gate", "up", "down"), experts.names(layer, e)),
+                             *zip(("gate_bias", "up_bias", "down_bias"), experts.bias_names(layer, e) or ())]
+                    for which, name in names:
                         w = reader.get(name)
                         if not torch.isfinite(w).all():  # HQQ would turn them into a store of garbage
                             raise BadModel(
@@ -578,6 +593,7 @@ def _manifest(expert_set, params, source_dtype, source, tiers, shards, journal, 
             "num_experts": expert_set.num_experts,
             "moe_layers": list(expert_set.layers),
             "source_dtype": dtype_name(source_dtype),
+            **({"expert_bias": True} if expert_set.bias else {}),
         },
         "source": source,
         "params": params.to_json(),
@@ -619,8 +635,9 @@ def _check_manifest(manifest: dict) -> None:
     planned = model["num_experts"] * (2 * len(layers) + min(params.dense_layers, len(layers)))
     if len(manifest["experts"]) != planned:
         raise ManifestError(f"experts lists {len(manifest['experts'])} experts, the recorded shape implies {planned}")
+    # the recorded shape, planned as a build plans it (fused gpt_oss experts are the ones with biases)
     recorded = ExpertSet(model["family"], tuple(layers), model["num_experts"], model["hidden_size"],
-                         model["moe_intermediate_size"])
+                         model["moe_intermediate_size"], layout="gpt_oss" if model.get("expert_bias") else "separate")
     tiers = plan_tiers(recorded, params, DTYPES[model["source_dtype"]])
     shards = plan_shards(tiers, recorded.num_experts, params.max_shard_bytes)
     expected = {

@@ -21,6 +21,15 @@ from quant.packing import codes_per_word
 from quant.store import QuantParams, TierInfo
 
 DISTINCT_EXPERTS = 4
+BIAS_STD = 0.1  # expert biases, where the layout has them: small offsets beside outputs of std ~1
+
+
+def _random_biases(layout: ExpertLayout, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    if layout.bias is None:
+        return {}
+    dtype = getattr(torch, layout.bias)
+    return {name: (torch.randn(layout.segment(name).shape, generator=gen) * BIAS_STD).to(dtype)
+            for name in ("gate_up.bias", "down.bias")}
 
 
 def random_quantized(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
@@ -38,7 +47,7 @@ def random_quantized(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor
         code_std = math.sqrt(((levels + 1) ** 2 - 1) / 12)  # codes uniform on 0..levels
         parts[f"{prefix}.scale"] = torch.full(shape, 1 / (code_std * math.sqrt(fan_in)), dtype=torch.float16)
         parts[f"{prefix}.zero"] = torch.full(shape, levels / 2, dtype=torch.float16)
-    return layout.assemble(parts)
+    return layout.assemble(parts | _random_biases(layout, gen))
 
 
 def random_dense(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
@@ -47,7 +56,7 @@ def random_dense(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
         name: (torch.randn(layout.segment(name).shape, generator=gen) / math.sqrt(fan_in)).to(dtype)
         for name, fan_in in (("gate_up", layout.hidden), ("down", layout.intermediate))
     }
-    return layout.assemble(parts)
+    return layout.assemble(parts | _random_biases(layout, gen))
 
 
 class SyntheticStore:
@@ -63,18 +72,21 @@ class SyntheticStore:
         dense_dtype: str = "bfloat16",
         seed: int = 0,
         name: str = "synthetic",
+        bias: bool = False,
     ):
+        """bias: every expert has biases (gpt_oss), kept at 16 bits (dense_dtype) in every tier."""
         params = params or QuantParams()
+        b = dense_dtype if bias else None
         layers = tuple(moe_layers)
         self.name, self.num_experts = name, num_experts
         self.manifest = {"params": params.to_json()}
         self.tiers = {
             "hot": TierInfo("hot", ExpertLayout.quantized(hidden, intermediate, params.hot_bits,
-                                                          params.hot_group_size), layers),
+                                                          params.hot_group_size, b), layers),
             "cold": TierInfo("cold", ExpertLayout.quantized(hidden, intermediate, params.cold_bits,
-                                                            params.cold_group_size), layers),
+                                                            params.cold_group_size, b), layers),
             # every layer, so a budget that holds the whole model at 16 bits can run it that way
-            "dense": TierInfo("dense", ExpertLayout.dense(hidden, intermediate, dense_dtype), layers),
+            "dense": TierInfo("dense", ExpertLayout.dense(hidden, intermediate, dense_dtype, b), layers),
         }
         gen = torch.Generator().manual_seed(seed)
         self._experts = {

@@ -9,7 +9,7 @@ a whole number of words, so scale and zero are loaded per word or per group, nev
 
 - `_planes_kernel`: the GEMV's input in plane order, float32 [M, cpw, K / cpw] (xp[j, w] = x[w * cpw + j]),
   so that a plane's inputs are contiguous, and its sum over each group; with ACT it also applies
-  silu(gate) * up to a gate|up output.
+  silu(gate) * up to a gate|up output (with CLAMP gpt_oss's clamped SwiGLU, quant/expert_act.py).
 - `_gemv_kernel` (batch 1): per BLOCK_N output rows, walks its share of K (split-K with fp32 atomics when N
   alone gives too few programs; tiles from the GPU's tuned file (quant/gemv_tiles.py) where it lists the matrix,
   autotuned per shape on first use otherwise). It never forms W: per word part = sum_j q_j x_j (summed four
@@ -85,22 +85,42 @@ if HAVE_TRITON:
         return ((half & (((1 << BITS) - 1) << p)) | magic).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def _act_row(h_row, k, ok, K, ACT: tl.constexpr):
-        """h[row, k] in float32, or silu(h[row, k]) * h[row, K + k] (ACT, h = [gate | up])."""
+    def clamped_swiglu(g, u, alpha, limit, DT: tl.constexpr, ROUND: tl.constexpr):
+        """quant/expert_act.ClampedSwiGLU on float32 g, u: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'),
+        g' = min(g, limit), in its order of operations; with ROUND each result rounded to DT as torch rounds
+        in a 16-bit dtype."""
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        if ROUND:
+            g = g.to(DT).to(tl.float32)
+            u = u.to(DT).to(tl.float32)
+            s = tl.sigmoid((g * alpha).to(DT).to(tl.float32)).to(DT).to(tl.float32)
+            gs = (g * s).to(DT).to(tl.float32)
+            return (((u + 1.0).to(DT).to(tl.float32)) * gs).to(DT).to(tl.float32)
+        return (u + 1.0) * (g * tl.sigmoid(g * alpha))
+
+    @triton.jit
+    def _act_row(h_row, k, ok, K, alpha, limit, ACT: tl.constexpr, CLAMP: tl.constexpr):
+        """h[row, k] in float32, or silu(h[row, k]) * h[row, K + k] (ACT, h = [gate | up]; with CLAMP the
+        clamped SwiGLU of alpha and limit)."""
         if ACT:
             g = tl.load(h_row + k, mask=ok, other=0.0).to(tl.float32)
-            return g * tl.sigmoid(g) * tl.load(h_row + K + k, mask=ok, other=0.0).to(tl.float32)
+            u = tl.load(h_row + K + k, mask=ok, other=0.0).to(tl.float32)
+            if CLAMP:
+                return clamped_swiglu(g, u, alpha, limit, tl.float32, False)
+            return g * tl.sigmoid(g) * u
         return tl.load(h_row + k, mask=ok, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _planes_kernel(h_ptr, out_ptr, xs_ptr, K, stride_hm, ACT: tl.constexpr, CPW: tl.constexpr,
-                       GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    def _planes_kernel(h_ptr, out_ptr, xs_ptr, K, stride_hm, alpha, limit, ACT: tl.constexpr, CLAMP: tl.constexpr,
+                       CPW: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
         """out[row, j, w] = v[row, w * CPW + j] and xs[row, g] = the sum of v over group g, float32;
-        v = h (or silu(h[:, :K]) * h[:, K:] with ACT). BLOCK is a multiple of GROUP."""
+        v = h (or silu(h[:, :K]) * h[:, K:] with ACT, the clamped SwiGLU with CLAMP). BLOCK is a multiple of
+        GROUP."""
         row = tl.program_id(1)
         k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = k < K
-        v = _act_row(h_ptr + row * stride_hm, k, ok, K, ACT)
+        v = _act_row(h_ptr + row * stride_hm, k, ok, K, alpha, limit, ACT, CLAMP)
         # plane j's inputs scaled by 2^-p, p = its code's bit offset within a half word (see _gemv_kernel);
         # the scale is built from its exponent bits, so it is an exact power of two
         scale = _exp2_neg(((k % CPW) * (32 // CPW)) % 16)
@@ -438,16 +458,18 @@ def _check(x: torch.Tensor, w: PackedMatrix) -> None:
         raise ValueError("packed tensors must be contiguous")
 
 
-def planes(h: torch.Tensor, bits: int, group: int, act: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def planes(h: torch.Tensor, bits: int, group: int, act: bool = False,
+           clamp: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """h [M, K] (or [M, 2K] gate|up with act) -> the GEMV's input: float32 [M, cpw, K / cpw] in plane order,
-    and float32 [M, K / group] group sums."""
+    and float32 [M, K / group] group sums. clamp: (alpha, limit) of a clamped SwiGLU in place of silu * up."""
     cpw = codes_per_word(bits)
     rows, k = h.shape[0], h.shape[1] // 2 if act else h.shape[1]
     out = torch.empty(rows, cpw, k // cpw, device=h.device, dtype=torch.float32)
     sums = torch.empty(rows, k // group, device=h.device, dtype=torch.float32)
     block = max(1024, group)
-    _planes_kernel[(triton.cdiv(k, block), rows)](h, out, sums, k, h.stride(0), ACT=act, CPW=cpw, GROUP=group,
-                                                  BLOCK=block)
+    alpha, limit = clamp or (1.0, 0.0)
+    _planes_kernel[(triton.cdiv(k, block), rows)](h, out, sums, k, h.stride(0), float(alpha), float(limit), ACT=act,
+                                                  CLAMP=clamp is not None, CPW=cpw, GROUP=group, BLOCK=block)
     return out, sums
 
 

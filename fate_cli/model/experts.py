@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from quant.expert_act import ClampedSwiGLU
+    from quant.layout import ExpertLayout
     from quant.moe_kernels import Bank, DenseBank
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
@@ -107,6 +108,14 @@ class DenseExpert:
     def nbytes(self) -> int:
         extra = sum(b.nbytes for b in self.biases) if self.biases else 0
         return self.gate.nbytes + self.up.nbytes + self.down.nbytes + extra
+
+
+def dense_expert(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype,
+                 act: ClampedSwiGLU | None = None) -> DenseExpert:
+    """An expert of a store's 16-bit tier (its biases too, where the layout has them) in `dtype`."""
+    from quant.kernels import dense_weights, expert_biases
+
+    return DenseExpert(*dense_weights(buf, layout, dtype), biases=expert_biases(buf, layout, dtype), act=act)
 
 
 def stack_experts(experts: list[DenseExpert]) -> DenseBank:
