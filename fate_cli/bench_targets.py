@@ -76,6 +76,7 @@ class Target:
         self.name, self.device, self.dtype, self.store = name, device, dtype, store
         self.footprint, self.ctx, self.transfer_bits = footprint, ctx, transfer_bits
         self.transfer_tier = transfer_tier_for(store, transfer_bits)
+        self.act = None  # the experts' activation, where the model's is not silu(gate) * up
         self._hosts: dict[tuple[str, ...], HostTier] = {}
         self.eager = False  # decode with the eager forward (--eager), not the captured step
 
@@ -104,11 +105,12 @@ class Target:
             return Session(self, setup, self.dense_experts(), None)
         tiers = (self.transfer_tier,) if self.transfer_tier else ("hot", "cold")
         offload = build_offloaded(self.ctx, self.store, setup, self.device, self.dtype, self.transfer_bits,
-                                  host=self.host(tiers))
+                                  host=self.host(tiers), act=self.act)
         return Session(self, setup, offload, offload)
 
     def dense_experts(self) -> ResidentExperts:
-        return store_dense_experts(self.store, self.ctx.num_experts, self.ctx.moe_layers, self.device, self.dtype)
+        return store_dense_experts(self.store, self.ctx.num_experts, self.ctx.moe_layers, self.device, self.dtype,
+                                   self.act)
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:
         raise NotImplementedError
@@ -132,7 +134,7 @@ class ModelTarget(Target):
         fp = footprint(args, weights.dtype, self.context, params, weights.device.type == "cuda")
         ctx = PolicyContext.of(args, weights.routers(), coactivation)
         super().__init__(name, weights.device, weights.dtype, store, fp, ctx, transfer_bits)
-        self.kind, self.weights, self.params = kind, weights, params
+        self.kind, self.weights, self.params, self.act = kind, weights, params, args.expert_act
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         return plan_for(self.weights.args, self.dtype, policy, budget, self.context, self.params,

@@ -131,7 +131,7 @@ class SyntheticTokenizer(Tokenizer):
 def synthetic_store(args: ModelArgs, name: str) -> SyntheticStore:
     """Random experts of the shape, straight into the tiers (no checkpoint)."""
     return SyntheticStore(args.hidden_size, args.moe_intermediate_size, args.moe_layer_ids, args.num_experts,
-                          name=name)
+                          name=name, bias=args.expert_bias)
 
 
 def synthetic_model(name: str) -> ResolvedModel:

@@ -33,7 +33,7 @@ import torch
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.model import Transformer
 from predictors.cross_layer import lookahead
-from quant.moe_kernels import FUSED, DenseBank, backend_for
+from quant.moe_kernels import FUSED, backend_for
 
 GPU_ONLY = "decode: eager (CUDA graphs need a GPU)"
 MIN_CACHE = 256  # tokens: a graph's KV cache length is a power of two from here, so requests can share it
@@ -184,8 +184,6 @@ def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:
         return f"decode: eager (a batch of {batch} can route to more experts than a layer has slots)"
     for i in model.args.moe_layer_ids if capture else ():
         bank = provider.bank(i)
-        if isinstance(bank, DenseBank) and not bank.plain:
-            return "decode: eager (the fused expert kernels have no biased clamped-SwiGLU experts)"
         if backend_for(device, bank) != FUSED:
             return "decode: eager (Triton is missing or a tier does not fit the fused kernels)"
     return ""

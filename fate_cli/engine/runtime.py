@@ -12,7 +12,7 @@ from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
-from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
+from fate_cli.model.experts import ExpertProvider, ResidentExperts, dense_expert
 from fate_cli.model.loader import LoadedModel, Weights, checked_args, load_resident_experts, load_weights
 from fate_cli.registry import ResolvedModel, resolve
 from fate_cli.synthetic import (
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from cache.setup import OffloadSetup
     from fate_cli.model.args import ModelArgs
     from predictors.coactivation import Coactivation
+    from quant.expert_act import ClampedSwiGLU
     from quant.store import TierStore
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -175,25 +176,24 @@ def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore |
     cache over the tier store."""
     if (setup is None or setup.full_precision) and weights.checkpoint is None:  # synthetic: the store's 16 bits
         return store_dense_experts(store, weights.args.num_experts, weights.args.moe_layer_ids, weights.device,
-                                   weights.dtype)
+                                   weights.dtype, weights.args.expert_act)
     if setup is None or setup.full_precision:
         return load_resident_experts(weights.args, weights.checkpoint, weights.device, weights.dtype)
     from cache.policies import PolicyContext
     from cache.setup import build_offloaded
 
     ctx = PolicyContext.of(weights.args, weights.routers(), coactivation)
-    return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host)
+    return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host,
+                           act=weights.args.expert_act)
 
 
 def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence[int], device: torch.device,
-                        dtype: torch.dtype) -> ResidentExperts:
-    """Every expert at 16 bits from a store's dense tier: a synthetic model's stand-in for checkpoint experts."""
-    from quant.kernels import dense_weights
-
+                        dtype: torch.dtype, act: ClampedSwiGLU | None = None) -> ResidentExperts:
+    """Every expert at 16 bits from a store's dense tier (with its biases, where the layout has them): a synthetic
+    model's stand-in for checkpoint experts. act: the model's expert activation (ModelArgs.expert_act)."""
     lay = store.tiers["dense"].layout
     return ResidentExperts({
-        layer: [DenseExpert(*dense_weights(store.read("dense", layer, e).to(device), lay, dtype))
-                for e in range(num_experts)]
+        layer: [dense_expert(store.read("dense", layer, e).to(device), lay, dtype, act) for e in range(num_experts)]
         for layer in moe_layers
     })
 
@@ -225,12 +225,6 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
                 f"INT{params.cold_bits}); give {params.hot_bits} or {params.cold_bits}, or leave it out"
             )
         setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
-        if not setup.full_precision and args.expert_bias:
-            from fate_cli.errors import ResourceError
-
-            raise ResourceError(
-                f"{args.family} experts run resident at 16 bits only (the tier store keeps no expert biases), and "
-                "the budget does not hold them all; raise --vram or run without --policy")
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
     if synthetic:
