@@ -17,8 +17,8 @@ from cache.policies import PolicyContext, make_policy
 from cache.setup import footprint
 from cache.tiered import TieredExperts, uniform_tiers
 from fate_cli.engine.decode_step import DecodeGraphs
-from fate_cli.engine.runtime import DEFAULT_CONTEXT
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.runtime import DEFAULT_CONTEXT
 from fate_cli.engine.stores import quantize_model
 from fate_cli.errors import BadModel
 from fate_cli.model.experts import DenseExpert
@@ -120,7 +120,8 @@ def test_the_16_bit_tier_gives_the_resident_tokens(tiny):
     if path.parent.name.startswith("gpt_oss_plain"):
         with torch.no_grad():
             tokens = torch.tensor([PROMPTS[0]])
-            assert torch.equal(tiered(tokens, tiered.new_cache(1, 32), 0), resident(tokens, resident.new_cache(1, 32), 0))
+            ours = tiered(tokens, tiered.new_cache(1, 32), 0)
+            assert torch.equal(ours, resident(tokens, resident.new_cache(1, 32), 0))
     for p in PROMPTS:
         assert generate(tiered, p, 20, greedy()).token_ids == generate(resident, p, 20, greedy()).token_ids
 
