@@ -189,3 +189,27 @@ def test_run_with_a_small_budget_tiers_the_experts(tiny, tmp_path):
     assert all(t == same_tier[0] for t in same_tier)
     assert runs["lru", "4"]["stats"]["cache"]["misses"] > 0
     assert len(runs["fate", None]["token_ids"]) == 12  # misses at INT2, hits at INT4: tokens may differ
+
+
+def test_an_mxfp4_store_is_built_one_expert_at_a_time(tmp_path, monkeypatch):
+    """Building from MXFP4 reads each fused tensor one expert's slice at a time (blocks, scales, biases), each
+    slice once: no full-size copy of a layer's experts, let alone the model's, is ever in memory."""
+    from quant.source import SourceReader
+
+    path = make_tiny_gpt_oss(tmp_path / "model", mxfp4=True)
+    reads: list[tuple[str, int]] = []
+    real = SourceReader._read
+
+    def counted(self, name, *rest):  # noqa: ANN001, ANN002, ANN202 - the reader's own read, recorded
+        reads.append((name, rest[-1]))
+        return real(self, name, *rest)
+
+    monkeypatch.setattr(SourceReader, "_read", counted)
+    quantize_model(path, tmp_path / "store", QuantParams(method="minmax"))
+    args = load_args(path)
+    sizes = {name: t.numel() * t.element_size() for name, t in load_file(str(path / "model.safetensors")).items()}
+    fused = [n for n in sizes if ".experts." in n]
+    assert {n for n, _ in reads} == set(fused)  # only expert tensors are read, each of them
+    for name, nbytes in reads:
+        assert nbytes * args.num_experts == sizes[name]  # one expert's slice
+    assert len(reads) == len(fused) * args.num_experts  # every slice once (gate and up share one read)
