@@ -11,7 +11,9 @@ every routed expert:
   weights are read once per tile of rows and never written out at 16 bits.
 Each expert's output is scaled by its routing weight and summed into its token in ascending expert order,
 each addition rounded as the per-expert loop in fate_cli/model/moe.py rounds it (so runs give the loop's
-tokens), without atomics (so two runs give the same bits).
+tokens), without atomics (so two runs give the same bits). Experts with biases and the clamped SwiGLU (gpt_oss)
+take them between the products: a dense bank's stacked biases, a packed slot's from its buffer
+(quant/layout.py), gathered per pair by torch.
 `grouped_backend` says which path a bank takes, or why none does (then the caller loops over experts).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant.layout import DTYPES
 from quant.moe_kernels import Bank, DenseBank, PackedBank
 from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, tier_fits
 
@@ -131,11 +134,28 @@ def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torc
     inter, hidden = bank.intermediate, x.shape[1]
     h = torch.zeros(blocks * block_m, 2 * inter, device=x.device, dtype=x.dtype)  # padding rows stay zero
     _launch(bank, x.contiguous(), src, block_expert, h, "gate_up", config)
-    act = F.silu(h[:, :inter]) * h[:, inter:]
+    biased = bank.layouts[0].bias is not None
+    if biased:
+        h[position] += slot_biases(bank, experts, "gate_up").to(h.dtype)
+    act = F.silu(h[:, :inter]) * h[:, inter:] if bank.act is None else bank.act(h[:, :inter], h[:, inter:])
     own = torch.where(src >= 0, torch.arange(src.numel(), device=x.device, dtype=torch.int32), -1)
     y = torch.empty(blocks * block_m, hidden, device=x.device, dtype=x.dtype)
-    _launch(bank, act, own, block_expert, y, "down", config)
-    return y[position]
+    _launch(bank, act.contiguous(), own, block_expert, y, "down", config)
+    y = y[position]
+    return y + slot_biases(bank, experts, "down").to(y.dtype) if biased else y
+
+
+def slot_biases(bank: PackedBank, experts: torch.Tensor, part: str) -> torch.Tensor:
+    """The `part` ("gate_up" or "down") bias of each pair's expert [P, N], read from its slot at its tier's offset
+    (every routed expert has a slot here)."""
+    slots, tiers = bank.table[0].long()[experts], bank.table[1].long()[experts]
+    out = None
+    for tier, lay in enumerate(bank.layouts):
+        seg = lay.segment(f"{part}.bias")
+        # the slots' bytes of this segment as [S, N] in the bias dtype (rows keep the slots' stride)
+        rows = bank.buf[:, seg.offset : seg.offset + seg.nbytes].view(DTYPES[seg.dtype])[slots]
+        out = rows if out is None else torch.where((tiers == tier)[:, None], rows, out)
+    return out
 
 
 def _launch(bank: PackedBank, x: torch.Tensor, src: torch.Tensor, block_expert: torch.Tensor, y: torch.Tensor,

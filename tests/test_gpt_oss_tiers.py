@@ -213,3 +213,23 @@ def test_an_mxfp4_store_is_built_one_expert_at_a_time(tmp_path, monkeypatch):
     for name, nbytes in reads:
         assert nbytes * args.num_experts == sizes[name]  # one expert's slice
     assert len(reads) == len(fused) * args.num_experts  # every slice once (gate and up share one read)
+
+
+def test_slot_biases_read_each_pairs_expert_at_its_tier(tiny):
+    """What the grouped prefill adds to a packed bank's products: each pair's expert's biases, from its slot at
+    its tier's offset (slots out of expert order, two tiers of different layouts)."""
+    from quant.grouped import slot_biases
+
+    _, store = tiny
+    hot, cold = store.tiers["hot"].layout, store.tiers["cold"].layout
+    slot_of, tier_of = [2, 0, 3, 1], [1, 0, 0, 1]
+    buf = torch.zeros(4, hot.nbytes, dtype=torch.uint8)
+    for e, (s, t) in enumerate(zip(slot_of, tier_of)):
+        lay = (hot, cold)[t]
+        buf[s, : lay.nbytes] = store.read(("hot", "cold")[t], 1, e)
+    bank = PackedBank(buf, (hot, cold), torch.tensor([slot_of, tier_of], dtype=torch.int32))
+    experts = torch.tensor([0, 0, 1, 2, 3, 3])
+    for part, which in (("gate_up", 0), ("down", 1)):
+        expected = torch.stack([(hot, cold)[tier_of[e]].biases(store.read(("hot", "cold")[tier_of[e]], 1, e))[which]
+                                for e in experts.tolist()])
+        assert torch.equal(slot_biases(bank, experts, part), expected)
