@@ -3,8 +3,9 @@
 An eager decode step of an MoE model launches hundreds of small kernels from Python (per layer: norms,
 attention, the router, then three matmuls per routed expert), so on a GPU it is bound by launches long
 before memory bandwidth. This step
-- attends over the whole KV cache with a mask (keys up to the row's own position), so that no shape
-  depends on the position, which lives in a device tensor;
+- attends over the whole KV cache with a mask (keys up to the row's own position; a sliding layer over its
+  whole ring, each slot's position and ring index computed on the device), so that no shape depends on the
+  position, which lives in a device tensor;
 - routes on the device and computes a layer's routed experts with quant/moe_kernels.py's fused kernels,
   which find each expert's weights through the layer's bank (a device table expert -> slot, tier);
 - is captured as CUDA graphs once and replayed every token.
