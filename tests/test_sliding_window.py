@@ -7,6 +7,7 @@ and static decode steps, for batch rows of different lengths, across chat turns,
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -112,6 +113,17 @@ def test_cache_bytes_are_the_planned_bytes_and_less_than_full_attention(tiny):
         # two of four layers keep min(window, length) positions instead of length: K and V, 2 heads of 16 floats
         assert whole.nbytes - cache.nbytes == rows * 2 * 2 * (length - min(WINDOW, length)) * 2 * 16 * 4
         assert cache.nbytes < whole.nbytes or length <= WINDOW
+
+
+def test_show_gives_the_window_and_the_smaller_cache(tiny, capsys):
+    from fate_cli.show import show_command
+
+    show_command(str(tiny[0]))
+    fields = dict(re.split(r"\s{2,}", line.strip(), maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert fields["attention"].endswith("a sliding window of 8 tokens on 2 of 4 layers")
+    # 512 positions on the two full layers, 8 on the two sliding ones; K and V, 2 heads of 16 at 2 bytes
+    assert (2 * 512 + 2 * 8) * 2 * 2 * 16 * 2 == 133_120
+    assert fields["KV cache"].startswith("133.1 kB per row of 512 tokens")
 
 
 def test_a_restored_snapshot_undoes_what_later_tokens_overwrote(tiny):
