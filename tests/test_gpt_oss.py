@@ -156,7 +156,7 @@ def test_bad_rope_type_is_one_clear_error(tmp_path, plain):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_greedy_matches_and_the_step_says_why_it_is_eager(plain):
     """On a GPU the captured step does not take this family's experts: it says so, and the eager decode (sink
-    attention over the whole cache, the window as a mask) gives transformers' tokens."""
+    attention, sliding layers over their rings) gives transformers' tokens."""
     path, ref = plain
     model = load_model(path, torch.device("cuda"), torch.float32).model
     graphs = DecodeGraphs(model)
