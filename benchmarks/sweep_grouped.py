@@ -31,6 +31,13 @@ def timed(fn, reps: int = 20) -> float:  # noqa: ANN001 - a callable
     return (time.perf_counter() - start) / reps
 
 
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes per second of a device-to-device copy, the read and the write counted."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), 10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hidden", type=int, default=2048)
@@ -45,10 +52,7 @@ def main() -> None:
     distinct = [random_quantized(lay, gen) for _ in range(4)]
     buf = torch.stack([distinct[e % 4] for e in range(args.experts)]).to(cuda)
     bank = PackedBank(buf, (lay, lay), identity_table(args.experts, cuda))
-    a = torch.empty(1 << 30, dtype=torch.uint8, device=cuda)
-    b = torch.empty_like(a)
-    bandwidth = 2 * a.numel() / timed(lambda: b.copy_(a), 10)
-    del a, b
+    bandwidth = copy_bandwidth(cuda)
     configs = [{"BLOCK_M": m, "BLOCK_N": n, "num_warps": w, "num_stages": s}
                for m, n, w, s in itertools.product((16, 32, 64, 128), (64, 128), (4, 8), (3,))]
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; expert {lay.nbytes / 1e6:.2f} MB at INT4 g64")
@@ -61,16 +65,17 @@ def main() -> None:
         rows = []
         for cfg in configs:
             try:
-                seconds = timed(lambda cfg=cfg: grouped_ffn(x, weights, ids, bank, cfg))
+                seconds = timed(lambda cfg=cfg, x=x, w=weights, i=ids: grouped_ffn(x, w, i, bank, cfg))
             except Exception as err:  # noqa: BLE001 - a config the compiler refuses (shared memory): skipped
                 print(f"P={tokens} {cfg}: {type(err).__name__}")
                 continue
             rows.append((seconds, cfg))
             print(f"P={tokens:5d} {cfg}: {seconds * 1e6:8.1f} us ({floor / seconds:.0%} of the read floor)", flush=True)
-        default = timed(lambda: grouped_ffn(x, weights, ids, bank))
+        default = timed(lambda x=x, w=weights, i=ids: grouped_ffn(x, w, i, bank))
         best = min(rows, key=lambda r: r[0])
-        print(f"== P={tokens}: best {best[1]} {best[0] * 1e6:.1f} us; default {packed_config(tokens * args.top_k, args.experts)} "
-              f"{default * 1e6:.1f} us; read floor {floor * 1e6:.1f} us ({used} experts)", flush=True)
+        chosen = packed_config(tokens * args.top_k, args.experts)
+        print(f"== P={tokens}: best {best[1]} {best[0] * 1e6:.1f} us; default {chosen} {default * 1e6:.1f} us; "
+              f"read floor {floor * 1e6:.1f} us ({used} experts)", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from cache.policies import POLICIES, POLICY_TYPES, Policy, PolicyContext, make_p
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.gated_deltanet import prefill_bytes_per_token
-from fate_cli.model.linear_state import LinearState
+from fate_cli.model.kv_cache import KVCache
 from fate_cli.model.model import weight_shapes
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
@@ -40,10 +40,12 @@ def non_expert_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
     return sum(math.prod(shape) for shape in weight_shapes(args).values()) * torch.finfo(dtype).bits // 8
 
 
-def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool) -> Footprint:
+def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool,
+              rows: int = 1) -> Footprint:
+    """context: the positions of each of `rows` rows of the KV cache (sliding layers keep only their window,
+    linear-attention layers a fixed state)."""
     size = torch.finfo(dtype).bits // 8
-    kv = 2 * len(args.attention_layer_ids) * args.num_kv_heads * args.head_dim * context * size
-    kv += LinearState.bytes_per_row(args, dtype)  # linear-attention layers: a fixed state, whatever the context
+    kv = KVCache.planned_bytes(args, rows, context, dtype)
     h, i, k = args.hidden_size, args.moe_intermediate_size, args.top_k
     prompt = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
     prompt += PREFILL_CHUNK * prefill_bytes_per_token(args)  # a linear-attention layer's chunked prefill
@@ -67,10 +69,11 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
 
 
 def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, context: int, params: QuantParams,
-             cuda: bool, one_tier: bool = False, shallow_layers: int | None = None) -> OffloadSetup:
-    """one_tier: every expert at one tier (--transfer-bits), so no layer is held whole at 16 bits."""
+             cuda: bool, one_tier: bool = False, shallow_layers: int | None = None, rows: int = 1) -> OffloadSetup:
+    """one_tier: every expert at one tier (--transfer-bits), so no layer is held whole at 16 bits. The KV cache
+    is planned for `rows` rows of `context` positions each."""
     check_policy(policy)
-    fp = footprint(args, dtype, context, params, cuda)
+    fp = footprint(args, dtype, context, params, cuda, rows)
     all_full = fp.fixed + len(fp.moe_layers) * fp.num_experts * fp.expert_full
     if policy != "resident" and not one_tier and budget >= all_full:
         plan = Plan(budget, fp, {}, tuple(fp.moe_layers))

@@ -4,11 +4,12 @@ The KV cache lives across turns: each turn renders the whole conversation, keeps
 still match its start, and prefills only the rest. When the conversation outgrows the context, the
 oldest turns are dropped (the system message stays) and the user is told.
 
-Linear-attention layers (qwen3_5_moe) keep a recurrent state that sums up every cached token and cannot be
-cut back like keys and values. A turn continues from it when it reuses every cached token; otherwise from
-a copy of the state taken at the end of the last prompt (kept in host memory) when the reused tokens reach
-that far (a template that rewrites the last answer, e.g. dropping its reasoning, lands here); otherwise
-(dropped turns, a new system message) the conversation is prefilled again from its start.
+Linear-attention layers (qwen3_5_moe) keep a recurrent state that sums up every cached token, and sliding-window
+layers (gpt_oss) a ring of their last keys whose older slots later tokens overwrite: neither can be cut back
+like full layers' keys and values. A turn continues from them when it reuses every cached token; otherwise
+from a copy taken at the end of the last prompt (kept in host memory) when the reused tokens reach that far
+(a template that rewrites the last answer, e.g. dropping its reasoning, lands here); otherwise (dropped turns,
+a new system message) the conversation is prefilled again from its start.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.live import Live
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, Runtime, open_model
 from fate_cli.errors import FateError, ResourceError, UsageError, oom_line
-from fate_cli.model.linear_state import LinearState
+from fate_cli.model.kv_cache import Carried
 from fate_cli.model.values import SAMPLING, check_sampling, check_text
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
@@ -65,7 +66,7 @@ class ChatSession:
         self.cached_ids: list[int] = []  # tokens whose keys and values are in self.cache, in order
         self.counters = SessionCounters()
         self.notes: list[str] = []
-        self.saved_state: tuple[int, LinearState] | None = None  # (position, linear-attention state there)
+        self.saved_state: tuple[int, Carried] | None = None  # (position, the rings and linear state there)
 
     def messages(self) -> list[Message]:
         return ([Message("system", self.system)] if self.system else []) + self.history
@@ -75,13 +76,12 @@ class ChatSession:
 
     def resume_from(self, reuse: int) -> int:
         """How many cached tokens this turn can keep, given that `reuse` of them match: all of them where no
-        linear-attention state is involved or it covers exactly these, else the saved state's position (put
-        back) when the match reaches it, else none."""
-        state = self.cache.state
-        if state is None or reuse == len(self.cached_ids):
+        ring or linear-attention state is involved or they cover exactly these, else the saved copy's position
+        (put back) when the match reaches it, else none."""
+        if self.cache.truncatable or reuse == len(self.cached_ids):
             return reuse
         if self.saved_state is not None and self.saved_state[0] <= reuse:
-            state.restore(self.saved_state[1])
+            self.cache.restore(self.saved_state[1])
             return self.saved_state[0]
         return 0
 
@@ -121,8 +121,8 @@ class ChatSession:
             on_prefill(len(ids) - reuse)
 
         def collect(token_id: int) -> bool | None:
-            if not produced and self.cache.state is not None:  # the prompt is in, no answer token yet
-                self.saved_state = (len(ids), self.cache.state.snapshot("cpu"))
+            if not produced and not self.cache.truncatable:  # the prompt is in, no answer token yet
+                self.saved_state = (len(ids), self.cache.snapshot("cpu"))
             produced.append(token_id)
             return on_token(token_id)
 

@@ -176,9 +176,10 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
     tokenizer = Tokenizer(resolve(model).path)
     ids = [prompt_ids(tokenizer, t, raw) for t in texts]
     groups = [list(range(i, min(i + batch, len(ids)))) for i in range(0, len(ids), batch)]
-    # the planner sizes the KV cache for this many tokens: every row of the largest batch, each full length
-    context = max(len(g) * (max(len(ids[i]) for i in g) + max_tokens) for g in groups)
-    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context, eager=eager)
+    # the planner sizes the KV cache for every row of the largest batch, each as long as the longest row
+    context = max(map(len, ids)) + max_tokens
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context, eager=eager,
+                         rows=max(len(g) for g in groups))
     if not as_json:
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)

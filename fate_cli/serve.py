@@ -533,7 +533,7 @@ def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
         limit = model_args(s.model).max_position_embeddings
         context = min(s.context or DEFAULT_CONTEXT, limit)
         runtime = open_model(s.model, s.device, s.dtype, s.policy, s.vram, s.transfer_bits,
-                             context=s.max_batch * context, eager=s.eager)
+                             context=context, eager=s.eager, rows=s.max_batch)
         scheduler = Scheduler(runtime, s.max_batch, context, s.max_queue)
         scheduler.warm_up()
         scheduler.start()

@@ -3,8 +3,9 @@
 An eager decode step of an MoE model launches hundreds of small kernels from Python (per layer: norms,
 attention, the router, then three matmuls per routed expert), so on a GPU it is bound by launches long
 before memory bandwidth. This step
-- attends over the whole KV cache with a mask (keys up to the row's own position), so that no shape
-  depends on the position, which lives in a device tensor;
+- attends over the whole KV cache with a mask (keys up to the row's own position; a sliding layer over its
+  whole ring, each slot's position and ring index computed on the device), so that no shape depends on the
+  position, which lives in a device tensor;
 - routes on the device and computes a layer's routed experts with quant/moe_kernels.py's fused kernels,
   which find each expert's weights through the layer's bank (a device table expert -> slot, tier);
 - is captured as CUDA graphs once and replayed every token.
@@ -45,7 +46,7 @@ class DecodeStep:
     def __init__(self, model: Transformer, cache: KVCache, capture: bool):
         self.model, self.cache, self.provider = model, cache, model.provider
         self.device = model.embed_tokens.weight.device
-        self.batch = cache.k.shape[1]
+        self.batch = cache.batch
         self.tokens = torch.zeros(self.batch, 1, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.cols = torch.arange(cache.max_len, device=self.device)
@@ -95,11 +96,12 @@ class DecodeStep:
 
     def capture_graphs(self) -> None:
         """Run each segment once (Triton compiles, cuBLAS picks its kernels), then capture each as a graph.
-        Both write keys and values at the cache's last position, which no query reads before decode reaches
-        it and writes it first; linear-attention state, which both advance, is put back; the provider is not
-        called, so no statistic or policy state changes."""
+        Both write keys and values at the cache's last position, which no query of a full layer reads before
+        decode reaches it and writes it first; what a position cannot be cut back from (linear-attention state,
+        sliding layers' rings, whose slot the write takes) is put back; the provider is not called, so no
+        statistic or policy state changes."""
         saved = self.positions.clone()
-        state = self.cache.state.snapshot() if self.cache.state is not None else None
+        carried = self.cache.snapshot()
         self.positions.fill_(self.cache.max_len - 1)
         current = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(self.device)
@@ -116,8 +118,7 @@ class DecodeStep:
                 self._segment(index)
             graphs.append(graph)
         self.positions.copy_(saved)
-        if state is not None:
-            self.cache.state.restore(state)
+        self.cache.restore(carried)
         self.graphs = graphs
 
     # ---- the segments -----------------------------------------------------------------------------
@@ -212,7 +213,7 @@ class DecodeGraphs:
         size = min(max(MIN_CACHE, 1 << (length - 1).bit_length()), self.model.args.max_position_embeddings)
         size = max(size, length)
         old = self._cache
-        if old is None or old.k.shape[1] != batch or old.max_len != size:
+        if old is None or old.batch != batch or old.max_len != size:
             self._step = self._cache = None
             self._cache = self.model.new_cache(batch, size)
         return self._cache
@@ -226,7 +227,7 @@ class DecodeGraphs:
         if s is not None and s.cache is cache:
             return s
         self._step = None
-        self.note = unavailable(self.model, cache.k.shape[1], self.capture)
+        self.note = unavailable(self.model, cache.batch, self.capture)
         if self.note:
             return None
         self._step = DecodeStep(self.model, cache, self.capture)

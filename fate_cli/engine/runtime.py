@@ -140,10 +140,12 @@ def open_model(
     transfer_bits: int | None = None,
     context: int | None = None,
     eager: bool = False,
+    rows: int = 1,
 ) -> Runtime:
-    """Load a model for a command. With a policy, plan its experts against the VRAM budget first.
-    eager: decode with the model's eager forward (the reference) instead of captured CUDA graphs."""
-    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context)
+    """Load a model for a command. With a policy, plan its experts against the VRAM budget first, with a KV
+    cache of `rows` rows of `context` positions each. eager: decode with the model's eager forward (the
+    reference) instead of captured CUDA graphs."""
+    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context, rows)
     runtime.graphs = DecodeGraphs(runtime.model, eager)
     return runtime
 
@@ -199,7 +201,7 @@ def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence
 
 
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,
-          transfer_bits: int | None, context: int | None) -> Runtime:
+          transfer_bits: int | None, context: int | None, rows: int = 1) -> Runtime:
     synthetic = is_synthetic(name)
     resolved = resolve_model(name)
     dev = pick_device(device)
@@ -224,7 +226,8 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
                 f"--transfer-bits {transfer_bits} matches no tier of the store (hot INT{params.hot_bits}, cold "
                 f"INT{params.cold_bits}); give {params.hot_bits} or {params.cold_bits}, or leave it out"
             )
-        setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None)
+        setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None,
+                         rows=rows)
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
     if synthetic:

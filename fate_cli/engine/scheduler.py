@@ -356,10 +356,7 @@ class Scheduler:
         last = len(self.rows) - 1
         if i != last:  # keep rows 0..n-1 dense: the last row's keys and values move into the freed one
             moved = self.rows[last]
-            self.cache.k[:, i, :, : moved.pos] = self.cache.k[:, last, :, : moved.pos]
-            self.cache.v[:, i, :, : moved.pos] = self.cache.v[:, last, :, : moved.pos]
-            if self.cache.state is not None:  # and its linear-attention state (qwen3_5_moe)
-                self.cache.state.copy_row(last, i)
+            self.cache.copy_row(last, i, moved.pos)  # and its sliding rings and linear-attention state
             self.rows[i] = moved
         self.rows.pop()
 

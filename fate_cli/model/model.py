@@ -16,7 +16,6 @@ from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.gated_deltanet import GatedDeltaNet
 from fate_cli.model.kv_cache import KVCache, RowPositions
 from fate_cli.model.layers import MLP, Attention, Rotary, make_norm
-from fate_cli.model.linear_state import LinearState
 from fate_cli.model.moe import MoEBlock
 from fate_cli.model.sink_attention import SinkAttention
 from fate_cli.model.threads import step_macs, step_threads
@@ -85,10 +84,7 @@ class Transformer(nn.Module):
         a, w = self.args, self.embed_tokens.weight
         if self.rope is None or self.rope.cos.shape[0] < max_len:
             self.rope = Rotary(a.rotary_dim or a.head_dim, a.rope_theta, max_len, w.device, a.rope_scaling)
-        cache = KVCache(len(a.attention_layer_ids), batch, a.num_kv_heads, max_len, a.head_dim, w.dtype, w.device)
-        if a.linear is not None:
-            cache.state = LinearState.empty(a, batch, w.dtype, w.device)
-        return cache
+        return KVCache.for_model(a, batch, max_len, w.dtype, w.device)
 
     def forward(
         self, tokens: torch.Tensor, cache: KVCache, pos: int | RowPositions, last_only: bool = False

@@ -3,7 +3,8 @@
 Each head has a learned logit (its sink) that joins the softmax over the keys and is then dropped, so a head
 may give less than all of its weight to the keys. Scaled-dot-product kernels have no such term, so the
 softmax is written out: queries in chunks, so a long prefill never holds more than a bounded score block.
-The KV cache holds the whole context for sliding layers too; the window is a mask over it.
+A sliding layer's keys come from its ring in the KV cache (the last `window` positions, in slot order), each
+with its position, so the window and the causal order are one mask over positions.
 """
 
 from __future__ import annotations
@@ -60,14 +61,21 @@ class SinkAttention(Attention):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = rope.apply(q, pos), rope.apply(k, pos)
         if isinstance(pos, RowPositions):  # a batch's decode step: each row at its own position
-            keys, values = cache.update_rows(self.layer, pos, k, v)
             rows = pos.positions[:, None, None, None]  # [b, 1, 1, 1]
         else:
-            keys, values = cache.update(self.layer, pos, k, v)
             rows = (torch.arange(t, device=x.device) + pos)[None, None, :, None]  # [1, 1, T, 1]
-        cols = torch.arange(keys.shape[2], device=x.device)
-        allowed = cols <= rows
-        if self.window:  # the query and the window - 1 keys before it
-            allowed = allowed & (cols > rows - self.window)
+        if self.window:  # the query and the window - 1 keys before it, found by the positions the ring holds
+            if isinstance(pos, RowPositions):
+                keys, values, held = cache.update_window_rows(self.layer, pos, k, v)
+            else:
+                keys, values, held = cache.update_window(self.layer, pos, k, v)
+            held = held[:, None, None, :]  # [b|1, 1, 1, L]
+            allowed = (held <= rows) & (held > rows - self.window) & (held >= 0)
+        else:
+            if isinstance(pos, RowPositions):
+                keys, values = cache.update_rows(self.layer, pos, k, v)
+            else:
+                keys, values = cache.update(self.layer, pos, k, v)
+            allowed = torch.arange(keys.shape[2], device=x.device) <= rows
         out = sink_attention(q, keys, values, allowed, self.sinks, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
