@@ -156,12 +156,17 @@ def test_bad_rope_type_is_one_clear_error(tmp_path, plain):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_greedy_matches_through_the_captured_step(plain):
     """On a GPU the captured step takes this family's experts (biases and the clamped SwiGLU in the fused kernels,
-    tests/test_gpt_oss_cuda.py): eager and captured decode both give transformers' tokens."""
-    path, ref = plain
+    tests/test_gpt_oss_cuda.py): eager and captured decode both give the CPU path's tokens in float32, which the
+    tests above hold to transformers. (The GPU machine's transformers 5.17 computes this family otherwise than
+    the 5.25 these tests pin, on its CPU too: relative logit error 1.0 against ours on both devices.)"""
+    path, _ = plain
+    cpu = torch.device("cpu")
+    expected = generate(load_model(path, cpu, torch.float32).model, PROMPTS[0], 20,
+                        Sampler(SamplingParams(temperature=0.0), cpu)).token_ids
     model = load_model(path, torch.device("cuda"), torch.float32).model
     sampler = Sampler(SamplingParams(temperature=0.0), torch.device("cuda"))
-    assert generate(model, PROMPTS[0], 20, sampler).token_ids == reference_tokens(ref, PROMPTS[0])
+    assert generate(model, PROMPTS[0], 20, sampler).token_ids == expected
     graphs = DecodeGraphs(model)
     tokens = generate(model, PROMPTS[0], 20, sampler, graphs=graphs).token_ids
     assert graphs.describe().startswith("decode: one CUDA graph per step"), graphs.describe()
-    assert tokens == reference_tokens(ref, PROMPTS[0])
+    assert tokens == expected

@@ -75,14 +75,14 @@ def test_captured_step_logits_follow_eager_past_the_window(path):
     torch.testing.assert_close(graph_cache.ring_k, eager_cache.ring_k, rtol=1e-4, atol=1e-5)
 
 
-def test_family_on_the_gpu_gives_transformers_tokens_past_the_window(path):
-    transformers = pytest.importorskip("transformers")
-    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+def test_family_on_the_gpu_gives_the_cpu_tokens_past_the_window(path):
+    """The GPU's tokens (captured step over the rings) equal the CPU path's in float32, which
+    tests/test_sliding_window.py holds to transformers past the window (compared here with fate's CPU path, not
+    with the GPU machine's transformers, which differs on this family: tests/test_gpt_oss.py)."""
+    cpu_model = load_model(path, torch.device("cpu"), torch.float32).model
+    cpu_greedy = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
     model = load_model(path, CUDA, torch.float32).model
     graphs = DecodeGraphs(model)
     for p in PROMPTS:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                               do_sample=False, eos_token_id=None, pad_token_id=0)
-        assert generate(model, p, 20, greedy(), graphs=graphs).token_ids == out[0, len(p):].tolist()
+        expected = generate(cpu_model, p, 20, cpu_greedy).token_ids
+        assert generate(model, p, 20, greedy(), graphs=graphs).token_ids == expected
