@@ -39,7 +39,7 @@ class HostTier:
             wanted = len(layers) * num_experts
             fits = max(0, min(wanted, budget // nbytes))
             budget -= fits * nbytes
-            buf = torch.empty((fits, nbytes), dtype=torch.uint8, pin_memory=pin and fits > 0)
+            buf = self._allocate(tier, fits, nbytes, pin and fits > 0)
             for layer in layers:
                 for e in range(num_experts):
                     row = self.index[layer] * num_experts + e
@@ -51,6 +51,23 @@ class HostTier:
                     f"host RAM holds {fits} of {wanted} {tier} experts ({format_size(fits * nbytes)}); "
                     "the rest are read from the tier store on disk when needed"
                 )
+
+    def _allocate(self, tier: str, rows: int, nbytes: int, pin: bool) -> torch.Tensor:
+        """The tier's buffer, page-locked where asked. The system may refuse to lock that much (a locked-memory
+        limit, or the driver's own): then the tier stays in pageable memory, which still works but moves to
+        the GPU several times slower, and the user is told."""
+        if pin:
+            try:
+                return torch.empty((rows, nbytes), dtype=torch.uint8, pin_memory=True)
+            except RuntimeError as err:  # torch raises "CUDA error: out of memory" for a refused page lock
+                if "out of memory" not in str(err).lower():
+                    raise
+                self.pin = False  # what the panel shows
+                self.notes.append(
+                    f"could not page-lock {format_size(rows * nbytes)} of host memory for the {tier} experts; they "
+                    "stay in pageable memory, which copies to the GPU several times slower"
+                )
+        return torch.empty((rows, nbytes), dtype=torch.uint8)
 
     def get(self, tier: str, layer: int, expert: int) -> torch.Tensor:
         row = self.index[layer] * self.num_experts + expert
