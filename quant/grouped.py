@@ -38,6 +38,16 @@ def grouped_backend(x: torch.Tensor, bank: Bank) -> str | None:
     return GROUPED_PACKED if _packed_fits(x, bank) else None
 
 
+def why_not_grouped(x: torch.Tensor, bank: Bank) -> str:
+    """Why `grouped_backend` gives None for x over this bank, in a few words for the device line."""
+    if isinstance(bank, PackedBank):
+        return "the grouped kernel of packed tiers needs CUDA and Triton" if not (x.is_cuda and available()) \
+            else "a tier's bits or groups do not fit the grouped kernel"
+    if _grouped_mm is None:
+        return "this torch has no grouped GEMM"
+    return "torch's grouped GEMM takes bf16 on CUDA" if x.is_cuda else "the bank's rows are not 16-byte aligned"
+
+
 def _dense_fits(x: torch.Tensor, bank: DenseBank) -> bool:
     if _grouped_mm is None or x.dtype != bank.gate_up.dtype:
         return False

@@ -130,3 +130,11 @@ def test_dense_grouped_on_the_gpu_in_bfloat16():
     assert grouped_backend(x, bank) == GROUPED_DENSE
     ref = moe_ffn_reference(x.float(), weights, ids, bank)
     assert _rel(grouped_ffn(x, weights, ids, bank).float(), ref) < 2e-2
+
+
+def test_the_device_line_says_which_prefill_path_runs():
+    from fate_cli.engine.runtime import open_model
+
+    assert "prefill: grouped GEMM (torch)" in open_model("tiny", "cpu").describe()
+    line = open_model("tiny", "cpu", policy="resident", vram="30MB").describe()
+    assert "prefill: experts one by one (the grouped kernel of packed tiers needs CUDA and Triton)" in line, line

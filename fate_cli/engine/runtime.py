@@ -14,6 +14,7 @@ from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ExpertProvider, ResidentExperts, dense_expert
 from fate_cli.model.loader import LoadedModel, Weights, checked_args, load_resident_experts, load_weights
+from fate_cli.model.moe import GROUPED_MIN_TOKENS
 from fate_cli.registry import ResolvedModel, resolve
 from fate_cli.synthetic import (
     SyntheticTokenizer,
@@ -24,6 +25,7 @@ from fate_cli.synthetic import (
     synthetic_store,
 )
 from fate_cli.tokenizer import Tokenizer
+from quant.grouped import grouped_backend, why_not_grouped
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -97,10 +99,11 @@ class Runtime:
 
             vision = ", text only (the vision tower is not loaded)" if "language_model" in a.checkpoint_prefix else ""
             head = f"{head}{vision}; {backend(d)}"
+        prefill = prefill_note(self.model)
         if self.offload is None:
-            return f"{head}; experts resident at 16 bits; {decode}"
+            return f"{head}; experts resident at 16 bits; {prefill}; {decode}"
         backends = ", ".join(sorted(set(self.offload.backends.values())))
-        return f"{head}; policy {self.setup.policy}, backend {backends} (prefill); {decode}"
+        return f"{head}; policy {self.setup.policy}, expert kernels {backends}; {prefill}; {decode}"
 
     def announce(self, console) -> None:  # noqa: ANN001 - a rich Console on stderr
         """The device/backend/policy line, and the plan's summary when there is a plan."""
@@ -113,6 +116,24 @@ class Runtime:
             return ""
         plan = self.setup.plan
         return "; ".join([plan.summary(), *plan.notes, *(self.offload.host.notes if self.offload else [])])
+
+
+def prefill_note(model) -> str:  # noqa: ANN001 - a Transformer
+    """Which path a prompt's experts take (fate_cli/model/moe.py, quant/grouped.py), as the device line says it."""
+    args, provider = model.args, model.provider
+    if not args.moe_layer_ids:
+        return "prefill: no MoE layers"
+    if not provider.fused:
+        return "prefill: experts one by one (this provider keeps no bank for the grouped kernels)"
+    weight = model.embed_tokens.weight
+    x = torch.empty(GROUPED_MIN_TOKENS, args.hidden_size, device=weight.device, dtype=weight.dtype)
+    bank = provider.bank(args.moe_layer_ids[0])
+    path = grouped_backend(x, bank)
+    if path is None:
+        return f"prefill: experts one by one ({why_not_grouped(x, bank)})"
+    if not provider.fits_step(args.num_experts):
+        return f"prefill: {path} where a layer's routed experts fit its slots, else one by one"
+    return f"prefill: {path}"
 
 
 def check_device_free(device: torch.device, budget: int, asked: str | None) -> None:
