@@ -19,12 +19,11 @@ from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.gated_deltanet import prefill_bytes_per_token
 from fate_cli.model.kv_cache import KVCache
-from fate_cli.model.model import weight_shapes
+from fate_cli.model.model import prefill_chunk, weight_shapes
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
-PREFILL_CHUNK = 512  # tokens whose activations the workspace estimate covers
 CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
 
 
@@ -47,8 +46,9 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
     size = torch.finfo(dtype).bits // 8
     kv = KVCache.planned_bytes(args, rows, context, dtype)
     h, i, k = args.hidden_size, args.moe_intermediate_size, args.top_k
-    prompt = 4 * PREFILL_CHUNK * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
-    prompt += PREFILL_CHUNK * prefill_bytes_per_token(args)  # a linear-attention layer's chunked prefill
+    chunk = prefill_chunk()  # a prompt passes through the layers this many tokens at a time
+    prompt = 4 * chunk * (6 * h + 3 * k * i)  # float32 upper bound, every routed expert's at once
+    prompt += chunk * prefill_bytes_per_token(args)  # a linear-attention layer's chunked prefill
     activations = prompt + 3 * h * i * 4  # and dequant scratch
     bias = "bfloat16" if args.expert_bias else None  # 16 bits in every tier (its size is what counts here)
     hot = ExpertLayout.quantized(h, i, params.hot_bits, params.hot_group_size, bias).nbytes
@@ -95,7 +95,7 @@ def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_
     kind = POLICY_TYPES[policy]
     plan = make_plan(fp, budget, kind.split, shallow_layers, whole_first=not one_tier)
     if kind.pipeline and fp.token_bytes:
-        # a group's activations use the workspace's (sized for PREFILL_CHUNK tokens at float32 with every
+        # a group's activations use the workspace's (sized for a prefill chunk's tokens at float32 with every
         # routed expert's intermediates at once) at a token's real cost, plus what the slots leave of the budget
         plan.group_tokens = (fp.group_bytes + max(0, budget - plan.device_bytes)) // fp.token_bytes
     return plan

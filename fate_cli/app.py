@@ -34,6 +34,7 @@ TEMPERATURE_HELP = "0 is greedy " + default("generation_config.json")
 DEFAULT_WINDOWS = 64  # perplexity: windows scored unless --full or --max-windows (about a minute on a laptop CPU)
 THREADS_HELP = "CPU threads; steps too small to gain from threads run on one " + default(
     "OMP_NUM_THREADS, else the physical cores")
+PREFILL_HELP = "prompt tokens per pass through the layers; longer prompts go in chunks " + default("512")
 TRANSFER_HELP = "move every expert at this tier's bit width (all policies)"
 EAGER_HELP = "decode with the eager forward (the reference) instead of captured CUDA graphs with the fused " \
     "expert kernels"
@@ -64,6 +65,12 @@ def _threads(count: int | None) -> None:
     use_threads(count)
 
 
+def _prefill(tokens: int | None) -> None:
+    from fate_cli.model.model import set_prefill_chunk
+
+    set_prefill_chunk(tokens)
+
+
 @app.command(cls=FateCommand)
 def run(
     model: str = typer.Argument(..., metavar="MODEL", help=MODEL_HELP),
@@ -87,12 +94,14 @@ def run(
                                 help="a file of prompts, one per line or per paragraph"),
     batch: int = typer.Option(1, "--batch", min=1, metavar="B", help="with --prompts: prompts decoded together"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Generate text from PROMPT, or for every prompt of --prompts FILE."""
     from fate_cli.run import run_command
 
     _threads(threads)
+    _prefill(prefill_chunk)
     run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
                 vram, policy, transfer_bits, prompts, batch, eager)
 
@@ -166,6 +175,7 @@ def chat(
     lines: bool = typer.Option(False, "--lines", help="piped stdin: one turn per line (without it, all of stdin "
                                "is one message)"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     think: bool = typer.Option(True, "--think/--no-think", help="the chat template's thinking switch "
                                "(enable_thinking: Qwen3, Qwen3.5); also /set think off"),
@@ -174,6 +184,7 @@ def chat(
     from fate_cli.chat import chat_command
 
     _threads(threads)
+    _prefill(prefill_chunk)
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
                  top_p, top_k, panel, eager, lines, think)
 
@@ -207,12 +218,14 @@ def bench(
     rows_to: str = typer.Option(None, "--rows-to", metavar="FILE", help="also append each row to this file as a "
                                 "JSON line as soon as it is measured (keeps a long sweep's rows if it is stopped)"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Sweep VRAM budgets and policies side by side: prefill and decode speed, hit rate, bytes moved."""
     from fate_cli.bench import bench_command
 
     _threads(threads)
+    _prefill(prefill_chunk)
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
                   plot, quiet, rows_to, batch, eager)
 
@@ -267,6 +280,7 @@ def perplexity(
     device: str = typer.Option(None, metavar="DEVICE", help=DEVICE_HELP),
     dtype: str = typer.Option(None, metavar="DTYPE", help=DTYPE_HELP),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
 ) -> None:
     """Perplexity on a text file, with experts from the checkpoint or from the tier store, per tier."""
     from fate_cli.quantize import perplexity_command
@@ -276,6 +290,7 @@ def perplexity(
 
         raise UsageError("--full and --max-windows both ask how much text to score; give one of them")
     _threads(threads)
+    _prefill(prefill_chunk)
     perplexity_command(model, file, tiers, window, None if full else max_windows or DEFAULT_WINDOWS, device, dtype)
 
 
@@ -298,12 +313,14 @@ def serve(
     policy: str = typer.Option("fate", metavar="POLICY", help=POLICY_HELP),
     transfer_bits: int = typer.Option(None, metavar="B", help=TRANSFER_HELP),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
+    prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or not)."""
     from fate_cli.serve import serve_command
 
     _threads(threads)
+    _prefill(prefill_chunk)
     serve_command(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
                   transfer_bits, eager)
 

@@ -18,7 +18,6 @@ from cache.offload import OffloadedExperts
 from cache.planner import Footprint
 from cache.policies import PolicyContext
 from cache.setup import (
-    PREFILL_CHUNK,
     OffloadSetup,
     build_offloaded,
     check_policy,
@@ -33,7 +32,7 @@ from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, store_dense_experts
 from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.loader import Weights, load_resident_experts
-from fate_cli.model.model import Transformer
+from fate_cli.model.model import Transformer, prefill_chunk
 from predictors.coactivation import Coactivation
 from quant.kernels import select_backend
 from quant.store import QuantParams
@@ -181,7 +180,7 @@ class ReplayTarget(Target):
         params = QuantParams()
         store = SyntheticStore(hidden, inter, args.moe_layer_ids, args.num_experts, params, name=name)
         hot = store.tiers["hot"].layout.nbytes
-        activations = 4 * PREFILL_CHUNK * (2 * hidden + 3 * args.top_k * inter)
+        activations = 4 * prefill_chunk() * (2 * hidden + 3 * args.top_k * inter)
         workspace = activations + 3 * hidden * inter * 4 + (64 * 1024**2 if device.type == "cuda" else 0)
         fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 3 * hidden * inter * 2, 0,
                        workspace, (3 * hidden + 3 * inter) * dtype.itemsize,  # x, out, an expert's output and work

@@ -54,6 +54,22 @@ class DecoderLayer(nn.Module):
         return self.mlp(mlp_in, banked) if isinstance(self.mlp, MoEBlock) else self.mlp(mlp_in)
 
 
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens per pass through the layers; --prefill-chunk changes it
+_prefill_chunk = DEFAULT_PREFILL_CHUNK
+
+
+def set_prefill_chunk(tokens: int | None) -> None:
+    """Prompts longer than this many tokens are prefilled in chunks (the process's setting, as the CPU threads
+    are): activations, the grouped experts' scratch and attention's scores stay bounded, and the planner sizes
+    its workspace for one chunk."""
+    global _prefill_chunk
+    _prefill_chunk = tokens or DEFAULT_PREFILL_CHUNK
+
+
+def prefill_chunk() -> int:
+    return _prefill_chunk
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, provider: ExpertProvider):
         super().__init__()
@@ -91,9 +107,14 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """tokens [batch, T] at positions pos..pos+T -> logits [batch, T (or 1), vocab].
 
-        With RowPositions, T is 1 and each row of the batch is at its own position (batched decode)."""
+        With RowPositions, T is 1 and each row of the batch is at its own position (batched decode). A prompt
+        longer than `prefill_chunk()` tokens goes through in chunks, each attending to the cache before it."""
         if self.rope is None:
             raise RuntimeError("call new_cache() before forward()")
+        chunk, length = prefill_chunk(), tokens.shape[1]
+        if isinstance(pos, int) and length > chunk:
+            outs = [self.forward(tokens[:, i : i + chunk], cache, pos + i, last_only) for i in range(0, length, chunk)]
+            return outs[-1] if last_only else torch.cat(outs, dim=1)
         with step_threads(step_macs(self.args, tokens.numel()), tokens.device):
             x = self.embed_tokens(tokens)
             for layer in self.layers:
