@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from cache.host_tier import HostTier
+    from cache.hybrid import HybridOptions
     from cache.setup import OffloadSetup
     from fate_cli.model.args import ModelArgs
     from predictors.coactivation import Coactivation
@@ -141,11 +142,12 @@ def open_model(
     context: int | None = None,
     eager: bool = False,
     rows: int = 1,
+    hybrid: HybridOptions | None = None,
 ) -> Runtime:
     """Load a model for a command. With a policy, plan its experts against the VRAM budget first, with a KV
     cache of `rows` rows of `context` positions each. eager: decode with the model's eager forward (the
-    reference) instead of captured CUDA graphs."""
-    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context, rows)
+    reference) instead of captured CUDA graphs. hybrid: --miss, --link, --cpu-threads (cache/hybrid.py)."""
+    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context, rows, hybrid)
     runtime.graphs = DecodeGraphs(runtime.model, eager)
     return runtime
 
@@ -172,8 +174,8 @@ def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dty
 
 
 def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore | None, transfer_bits: int | None,
-                coactivation: Callable[[], Coactivation] | None = None, host: HostTier | None = None
-                ) -> ExpertProvider:
+                coactivation: Callable[[], Coactivation] | None = None, host: HostTier | None = None,
+                hybrid: HybridOptions | None = None) -> ExpertProvider:
     """The experts a plan asks for: the checkpoint's at 16 bits (no plan, or every expert fits), else an expert
     cache over the tier store."""
     if (setup is None or setup.full_precision) and weights.checkpoint is None:  # synthetic: the store's 16 bits
@@ -186,7 +188,7 @@ def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore |
 
     ctx = PolicyContext.of(weights.args, weights.routers(), coactivation)
     return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host,
-                           act=weights.args.expert_act)
+                           act=weights.args.expert_act, hybrid=hybrid)
 
 
 def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence[int], device: torch.device,
@@ -201,7 +203,8 @@ def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence
 
 
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,
-          transfer_bits: int | None, context: int | None, rows: int = 1) -> Runtime:
+          transfer_bits: int | None, context: int | None, rows: int = 1,
+          hybrid: HybridOptions | None = None) -> Runtime:
     synthetic = is_synthetic(name)
     resolved = resolve_model(name)
     dev = pick_device(device)
@@ -233,10 +236,11 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
     if synthetic:
         torch.set_flush_denormal(True)
         weights = random_weights(args, dev, dt)
-        experts = experts_for(weights, setup, store, transfer_bits)
+        experts = experts_for(weights, setup, store, transfer_bits, hybrid=hybrid)
     else:
         weights = open_weights(resolved, dev, dt, args)
-        experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
+        experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path),
+                              hybrid=hybrid)
     loaded = LoadedModel(weights.model(experts), weights.args, weights.checkpoint, dev, dt)
     offload = experts if isinstance(experts, OffloadedExperts) else None
     return Runtime(resolved, loaded, tokenizer, setup, offload)
