@@ -28,10 +28,13 @@ from dataclasses import dataclass, field
 import torch
 
 from cache.cost_model import Costs, ReuseEstimate, clock_hz, measure_costs, measure_link, split_misses
+from cache.host_tier import HostTier
 from cache.offload import LayerSlots, OffloadedExperts
 from cache.slots import SlotPool
 from quant.cpu_experts import cpu_moe
+from quant.expert_act import ClampedSwiGLU
 from quant.kernels import QuantExpert
+from quant.layout import ExpertLayout
 
 HYBRID_POLICIES = ("cpu", "freetoken")  # policies that compute misses on the CPU whatever --miss says
 
@@ -64,18 +67,17 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def costs_for(off: OffloadedExperts, tier: str, options: HybridOptions) -> Costs:
-    """The cost model's numbers for misses at `tier`, measured once per tier and kept in `options`."""
+def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k: int, device: torch.device,
+              dtype: torch.dtype, act: ClampedSwiGLU | None, options: HybridOptions) -> Costs:
+    """The cost model's numbers for misses at `tier` (measured on `top_k` experts of `layer` in the host tier),
+    measured once per tier and kept in `options`."""
     if tier not in options.costs:
-        layer = next(iter(off.layers))
-        k = off.policy.ctx.top_k
-        layout = off.layouts[tier]
-        experts = [(off.host.get(tier, layer, e), layout) for e in range(k)]
-        on_device = QuantExpert(experts[0][0].to(off.device), layout, off.backends[tier], off.act)
+        experts = [(host.get(tier, layer, e), layout) for e in range(top_k)]
+        on_device = QuantExpert(experts[0][0].to(device), layout, None, act)
         threads = options.cpu_threads or torch.get_num_threads()
         with cpu_threads(threads):
-            options.costs[tier] = measure_costs(experts, on_device, layout.hidden, off.device, off.dtype,
-                                                lambda x, ex, w: cpu_moe(x, ex, w, off.act), threads, options.link)
+            options.costs[tier] = measure_costs(experts, on_device, layout.hidden, device, dtype,
+                                                lambda x, ex, w: cpu_moe(x, ex, w, act), threads, options.link)
     return options.costs[tier]
 
 
@@ -97,7 +99,8 @@ class HybridExperts(OffloadedExperts):
         self.cpu_tier = self.transfer_tier or self.policy.miss_tier()  # the CPU computes what a miss would move
         self.costs = costs
         if costs is None and self.needs_costs and self.layers:
-            self.costs = costs_for(self, self.cpu_tier, options)
+            self.costs = costs_for(self.host, self.layouts[self.cpu_tier], self.cpu_tier, next(iter(self.layers)),
+                                   self.policy.ctx.top_k, self.device, self.dtype, self.act, options)
         self.stats.costs = self.costs.as_dict() if self.costs else None
         self.reuse = ReuseEstimate(self.num_experts, self.policy.ctx.top_k)
         self.host_now: dict[int, list[int]] = {}  # layer -> the experts the CPU computes in its current step
@@ -269,8 +272,7 @@ class FreeTokenExperts(HybridExperts):
     def split(self, layer: int, misses: list[tuple[int, int]]) -> list[int]:
         """Misses with most tokens move first: those whose tokens make moving win, then the link's share."""
         ranked = sorted(misses, key=lambda m: (-m[1], m[0]))
-        big = [e for e, n in ranked if n >= self.costs.moving_wins_from()]
-        rest = [e for e, n in ranked if n < self.costs.moving_wins_from()]
+        rest = [e for e, n in ranked if n < self.costs.moving_wins_from()]  # the others move
         self.credit += self.costs.link_share() * len(rest)
         moved = int(self.credit + 1e-9)
         self.credit -= moved

@@ -116,6 +116,22 @@ class Runtime:
         return "; ".join([plan.summary(), *plan.notes, *(self.offload.host.notes if self.offload else [])])
 
 
+def hybrid_options(miss: str = "auto", link: str | None = None, cpu_threads: int | None = None) -> HybridOptions:
+    """--miss, --link SIZE (per second) and --cpu-threads, checked: where a cache computes misses."""
+    from cache.budget import parse_size
+    from cache.cost_model import MODES
+    from cache.hybrid import HybridOptions
+
+    if miss not in MODES:
+        raise UsageError(f"unknown --miss '{miss}'; use auto, cpu or link")
+    rate = None
+    if link is not None:
+        rate = float(parse_size(link.removesuffix("/s")))
+        if not torch.cuda.is_available():
+            raise UsageError("--link slows the GPU's copy stream, and there is no GPU; leave --link out")
+    return HybridOptions(miss, rate, cpu_threads)
+
+
 def check_device_free(device: torch.device, budget: int, asked: str | None) -> None:
     """A budget above the GPU's free memory would end in an out-of-memory mid-run: refuse it before loading."""
     if device.type != "cuda" or asked is None:
