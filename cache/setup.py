@@ -135,7 +135,7 @@ def build_offloaded(
     on the CPU where it pays."""
     from cache.hybrid import PROVIDERS, HybridOptions, emulate_link, is_hybrid
 
-    hybrid = hybrid or HybridOptions()
+    hybrid = hybrid or HybridOptions(miss="link")  # no options (a library caller): every miss moved, as measured
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
     if is_hybrid(setup.policy, hybrid.miss):
