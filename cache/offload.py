@@ -117,6 +117,7 @@ class OffloadedExperts(ExpertProvider):
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n), ctx.num_experts, device)
                        for layer, n in slots.items()}
         self._stall_base, self._waits_base = 0.0, 0
+        self._layer_stall_base: dict[int, float] = {}
         self._pending: list[Prefetch] = []
         self._banks: dict[int, Bank] = {}
         self._in_use: list[int] = []  # slots the layer being computed by a decode step reads
@@ -312,8 +313,10 @@ class OffloadedExperts(ExpertProvider):
         start = time.perf_counter()
         self.pool.load(layer, slot, host)
         if self.device.type != "cuda":
-            self.stats.stall_seconds += time.perf_counter() - start
-        self.stats.moved(tier, host.numel())
+            waited = time.perf_counter() - start
+            self.stats.stall_seconds += waited
+            self.stats.layers[layer].stall_seconds += waited
+        self.stats.moved(tier, host.numel(), layer)
 
     def _expert_fn(self, layer: int, slot: int, tier: str) -> ExpertFn:
         layout = self.layouts[tier]
@@ -326,12 +329,15 @@ class OffloadedExperts(ExpertProvider):
         if self.pool.cuda:
             self.stats.stall_seconds = self.pool.stalls.collect() - self._stall_base
             self.stats.stall_waits = self.pool.stalls.waits - self._waits_base
+            for layer, seconds in self.pool.stalls.by_layer.items():
+                self.stats.layers[layer].stall_seconds = seconds - self._layer_stall_base.get(layer, 0.0)
         return self.stats
 
     def reset_stats(self) -> None:
         self.stats = CacheStats()
         if self.pool.cuda:
             self._stall_base, self._waits_base = self.pool.stalls.collect(), self.pool.stalls.waits
+            self._layer_stall_base = dict(self.pool.stalls.by_layer)
 
     def occupancy(self) -> dict[int, int]:
         return {layer: len(s.slot_of) for layer, s in self.layers.items()}

@@ -23,6 +23,8 @@
   through each layer together (one copy of an expert serves the whole group), the group size picked by
   cache/microbatch.py from measured copy and compute times and the memory its plan sets aside.
 - resident: every expert on the device at the hot tier, the ceiling.
+- cpu (llama.cpp's --n-cpu-moe) and freetoken (a shared LRU whose misses are split between the link and the
+  CPU): computing misses on the CPU, run by cache/hybrid.py.
 """
 
 from __future__ import annotations
@@ -271,9 +273,24 @@ class Klotski(Policy):
         return [Prefetch(nxt, e, "hot") for e in picks]
 
 
+class CPUMoE(Policy):
+    """llama.cpp's --n-cpu-moe: a fixed set of each layer's experts on the GPU, chosen once (the most used by
+    offline counts, else by the first request), every other expert computed on the CPU, nothing moved after
+    (cache/hybrid.py CPUExperts)."""
+
+    name = "cpu"
+
+
+class FreeToken(Policy):
+    """FreeToken: one LRU cache shared by every layer; each step's misses split, the link's share of the link
+    and host bandwidths moved, the rest computed on the CPU (cache/hybrid.py FreeTokenExperts)."""
+
+    name = "freetoken"
+
+
 POLICY_TYPES: dict[str, type[Policy]] = {
     "fate": Fate, "ondemand": OnDemand, "lru": LRUPolicy, "eap": EAP, "fmoe": FMoE, "klotski": Klotski,
-    "resident": Resident,
+    "resident": Resident, "cpu": CPUMoE, "freetoken": FreeToken,
 }
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,8 @@ from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
 
+if TYPE_CHECKING:
+    from cache.hybrid import HybridOptions
 CUDA_WORKSPACE = 64 * 1024**2  # allocator slack and cuBLAS workspaces on a GPU
 
 
@@ -123,9 +126,21 @@ def build_offloaded(
     transfer_bits: int | None = None,
     host: HostTier | None = None,
     act: ClampedSwiGLU | None = None,
+    hybrid: HybridOptions | None = None,
 ) -> OffloadedExperts:
     """The expert cache a plan and a policy make over the tier store (the host tier is built here unless given:
-    a bench shares one across its rows). act: the model's expert activation (ModelArgs.expert_act)."""
+    a bench shares one across its rows). act: the model's expert activation (ModelArgs.expert_act). hybrid:
+    --miss, --link, --cpu-threads (cache/hybrid.py): fate's misses, and the cpu and freetoken policies, computed
+    on the CPU where it pays."""
+    from cache.hybrid import PROVIDERS, HybridOptions, emulate_link, is_hybrid
+
+    hybrid = hybrid or HybridOptions(miss="link")  # no options (a library caller): every miss moved, as measured
     policy: Policy = make_policy(setup.policy, ctx)
     transfer_tier = transfer_tier_for(store, transfer_bits)
-    return OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, host=host, act=act)
+    if is_hybrid(setup.policy, hybrid.miss):
+        offload = PROVIDERS[setup.policy](store, setup.plan, policy, device, dtype, transfer_tier, host=host,
+                                          act=act, options=hybrid)
+    else:
+        offload = OffloadedExperts(store, setup.plan, policy, device, dtype, transfer_tier, host=host, act=act)
+    emulate_link(offload, hybrid)
+    return offload

@@ -26,12 +26,15 @@ class StallTimer:
         self.used = 0
         self.seconds = 0.0
         self.waits = 0
+        self.layer_of: list[int | None] = [None] * STALL_PAIRS
+        self.by_layer: dict[int, float] = {}
 
-    def wait(self, stream: torch.cuda.Stream, ready: torch.cuda.Event) -> None:
+    def wait(self, stream: torch.cuda.Stream, ready: torch.cuda.Event, layer: int | None = None) -> None:
         """Make the stream wait for a copy the host has seen still running (query() was False)."""
         if self.used == len(self.pairs):
             self.collect()
         before, after = self.pairs[self.used]
+        self.layer_of[self.used] = layer
         self.used += 1
         self.waits += 1
         before.record(stream)
@@ -41,7 +44,11 @@ class StallTimer:
     def collect(self) -> float:
         if self.used:
             self.pairs[self.used - 1][1].synchronize()
-            self.seconds += sum(b.elapsed_time(a) for b, a in self.pairs[: self.used]) / 1000
+            for (b, a), layer in zip(self.pairs[: self.used], self.layer_of):
+                seconds = b.elapsed_time(a) / 1000
+                self.seconds += seconds
+                if layer is not None:
+                    self.by_layer[layer] = self.by_layer.get(layer, 0.0) + seconds
             self.used = 0
         return self.seconds
 
@@ -65,6 +72,13 @@ class SlotPool:
             self.layer_free = {layer: torch.cuda.Event() for layer in slots_per_layer}
             self.settled = [True] * total  # the slot's last copy is known to be complete
             self.stalls = StallTimer()
+        self.sleep_cycles_per_byte = 0.0  # an emulated slower link (--link): the copy stream's wait per byte
+
+    def emulate_link(self, link_bytes_per_s: float, measured_bytes_per_s: float, clock_hz: float) -> None:
+        """Hold the copy stream busy after each copy for the time a link of `link_bytes_per_s` would take beyond
+        the measured one's: what moves is unchanged, copies end when the slower link's would."""
+        extra = max(0.0, 1 / link_bytes_per_s - 1 / measured_bytes_per_s)
+        self.sleep_cycles_per_byte = extra * clock_hz
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +97,8 @@ class SlotPool:
         with torch.cuda.stream(self.copy_stream):
             self.copy_stream.wait_event(self.free[row])
             dest.copy_(host, non_blocking=True)
+            if self.sleep_cycles_per_byte:
+                torch.cuda._sleep(int(host.numel() * self.sleep_cycles_per_byte))
             self.ready[row].record(self.copy_stream)
         self.settled[row] = False
 
@@ -96,7 +112,7 @@ class SlotPool:
         if self.ready[row].query():
             self.settled[row] = True
             return
-        self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[row])
+        self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[row], layer)
 
     def release(self, layer: int, slot: int) -> None:
         """The compute stream is done reading this slot (once the work queued so far completes)."""

@@ -1,4 +1,5 @@
-"""What every policy reports: hits and misses, prediction precision and recall, bytes moved, stalls."""
+"""What every policy reports: hits and misses, prediction precision and recall, bytes moved, stalls, and the
+misses computed on the CPU (a hybrid cache), per run and per layer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ class LayerStats:
     predicted: int = 0  # experts predicted for this layer
     predicted_used: int = 0  # ... that the router then picked
     used: int = 0  # experts the router picked, on steps with a prediction
+    cpu_experts: int = 0  # misses computed on the CPU from the host tier (each also counted a miss)
+    cpu_seconds: float = 0.0  # host time of those products (the layer input to the host and back included)
+    bytes_moved: int = 0
+    stall_seconds: float = 0.0  # time compute waited for this layer's copies
 
     @property
     def hit_rate(self) -> float:
@@ -37,6 +42,7 @@ class CacheStats:
     prefetches: int = 0
     stall_seconds: float = 0.0  # time compute waited for copies: CUDA event pairs on a GPU, host time on CPU
     stall_waits: int = 0  # waits that found their copy still running
+    costs: dict | None = None  # a hybrid cache's cost model (cache/cost_model.py Costs.as_dict)
 
     def hit(self, layer: int) -> None:
         self.layers[layer].hits += 1
@@ -44,9 +50,24 @@ class CacheStats:
     def miss(self, layer: int) -> None:
         self.layers[layer].misses += 1
 
-    def moved(self, tier: str, nbytes: int) -> None:
+    def moved(self, tier: str, nbytes: int, layer: int | None = None) -> None:
         self.bytes_moved[tier] += nbytes
         self.loads[tier] += 1
+        if layer is not None:
+            self.layers[layer].bytes_moved += nbytes
+
+    def on_cpu(self, layer: int, experts: int, seconds: float) -> None:
+        s = self.layers[layer]
+        s.cpu_experts += experts
+        s.cpu_seconds += seconds
+
+    @property
+    def cpu_experts(self) -> int:
+        return sum(s.cpu_experts for s in self.layers.values())
+
+    @property
+    def cpu_seconds(self) -> float:
+        return sum(s.cpu_seconds for s in self.layers.values())
 
     def prediction(self, layer: int, predicted: set[int], used: set[int], one_token: bool) -> None:
         for s in (self.layers[layer], self.decode_layers[layer]) if one_token else (self.layers[layer],):
@@ -91,11 +112,17 @@ class CacheStats:
             "prefetches": self.prefetches,
             "stall_seconds": self.stall_seconds,
             "stall_waits": self.stall_waits,
+            "link_wait_seconds": self.stall_seconds,
+            "cpu_experts": self.cpu_experts,
+            "cpu_seconds": self.cpu_seconds,
+            **({"cost_model": self.costs} if self.costs else {}),
             "per_layer": {
                 str(layer): {
                     "hit_rate": s.hit_rate, "hits": s.hits, "misses": s.misses,
                     "precision": s.precision, "recall": s.recall,
                     "decode_recall": self.decode_layers[layer].recall if layer in self.decode_layers else None,
+                    "cpu_experts": s.cpu_experts, "cpu_seconds": s.cpu_seconds, "bytes_moved": s.bytes_moved,
+                    "link_wait_seconds": s.stall_seconds,
                 }
                 for layer, s in sorted(self.layers.items())
             },

@@ -26,7 +26,11 @@ def default(text: str) -> str:
 
 
 VRAM_HELP = "expert memory budget on the device, e.g. 8GB, 8GiB, 7.5G, 800MB " + default("free memory less a margin")
-POLICY_HELP = "expert cache policy: fate, ondemand, lru, eap, fmoe, klotski or resident"
+POLICY_HELP = "expert cache policy: fate, ondemand, lru, eap, fmoe, klotski, cpu, freetoken or resident"
+MISS_HELP = "where the fate policy serves a miss: auto (a cost model picks the CPU or the link per miss), cpu, or " \
+    "link (always moved)"
+LINK_HELP = "emulate a slower host-to-GPU link, e.g. 12GB (per second): the copy stream waits after each copy"
+CPU_THREADS_HELP = "threads of the experts computed on the CPU " + default("--threads")
 MODEL_HELP = "alias from models.toml, a pulled Hub repo id (org/name), or a local model folder"
 DEVICE_HELP = "cpu or cuda " + default("cuda when available")
 DTYPE_HELP = "float32, bfloat16 or float16 " + default("bfloat16 on cuda, float32 on cpu")
@@ -96,14 +100,18 @@ def run(
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP),
+    link: str = typer.Option(None, "--link", metavar="GB/s", help=LINK_HELP),
+    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, metavar="N", help=CPU_THREADS_HELP),
 ) -> None:
     """Generate text from PROMPT, or for every prompt of --prompts FILE."""
+    from fate_cli.engine.runtime import hybrid_options
     from fate_cli.run import run_command
 
     _threads(threads)
     _prefill(prefill_chunk)
     run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
-                vram, policy, transfer_bits, prompts, batch, eager)
+                vram, policy, transfer_bits, prompts, batch, eager, hybrid_options(miss, link, cpu_threads))
 
 
 @app.command(cls=FateCommand)
@@ -179,14 +187,18 @@ def chat(
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     think: bool = typer.Option(True, "--think/--no-think", help="the chat template's thinking switch "
                                "(enable_thinking: Qwen3, Qwen3.5); also /set think off"),
+    miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP),
+    link: str = typer.Option(None, "--link", metavar="GB/s", help=LINK_HELP),
+    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, metavar="N", help=CPU_THREADS_HELP),
 ) -> None:
     """Chat with a model; reads messages from the terminal, or one from --prompt or stdin."""
     from fate_cli.chat import chat_command
+    from fate_cli.engine.runtime import hybrid_options
 
     _threads(threads)
     _prefill(prefill_chunk)
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
-                 top_p, top_k, panel, eager, lines, think)
+                 top_p, top_k, panel, eager, lines, think, hybrid_options(miss, link, cpu_threads))
 
 
 @app.command(cls=FateCommand)
@@ -220,6 +232,10 @@ def bench(
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP + "; a list auto,link gives fate "
+                             "a row for each"),
+    link: str = typer.Option(None, "--link", metavar="GB/s", help=LINK_HELP),
+    cpu_threads: int = typer.Option(None, "--cpu-threads", min=1, metavar="N", help=CPU_THREADS_HELP),
 ) -> None:
     """Sweep VRAM budgets and policies side by side: prefill and decode speed, hit rate, bytes moved."""
     from fate_cli.bench import bench_command
@@ -227,7 +243,7 @@ def bench(
     _threads(threads)
     _prefill(prefill_chunk)
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
-                  plot, quiet, rows_to, batch, eager)
+                  plot, quiet, rows_to, batch, eager, miss, link, cpu_threads)
 
 
 @app.command(cls=FateCommand)
@@ -315,6 +331,7 @@ def serve(
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
+    miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (chat and text completions, streamed or not)."""
     from fate_cli.serve import serve_command
@@ -322,7 +339,7 @@ def serve(
     _threads(threads)
     _prefill(prefill_chunk)
     serve_command(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
-                  transfer_bits, eager)
+                  transfer_bits, eager, miss)
 
 
 def main() -> None:

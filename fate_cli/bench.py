@@ -10,6 +10,7 @@ row that says so. Output: a markdown table with ratios against ondemand and resi
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -26,19 +27,28 @@ from cache.budget import auto_budget, format_size, parse_size
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.engine.coactivation import offline_coactivation
-from fate_cli.engine.runtime import device_label, dtype_name, experts_for, open_weights, pick_device, pick_dtype
+from fate_cli.engine.runtime import (
+    device_label,
+    dtype_name,
+    experts_for,
+    hybrid_options,
+    open_weights,
+    pick_device,
+    pick_dtype,
+)
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import FateError, UsageError
 from fate_cli.model.values import BUDGET_SHARE, MAX_BUDGETS
 from fate_cli.registry import BUNDLED_ROOT, resolve
 from quant.files import write_atomic
 
-BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand")
+BENCH_ORDER = ("resident", "fate", "lru", "eap", "fmoe", "klotski", "ondemand", "cpu", "freetoken")
 FIELDS = [
     "model", "kind", "size_bytes", "device", "backend", "policy", "vram", "budget_bytes", "batch", "test", "status",
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
-    "request_tokens_per_s", "minimum_budget_bytes", "decode_predicted",
+    "request_tokens_per_s", "minimum_budget_bytes", "decode_predicted", "miss", "cpu_experts", "cpu_seconds",
+    "link_wait_seconds",
 ]
 RESIDENT_NOTE = "ignores the budget: every expert on the device at the hot tier, the ceiling"
 
@@ -101,6 +111,15 @@ def parse_policies(text: str | None) -> list[str]:
         if name not in POLICIES:
             raise UsageError(f"unknown policy '{name}'; use any of {', '.join(POLICIES)}, comma-separated")
     return names
+
+
+def parse_misses(text: str | None) -> list[str]:
+    """`--miss auto,link`: where fate's misses go, one row of fate per mode."""
+    modes = [m.strip() for m in (text or "auto").split(",") if m.strip()]
+    bad = [m for m in modes if m not in ("auto", "cpu", "link")]
+    if bad or not modes:
+        raise UsageError(f"unknown --miss '{text}'; use auto, cpu or link, or a list like auto,link")
+    return list(dict.fromkeys(modes))
 
 
 def parse_batches(text: str | None) -> list[int]:
@@ -183,7 +202,7 @@ def check_target_name(name: str) -> None:
 
 
 def measure_row(target: Target, policy: str, label: str, budget: int, prompts: list[list[int]], gen_len: int,
-                reps: int, batch: int = 1) -> tuple[list[dict], list[int] | None]:
+                reps: int, batch: int = 1, miss: str | None = None) -> tuple[list[dict], list[int] | None]:
     """Two rows (ppP, tgN) for one policy at one budget; or two rows that say why it cannot run.
 
     Each request is `batch` prompts decoded together; its speeds count every prompt's tokens."""
@@ -192,7 +211,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
     base = {
         "model": target.name, "kind": target.kind, "size_bytes": target.size_bytes,
         "device": device_label(target.device), "backend": target.backend(), "policy": policy, "vram": label,
-        "budget_bytes": budget, "batch": batch, "reps": reps,
+        "budget_bytes": budget, "batch": batch, "reps": reps, "miss": miss if policy == "fate" else None,
     }
     suffix = "" if batch == 1 else f" b{batch}"
     tests = (f"pp{p}{suffix}", f"tg{gen_len}{suffix}")
@@ -202,7 +221,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        session = target.session(policy, budget)
+        session = target.session(policy, budget, miss)
     except FateError as err:
         from cache.planner import minimum_budget
 
@@ -242,6 +261,9 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         "stall_seconds": stats.get("stall_seconds", 0.0) / max(1, reps), "peak_device_bytes": peak, "plan": plan,
         "per_layer": stats.get("per_layer", {}), "decode": decode,
         "request_tokens_per_s": statistics.mean(whole),
+        "cpu_experts": stats.get("cpu_experts", 0) / max(1, reps),  # per request, as gb_moved
+        "cpu_seconds": stats.get("cpu_seconds", 0.0) / max(1, reps),
+        "link_wait_seconds": stats.get("link_wait_seconds", 0.0) / max(1, reps), "cost_model": stats.get("cost_model"),
         **({"note": RESIDENT_NOTE} if policy == "resident" else {}),
     }
     rows = []
@@ -254,19 +276,24 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
 def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
           prompts: list[list[int]], gen_len: int, reps: int, device: torch.device,
           progress: Callable[[str, int, int], None] | None = None,
-          on_rows: Callable[[list[dict]], None] | None = None, batches: Sequence[int] = (1,)) -> list[dict]:
+          on_rows: Callable[[list[dict]], None] | None = None, batches: Sequence[int] = (1,),
+          misses: Sequence[str] = ("auto",)) -> list[dict]:
+    """Every target x budget x batch x policy (fate once per --miss mode), resident first."""
     rows: list[dict] = []
     for make in targets:
         target = make()
         budgets = parse_budgets(budget_text, target.footprint)
-        total, done = len(budgets) * len(batches) * len(policies), 0
+        runs = [(p, m) for p in sorted(policies, key=lambda p: p != "resident")
+                for m in (misses if p == "fate" else (None,))]
+        total, done = len(budgets) * len(batches) * len(runs), 0
         for (label, budget), batch in itertools.product(budgets, batches):
             budget = budget if budget is not None else auto_budget(device)
             reference = None
-            for policy in sorted(policies, key=lambda p: p != "resident"):  # resident first: the reference
+            for policy, miss in runs:  # resident first: the reference
                 if progress:
-                    progress(f"{target.name} {label} {'' if batch == 1 else f'b{batch} '}{policy}", done, total)
-                new, tokens = measure_row(target, policy, label, budget, prompts, gen_len, reps, batch)
+                    progress(f"{target.name} {label} {'' if batch == 1 else f'b{batch} '}{policy_label(policy, miss)}",
+                             done, total)
+                new, tokens = measure_row(target, policy, label, budget, prompts, gen_len, reps, batch, miss)
                 if policy == "resident":
                     reference = tokens
                 for row in new:
@@ -284,6 +311,11 @@ def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, poli
 
 
 # ---- outputs ---------------------------------------------------------------------------------------
+
+
+def policy_label(policy: str, miss: str | None) -> str:
+    """fate with its --miss mode (`fate`: auto, the default); other policies as named."""
+    return policy if miss in (None, "auto") else f"{policy} (miss {miss})"
 
 
 def _fmt(value, pattern: str, empty: str = "-") -> str:  # noqa: ANN001
@@ -309,13 +341,14 @@ def status_cell(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = io.StringIO()
-    out.write("| model | size (hot) | policy | vram | test | t/s | hit % | pred. recall | GB moved |\n")
-    out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |\n")
+    out.write("| model | size (hot) | policy | vram | test | t/s | hit % | pred. recall | GB moved | on CPU |\n")
+    out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n")
     notes = {"size (hot): non-expert weights plus every expert at the hot tier, what `resident` holds "
              "(`fate list` gives the checkpoint's size on disk)"}
     for r in rows:
         name = r["model"] + ("" if r["kind"] == "model" else f" ({r['kind']})")
-        policy = r["policy"]
+        policy = policy_label(r["policy"], r.get("miss"))
+        cpu = "-"
         if r["status"] != "ok":
             speed = status_cell(r)
             hit = recall = moved = "-"
@@ -330,13 +363,16 @@ def markdown(rows: list[dict]) -> str:
                           + (" (its co-activation counts expect less than one token at any expert of the next "
                              "layer)" if r["policy"] == "klotski" else ""))
             moved = f"{r['gb_moved']:.3f}"
+            if r.get("cpu_experts"):
+                cpu = f"{r['cpu_experts']:.0f} ({r['cpu_seconds']:.2f} s)"
+                notes.add("on CPU: misses computed on the CPU per request, and the CPU time they took")
         if policy == "resident":
             policy = "resident (any budget)"
             notes.add(f"resident (any budget): {RESIDENT_NOTE}")
         if noisy(r):
             notes.add("(!): the spread exceeds the mean; raise -r or run on a quieter machine")
         out.write(f"| {name} | {format_size(r['size_bytes'])} | {policy} | {r['vram']} | {r['test']} | "
-                  f"{speed} | {hit} | {recall} | {moved} |\n")
+                  f"{speed} | {hit} | {recall} | {moved} | {cpu} |\n")
     if rows and all(r["reps"] == 1 for r in rows):
         notes.add("one repetition (-r 1): no spread to show")
     out.write("\n" + "\n".join(f"- {n}" for n in sorted(notes)) + "\n")
@@ -353,14 +389,16 @@ def markdown(rows: list[dict]) -> str:
 def ratios(rows: list[dict]) -> list[dict]:
     """Each policy's tokens/s over ondemand's and over resident's, same model, budget and test."""
     ok = [r for r in rows if r["status"] == "ok"]
-    by_key = {(r["model"], r["vram"], r["test"], r["policy"]): r["tokens_per_s"] for r in ok}
+    by_key = {(r["model"], r["vram"], r["test"], policy_label(r["policy"], r.get("miss"))): r["tokens_per_s"]
+              for r in ok}
     lines = []
     for r in ok:
         key = (r["model"], r["vram"], r["test"])
         od, res = by_key.get((*key, "ondemand")), by_key.get((*key, "resident"))
         if od is None and res is None:
             continue
-        lines.append({"model": r["model"], "vram": r["vram"], "test": r["test"], "policy": r["policy"],
+        lines.append({"model": r["model"], "vram": r["vram"], "test": r["test"],
+                      "policy": policy_label(r["policy"], r.get("miss")),
                       "vs_ondemand": r["tokens_per_s"] / od if od else None,
                       "vs_resident": r["tokens_per_s"] / res if res else None})
     return lines
@@ -400,7 +438,7 @@ def plot_figure(rows: list[dict]):  # noqa: ANN201 - a matplotlib Figure
         mine = [r for r in decode if r["model"] == model]
 
         def line(r: dict) -> str:
-            return r["policy"] + ("" if r.get("batch", 1) == 1 else f" b{r['batch']}")
+            return policy_label(r["policy"], r.get("miss")) + ("" if r.get("batch", 1) == 1 else f" b{r['batch']}")
 
         for name in dict.fromkeys(line(r) for r in mine):
             pts = sorted((r["budget_bytes"] / scale, r["tokens_per_s"], 100 * r["hit_rate"]) for r in mine
@@ -439,7 +477,8 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
                   dtype: str | None, output: str, vram: str | None, policy: str | None,
                   transfer_bits: int | None = None, prompts_file: str | None = None, plot_file: str | None = None,
                   quiet: bool = False, rows_to: str | None = None, batch: str | None = None,
-                  eager: bool = False) -> None:
+                  eager: bool = False, miss: str | None = "auto", link: str | None = None,
+                  cpu_threads: int | None = None) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -464,12 +503,22 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
         check_target_name(name)
     parse_budgets(vram, _NO_FOOTPRINT)
     batches = parse_batches(batch)
+    misses = parse_misses(miss)
+    hybrid = hybrid_options("auto", link, cpu_threads)
     prompts = prompt_set(prompt_len, (reps + 1) * max(batches), prompts_file)
     console = Console(stderr=True, soft_wrap=True)
     console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
                   f" {dtype_name(dt)}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
-                  f" {reps} repetitions after a warm-up[/dim]")
-    makers = [lambda n=n: open_target(n, dev, dt, transfer_bits, eager) for n in names]
+                  f" {reps} repetitions after a warm-up; CPU experts on {cpu_threads or torch.get_num_threads()} "
+                  f"threads; link {'as measured' if link is None else f'emulated at {link}/s'}[/dim]")
+
+    def make(name: str) -> Target:
+        target = open_target(name, dev, dt, transfer_bits, eager)
+        target.hybrid = dataclasses.replace(hybrid, costs={})
+        console.print(f"[dim]{target.cost_line()}[/dim]")  # measured link and host bandwidths
+        return target
+
+    makers = [lambda n=n: make(n) for n in names]
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=quiet) as bar:
         task = bar.add_task("loading", total=None)
@@ -482,7 +531,7 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
                 f.writelines(json.dumps(r) + "\n" for r in new)
 
         rows = sweep(makers, vram, policies, prompts, gen_len, reps, dev, progress, append_rows if rows_to else None,
-                     batches)
+                     batches, misses)
     spread = [r for r in rows if noisy(r)]
     if spread:
         console.print(f"warning: {len(spread)} row{'s' if len(spread) > 1 else ''} with a spread larger than the "

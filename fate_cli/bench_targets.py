@@ -7,6 +7,7 @@ one request: prefill of the prompt, then greedy decode.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from cache.host_tier import HostTier
+from cache.hybrid import HybridOptions
 from cache.offload import OffloadedExperts
 from cache.planner import Footprint
 from cache.policies import PolicyContext
@@ -77,6 +79,7 @@ class Target:
         self.transfer_tier = transfer_tier_for(store, transfer_bits)
         self.act = None  # the experts' activation, where the model's is not silu(gate) * up
         self._hosts: dict[tuple[str, ...], HostTier] = {}
+        self.hybrid = HybridOptions()  # --miss, --link, --cpu-threads; the cost model measured once, kept here
         self.eager = False  # decode with the eager forward (--eager), not the captured step
 
     @property
@@ -98,14 +101,27 @@ class Target:
                                           pin=self.device.type == "cuda")
         return self._hosts[tiers]
 
-    def session(self, policy: str, budget: int) -> Session:
+    def session(self, policy: str, budget: int, miss: str | None = None) -> Session:
+        """miss: where fate's misses go for this row (None: --miss as given)."""
         setup = self.plan(policy, budget)
         if setup.full_precision:
             return Session(self, setup, self.dense_experts(), None)
         tiers = (self.transfer_tier,) if self.transfer_tier else ("hot", "cold")
+        options = self.hybrid if miss is None else dataclasses.replace(self.hybrid, miss=miss)
         offload = build_offloaded(self.ctx, self.store, setup, self.device, self.dtype, self.transfer_bits,
-                                  host=self.host(tiers), act=self.act)
+                                  host=self.host(tiers), act=self.act, hybrid=options)
         return Session(self, setup, offload, offload)
+
+    def cost_line(self) -> str:
+        """The cost model's measured numbers at the hot tier (or --transfer-bits'), for the bench's header."""
+        from cache.hybrid import costs_for
+
+        tier = self.transfer_tier or "hot"
+        tiers = (self.transfer_tier,) if self.transfer_tier else ("hot", "cold")
+        layer = self.ctx.moe_layers[-1]
+        costs = costs_for(self.host(tiers), self.store.tiers[tier].layout, tier, layer, self.ctx.top_k, self.device,
+                          self.dtype, self.act, self.hybrid)
+        return f"{self.name}: {costs.summary()}"
 
     def dense_experts(self) -> ResidentExperts:
         return store_dense_experts(self.store, self.ctx.num_experts, self.ctx.moe_layers, self.device, self.dtype,
@@ -144,8 +160,8 @@ class ModelTarget(Target):
             return super().dense_experts()
         return load_resident_experts(self.weights.args, self.weights.checkpoint, self.device, self.dtype)
 
-    def session(self, policy: str, budget: int) -> Session:
-        session = super().session(policy, budget)
+    def session(self, policy: str, budget: int, miss: str | None = None) -> Session:
+        session = super().session(policy, budget, miss)
         session.model = self.weights.model(session.provider)
         session.graphs = DecodeGraphs(session.model, self.eager)
         return session

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -24,6 +25,9 @@ from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, Runtime, open_model
 from fate_cli.errors import FateError, ResourceError, UsageError, oom_line
 from fate_cli.model.kv_cache import Carried
+
+if TYPE_CHECKING:
+    from cache.hybrid import HybridOptions
 from fate_cli.model.values import SAMPLING, check_sampling, check_text
 from fate_cli.panel import ChatPanel
 from fate_cli.run import sampling_from
@@ -164,6 +168,7 @@ def chat_command(
     eager: bool = False,
     lines: bool = False,
     think: bool = True,
+    hybrid: HybridOptions | None = None,
 ) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     check_sampling(temperature, top_p, top_k, seed)  # bad input fails before the model loads
@@ -175,7 +180,7 @@ def chat_command(
     if system is not None:
         check_text(system, "--system")
     with err.status("loading the model, pinning the host tier, planning…", spinner="dots"):
-        runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
+        runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager, hybrid=hybrid)
     runtime.announce(err)
     if not think:
         runtime.tokenizer.template_vars["enable_thinking"] = False

@@ -68,12 +68,19 @@ class ChatPanel:
                           f"{format_size(sum(off.stats.bytes_moved.values()))}")
             lines.add_row("memory", f"{_device_memory(rt)} · host tier {format_size(off.host.nbytes)}"
                           f"{' pinned' if off.host.pin else ''}")
+            lines.add_row("cpu/link", _hybrid_line(off.stats))
             lines.add_row("layers", _layer_strip(off))
         else:
             lines.add_row("experts", "all resident at 16 bits (the budget holds the whole model)")
             lines.add_row("memory", _device_memory(rt))
         title = f"{rt.resolved.name} · {rt.describe().split(';')[-1].strip()}"
         return Panel(lines, title=title, title_align="left", border_style="dim")
+
+
+def _hybrid_line(stats) -> str:  # noqa: ANN001 - cache.stats.CacheStats
+    """Misses computed on the CPU and their time, bytes moved over the link and the time compute waited on it."""
+    return (f"{stats.cpu_experts} experts on the CPU ({stats.cpu_seconds * 1000:,.0f} ms) · moved "
+            f"{format_size(sum(stats.bytes_moved.values()))} · waited on the link {stats.stall_seconds * 1000:,.0f} ms")
 
 
 def _pct(hits: int, total: int) -> str:

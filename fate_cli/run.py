@@ -11,6 +11,7 @@ import sys
 
 from rich.console import Console
 
+from cache.hybrid import HybridOptions
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
 from fate_cli.engine.runtime import Runtime, open_model
 from fate_cli.errors import UsageError
@@ -75,6 +76,7 @@ def run_command(
     prompts_file: str | None = None,
     batch: int = 1,
     eager: bool = False,
+    hybrid: HybridOptions | None = None,
 ) -> None:
     err = Console(stderr=True, highlight=False, soft_wrap=True)  # a pipe gets whole lines, not 80 columns
     check_sampling(temperature, top_p, top_k, seed)  # before anything loads
@@ -85,9 +87,9 @@ def run_command(
             raise UsageError("PROMPT and --prompts FILE (with --batch B) are two ways to give prompts; give one, "
                              "not both")
         return _run_batches(model, prompts_file, batch, max_tokens, temperature, top_p, top_k, seed, raw, device,
-                            dtype, as_json, vram, policy, transfer_bits, err, eager)
+                            dtype, as_json, vram, policy, transfer_bits, err, eager, hybrid)
     prompt = prompt_from_stdin(prompt)
-    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager)
+    runtime = open_model(model, device, dtype, policy, vram, transfer_bits, eager=eager, hybrid=hybrid)
     if not as_json:
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)
@@ -169,7 +171,7 @@ def answer_paragraph(text: str) -> str:
 def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, temperature: float | None,
                  top_p: float | None, top_k: int | None, seed: int | None, raw: bool, device: str | None,
                  dtype: str | None, as_json: bool, vram: str | None, policy: str | None, transfer_bits: int | None,
-                 err: Console, eager: bool = False) -> None:
+                 err: Console, eager: bool = False, hybrid: HybridOptions | None = None) -> None:
     from fate_cli.prompts import read_prompts
 
     texts = read_prompts(prompts_file)
@@ -179,7 +181,7 @@ def _run_batches(model: str, prompts_file: str, batch: int, max_tokens: int, tem
     # the planner sizes the KV cache for every row of the largest batch, each as long as the longest row
     context = max(map(len, ids)) + max_tokens
     runtime = open_model(model, device, dtype, policy, vram, transfer_bits, context=context, eager=eager,
-                         rows=max(len(g) for g in groups))
+                         rows=max(len(g) for g in groups), hybrid=hybrid)
     if not as_json:
         runtime.announce(err)
     params = sampling_from(runtime, temperature, top_p, top_k, seed)

@@ -64,6 +64,7 @@ class Settings:
     policy: str | None
     transfer_bits: int | None
     eager: bool
+    miss: str = "auto"
 
 
 @dataclass
@@ -525,7 +526,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
     """The loading thread: open the model, make the scheduler, capture its steps; then serve."""
-    from fate_cli.engine.runtime import DEFAULT_CONTEXT, model_args, open_model
+    from fate_cli.engine.runtime import DEFAULT_CONTEXT, hybrid_options, model_args, open_model
     from fate_cli.engine.scheduler import Scheduler
 
     s = state.settings
@@ -533,7 +534,7 @@ def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
         limit = model_args(s.model).max_position_embeddings
         context = min(s.context or DEFAULT_CONTEXT, limit)
         runtime = open_model(s.model, s.device, s.dtype, s.policy, s.vram, s.transfer_bits,
-                             context=context, eager=s.eager, rows=s.max_batch)
+                             context=context, eager=s.eager, rows=s.max_batch, hybrid=hybrid_options(s.miss))
         scheduler = Scheduler(runtime, s.max_batch, context, s.max_queue)
         scheduler.warm_up()
         scheduler.start()
@@ -552,7 +553,7 @@ def _load(state: State, server) -> None:  # noqa: ANN001 - uvicorn.Server
 
 def serve_command(model: str | None, host: str, port: int, api_key: str | None, max_batch: int, max_queue: int,
                   context: int | None, device: str | None, dtype: str | None, vram: str | None, policy: str | None,
-                  transfer_bits: int | None, eager: bool) -> None:
+                  transfer_bits: int | None, eager: bool, miss: str = "auto") -> None:
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -563,8 +564,10 @@ def serve_command(model: str | None, host: str, port: int, api_key: str | None, 
 
     resolved = resolve_model(model)  # an unknown model fails now, before the socket opens
     api_key = api_key or os.environ.get("FATE_API_KEY") or None
+    if miss not in ("auto", "cpu", "link"):
+        raise UsageError(f"unknown --miss '{miss}'; use auto, cpu or link")
     settings = Settings(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
-                        transfer_bits, eager)
+                        transfer_bits, eager, miss)
     state = State(settings, names={resolved.name} | ({model} if model else set()))
     sock = _bind(host, port)
     address = sock.getsockname()

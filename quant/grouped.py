@@ -149,7 +149,7 @@ def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torc
         h[position] += slot_biases(bank, experts, "gate_up").to(h.dtype)
     act = F.silu(h[:, :inter]) * h[:, inter:] if bank.act is None else bank.act(h[:, :inter], h[:, inter:])
     own = torch.where(src >= 0, torch.arange(src.numel(), device=x.device, dtype=torch.int32), -1)
-    y = torch.empty(blocks * block_m, hidden, device=x.device, dtype=x.dtype)
+    y = torch.zeros(blocks * block_m, hidden, device=x.device, dtype=x.dtype)  # an expert with no slot adds 0
     _launch(bank, act.contiguous(), own, block_expert, y, "down", config)
     y = y[position]
     return y + slot_biases(bank, experts, "down").to(y.dtype) if biased else y

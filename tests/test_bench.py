@@ -136,7 +136,7 @@ def test_markdown_table_parses():
     tables = [t.strip().splitlines() for t in result.stdout.strip().split("\n\n")]
     main, notes, ratio = tables
     assert main[0].split("|")[1:-1] == [" model ", " size (hot) ", " policy ", " vram ", " test ", " t/s ",
-                                        " hit % ", " pred. recall ", " GB moved "]
+                                        " hit % ", " pred. recall ", " GB moved ", " on CPU "]
     assert all(n.startswith("- ") for n in notes)
     assert len(main) == 2 + 4 and all(line.count("|") == main[0].count("|") for line in main)
     assert len(ratio) == 2 + 4 and "× ondemand" in ratio[0]

@@ -20,6 +20,11 @@ the policy, queue the misses' and the prefetches' copies and update the slot tab
 which starts with h_i's experts, is replayed and `provider.finish` releases the slots. With every expert
 resident, the whole step is one graph and the host sees only the sampled token.
 
+Where the provider computes some experts on the host (`host_computes`: a hybrid cache's misses), the cut also
+copies the layer's input and routing weights into the pinned buffer; after `prepare` the host computes its
+experts from them (`host_moe`) while the device's copies run, and puts their sum, one small copy, into the
+layer's device buffer that segment i + 1 adds to the device's experts before the next layer.
+
 Without capture the same segments run as plain calls: how the CPU tests hold this path to the model's
 eager forward, which stays the reference.
 """
@@ -64,6 +69,14 @@ class DecodeStep:
         cuda = self.device.type == "cuda"
         k = model.args.top_k
         width = self.batch * (k + (2 * (k + 1) if any(r is not None for r in self.lookahead) else 0))
+        self.head = width  # the routing (and lookahead) the host reads as a list
+        hidden = model.args.hidden_size
+        self.host_out: list[torch.Tensor] | None = None  # per cut layer: the host's experts' sum, on the device
+        if self.provider.host_computes:
+            width += self.batch * (k + hidden)  # the routing weights and the layer input, for the host's experts
+            dtype = model.embed_tokens.weight.dtype
+            self.host_out = [torch.zeros(self.batch, hidden, dtype=dtype, device=self.device) for _ in self.host_layers]
+            self.host_written = [False] * len(self.host_layers)
         self.routing = [torch.zeros(width, dtype=torch.float32, pin_memory=cuda) for _ in self.host_layers]
         self.routed = [torch.cuda.Event() if cuda else None for _ in self.host_layers]
 
@@ -134,7 +147,8 @@ class DecodeStep:
         else:
             prev = self.outputs[index - 1]
             moe = layers[host[index - 1]].mlp
-            x = prev["h"] + moe.from_bank(prev["moe_in"], prev["weights"], prev["ids"]).view_as(prev["h"])
+            on_host = None if self.host_out is None else self.host_out[index - 1]
+            x = prev["h"] + moe.from_bank(prev["moe_in"], prev["weights"], prev["ids"], on_host).view_as(prev["h"])
             start = host[index - 1] + 1
         stop = host[index] if index < len(host) else len(layers)
         for i in range(start, stop):
@@ -150,6 +164,9 @@ class DecodeStep:
             if router is not None:
                 ahead, probs = lookahead(moe_in, router, ids.shape[1])
                 shown += [ahead.flatten().float(), probs.flatten()]
+            if self.host_out is not None:
+                shown = [*shown, torch.zeros(self.head - sum(t.numel() for t in shown), device=self.device),
+                         weights.flatten().float(), moe_in.flatten().float()]
             self.routing[index][: sum(t.numel() for t in shown)].copy_(torch.cat(shown), non_blocking=True)
         else:
             out["logits"] = self.model.head(x)[:, -1]
@@ -159,7 +176,7 @@ class DecodeStep:
         layer = self.host_layers[index]
         if self.routed[index] is not None:
             self.routed[index].synchronize()
-        values = self.routing[index].tolist()
+        values = self.routing[index][: self.head].tolist()
         pairs = self.batch * self.model.args.top_k
         counts = Counter(int(e) for e in values[:pairs])
         used = sorted(counts)  # the eager dispatch's order
@@ -170,6 +187,24 @@ class DecodeStep:
         else:
             self.provider.gate_input(layer, self.outputs[index]["moe_in"])
         self.provider.prepare(layer, used, [counts[e] for e in used])
+        if self.host_out is not None:
+            self._host_experts(index, values[:pairs])
+
+    def _host_experts(self, index: int, ids: list[float]) -> None:
+        """The host's experts of the cut layer, from the input and weights the cut copied; their sum to the
+        device buffer the next segment adds (zeros where the host computed none)."""
+        k = self.model.args.top_k
+        tail = self.routing[index][self.head :]
+        weights = tail[: self.batch * k].view(self.batch, k)
+        dest = self.host_out[index]
+        x = tail[self.batch * k :].view(self.batch, -1).to(dest.dtype)
+        ids_t = torch.tensor(ids, dtype=torch.long).view(self.batch, k)
+        y = self.provider.host_moe(self.host_layers[index], x, weights, ids_t)
+        if y is not None:
+            dest.copy_(y, non_blocking=True)
+        elif self.host_written[index]:
+            dest.zero_()
+        self.host_written[index] = y is not None
 
 
 def unavailable(model: Transformer, batch: int, capture: bool = True) -> str:

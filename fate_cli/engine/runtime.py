@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from cache.host_tier import HostTier
+    from cache.hybrid import HybridOptions
     from cache.setup import OffloadSetup
     from fate_cli.model.args import ModelArgs
     from predictors.coactivation import Coactivation
@@ -136,6 +137,22 @@ def prefill_note(model) -> str:  # noqa: ANN001 - a Transformer
     return f"prefill: {path}"
 
 
+def hybrid_options(miss: str = "auto", link: str | None = None, cpu_threads: int | None = None) -> HybridOptions:
+    """--miss, --link SIZE (per second) and --cpu-threads, checked: where a cache computes misses."""
+    from cache.budget import parse_size
+    from cache.cost_model import MODES
+    from cache.hybrid import HybridOptions
+
+    if miss not in MODES:
+        raise UsageError(f"unknown --miss '{miss}'; use auto, cpu or link")
+    rate = None
+    if link is not None:
+        rate = float(parse_size(link.removesuffix("/s")))
+        if not torch.cuda.is_available():
+            raise UsageError("--link slows the GPU's copy stream, and there is no GPU; leave --link out")
+    return HybridOptions(miss, rate, cpu_threads)
+
+
 def check_device_free(device: torch.device, budget: int, asked: str | None) -> None:
     """A budget above the GPU's free memory would end in an out-of-memory mid-run: refuse it before loading."""
     if device.type != "cuda" or asked is None:
@@ -162,11 +179,12 @@ def open_model(
     context: int | None = None,
     eager: bool = False,
     rows: int = 1,
+    hybrid: HybridOptions | None = None,
 ) -> Runtime:
     """Load a model for a command. With a policy, plan its experts against the VRAM budget first, with a KV
     cache of `rows` rows of `context` positions each. eager: decode with the model's eager forward (the
-    reference) instead of captured CUDA graphs."""
-    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context, rows)
+    reference) instead of captured CUDA graphs. hybrid: --miss, --link, --cpu-threads (cache/hybrid.py)."""
+    runtime = _open(name, device, dtype, policy, vram, transfer_bits, context, rows, hybrid)
     runtime.graphs = DecodeGraphs(runtime.model, eager)
     return runtime
 
@@ -193,8 +211,8 @@ def open_weights(resolved: ResolvedModel, device: torch.device, dtype: torch.dty
 
 
 def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore | None, transfer_bits: int | None,
-                coactivation: Callable[[], Coactivation] | None = None, host: HostTier | None = None
-                ) -> ExpertProvider:
+                coactivation: Callable[[], Coactivation] | None = None, host: HostTier | None = None,
+                hybrid: HybridOptions | None = None) -> ExpertProvider:
     """The experts a plan asks for: the checkpoint's at 16 bits (no plan, or every expert fits), else an expert
     cache over the tier store."""
     if (setup is None or setup.full_precision) and weights.checkpoint is None:  # synthetic: the store's 16 bits
@@ -207,7 +225,7 @@ def experts_for(weights: Weights, setup: OffloadSetup | None, store: TierStore |
 
     ctx = PolicyContext.of(weights.args, weights.routers(), coactivation)
     return build_offloaded(ctx, store, setup, weights.device, weights.dtype, transfer_bits, host=host,
-                           act=weights.args.expert_act)
+                           act=weights.args.expert_act, hybrid=hybrid)
 
 
 def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence[int], device: torch.device,
@@ -222,7 +240,8 @@ def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence
 
 
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,
-          transfer_bits: int | None, context: int | None, rows: int = 1) -> Runtime:
+          transfer_bits: int | None, context: int | None, rows: int = 1,
+          hybrid: HybridOptions | None = None) -> Runtime:
     synthetic = is_synthetic(name)
     resolved = resolve_model(name)
     dev = pick_device(device)
@@ -254,10 +273,11 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
     if synthetic:
         torch.set_flush_denormal(True)
         weights = random_weights(args, dev, dt)
-        experts = experts_for(weights, setup, store, transfer_bits)
+        experts = experts_for(weights, setup, store, transfer_bits, hybrid=hybrid)
     else:
         weights = open_weights(resolved, dev, dt, args)
-        experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path))
+        experts = experts_for(weights, setup, store, transfer_bits, offline_coactivation(resolved.path),
+                              hybrid=hybrid)
     loaded = LoadedModel(weights.model(experts), weights.args, weights.checkpoint, dev, dt)
     offload = experts if isinstance(experts, OffloadedExperts) else None
     return Runtime(resolved, loaded, tokenizer, setup, offload)

@@ -85,6 +85,27 @@ class ExpertProvider(ABC):
     def finish(self, layer: int) -> None:  # noqa: B027 - a hook; by default nothing to do
         """The layer's kernels are queued: its slots may be reused once they complete."""
 
+    # ---- experts computed on the host (a hybrid cache) -----------------------------------------------
+
+    @property
+    def host_computes(self) -> bool:
+        """Whether some routed experts may be computed on the host (the CPU) instead of the device: a decode step
+        then shows the host each cut layer's input and routing weights, and adds `host_moe`'s sum."""
+        return False
+
+    def host_moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
+        """The sum of the experts of the layer's step (after `experts` or `prepare`) that the host computes, for
+        x [T, H], weights and ids [T, k], all on the CPU; None where the host computes none."""
+        return None
+
+    def host_begin(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """The eager step's layer (after `experts` or `prepare`, before the device's experts are queued): the
+        host's experts may start from x, weights, ids."""
+
+    def host_end(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """The device's experts' sum `out` plus the host's experts' (started by `host_begin`)."""
+        return out
+
 
 class DenseExpert:
     """An expert held as three plain matrices: down(silu(gate(x)) * up(x)); or, where the family says so, with

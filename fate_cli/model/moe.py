@@ -52,10 +52,12 @@ class MoEBlock(nn.Module):
         out = self.from_bank(x, weights, ids) if banked else self.add_shared(x, self.dispatch(x, weights, ids))
         return out.reshape(shape)
 
-    def from_bank(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def from_bank(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                  host: torch.Tensor | None = None) -> torch.Tensor:
         """The routed experts of x [tokens, hidden] by the fused kernels over the provider's bank (every routed
-        expert must be in it), plus the shared expert."""
-        return self.add_shared(x, moe_ffn(x, weights, ids, self.provider.bank(self.layer)))
+        expert must be in it, or be computed by the host: `host` holds their sum), plus the shared expert."""
+        routed = moe_ffn(x, weights, ids, self.provider.bank(self.layer))
+        return self.add_shared(x, routed if host is None else routed + host)
 
     def pick_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [tokens, hidden] -> routing weights and expert ids [tokens, top_k]."""
@@ -92,14 +94,17 @@ class MoEBlock(nn.Module):
         used = [e for e, c in enumerate(counts) if c]
         if self.grouped(x, len(used)):
             self.provider.prepare(self.layer, used, [counts[e] for e in used])  # misses moved, slots held
+            self.provider.host_begin(self.layer, x, weights, ids)
             out = grouped_ffn(x, weights, ids, self.provider.bank(self.layer))
             self.provider.finish(self.layer)
-            return out
+            return self.provider.host_end(self.layer, out)
         order = torch.argsort(flat_ids, stable=True)
         flat_weights = weights.flatten()
         out = torch.zeros_like(x)
         starts = [0, *itertools.accumulate(counts)]
-        for e, fn in self.provider.experts(self.layer, used, [counts[e] for e in used]):
+        served = self.provider.experts(self.layer, used, [counts[e] for e in used])
+        self.provider.host_begin(self.layer, x, weights, ids)  # the host's experts start before the device's
+        for e, fn in served:
             picks = order[starts[e] : starts[e] + counts[e]]
             tokens = picks // self.top_k
             y = (fn(x[tokens]).float() * flat_weights[picks, None]).to(out.dtype)
@@ -107,5 +112,5 @@ class MoEBlock(nn.Module):
                 out.index_add_(0, tokens, y)
             else:  # CPU index_add_ spreads even a few rows over threads (~100x slower); a token meets an expert
                 out.index_put_((tokens,), y, accumulate=True)  # at most once, so the sums are the same
-        return out
+        return self.provider.host_end(self.layer, out)
 
