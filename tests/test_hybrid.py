@@ -10,16 +10,18 @@ import torch
 
 from cache.cost_model import Costs, ReuseEstimate, split_misses
 from cache.hybrid import CPUExperts, FreeTokenExperts, HybridExperts, HybridOptions
-from cache.planner import Footprint, Plan
+from cache.planner import Footprint, Plan, minimum_budget
 from cache.policies import PolicyContext, make_policy
+from cache.setup import footprint
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.engine.runtime import open_model
 from fate_cli.engine.stores import quantize_model
-from fate_cli.model.loader import load_model
+from fate_cli.model.loader import checked_args, load_model
 from quant.cpu_experts import cpu_moe
 from quant.store import QuantParams, TierStore
 from tests.helpers import fate_in_process
+from tests.tiny_gpt_oss import make_tiny_gpt_oss
 from tests.tiny_models import make_tiny_model
 
 CPU = torch.device("cpu")
@@ -181,13 +183,23 @@ def test_bundled_model_same_tokens_wherever_misses_run(static):
     assert runs["cpu policy"][1].cpu_experts > 0 and runs["freetoken"][1].cpu_experts > 0
 
 
-def test_tiny_config_same_tokens_and_stats_in_json(tmp_path):
-    path = make_tiny_model(tmp_path / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3)
-    quantize_model(path, tmp_path / "home" / "tiers" / "model", QuantParams(iters=2))
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen3_5_moe", "gpt_oss"])
+def test_tiny_config_same_tokens_and_stats_in_json(tmp_path, family):
+    if family == "gpt_oss":
+        path = make_tiny_gpt_oss(tmp_path / "model")
+    else:
+        layers = 4 if family == "qwen3_5_moe" else 3  # one full-attention layer after three linear ones
+        experts = {"mixtral": {"num_local_experts": 8}}.get(family, {"num_experts": 8})
+        path = make_tiny_model(tmp_path / "model", family=family, num_hidden_layers=layers, **experts)
+    params = QuantParams(iters=2)
+    quantize_model(path, tmp_path / "home" / "tiers" / "model", params)
+    args = checked_args(path)
+    fp = footprint(args, torch.float32, min(4096, args.max_position_embeddings), params, False)
+    vram = str(minimum_budget(fp) + len(fp.moe_layers) * fp.expert_hot)  # one slot a layer above the top-k
     runs = {}
     for policy, miss in [("resident", "link"), ("fate", "link"), ("fate", "cpu")]:
         result = fate_in_process("run", str(path), "hello there", "-n", "12", "--raw", "--temperature", "0", "--json",
-                                 "--vram", "1MB", "--policy", policy, "--transfer-bits", "4", "--miss", miss,
+                                 "--vram", vram, "--policy", policy, "--transfer-bits", "4", "--miss", miss,
                                  "--cpu-threads", "1", home=tmp_path / "home")
         assert result.returncode == 0, result.stderr
         runs[(policy, miss)] = json.loads(result.stdout)
