@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from cache.floor import RoutingLog
 from cache.host_tier import HostTier
 from cache.microbatch import LayerTimes, measure_layer_times, most_together, plan_groups
 from cache.planner import Plan
@@ -123,6 +124,7 @@ class OffloadedExperts(ExpertProvider):
         self._in_use: list[int] = []  # slots the layer being computed by a decode step reads
         self.layer_times: LayerTimes | None = None  # measured for a pipelining policy's groups, once
         self.last_groups: list[list[int]] = []
+        self.routing: RoutingLog | None = None  # set to record the routing the slots serve (a bench's floor)
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -163,6 +165,8 @@ class OffloadedExperts(ExpertProvider):
             one_token = sum(counts) == self.policy.ctx.top_k and len(ids) == self.policy.ctx.top_k
             self.stats.prediction(layer, predicted, set(ids), one_token)
         admitted = None if layer in self.full else self._admit(layer, ids, counts)
+        if self.routing is not None and admitted is not None:
+            self.routing.record(layer, ids)
         self._issue_prefetches(layer)
         return admitted
 

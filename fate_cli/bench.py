@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cache.budget import auto_budget, format_size, parse_size
+from cache.floor import RoutingLog, floor_of
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.engine.coactivation import offline_coactivation
@@ -48,7 +49,7 @@ FIELDS = [
     "tokens_per_s", "stdev", "reps", "hit_rate", "prediction_recall", "decode_prediction_recall", "gb_moved",
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
     "request_tokens_per_s", "minimum_budget_bytes", "decode_predicted", "miss", "cpu_experts", "cpu_seconds",
-    "link_wait_seconds",
+    "link_wait_seconds", "loads", "min_loads", "min_bytes", "min_tier", "loads_over_min", "bytes_over_min",
 ]
 RESIDENT_NOTE = "ignores the budget: every expert on the device at the hot tier, the ceiling"
 
@@ -229,9 +230,12 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         return [{**base, "test": t, "status": "does not fit", "note": str(err),
                  "minimum_budget_bytes": minimum if budget < minimum else None} for t in tests], None
     try:
+        if session.offload:
+            session.offload.routing = RoutingLog()  # for the floor, computed after the timed requests
         session.run(requests[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
         if session.offload:
             session.offload.reset_stats()
+            session.offload.routing.count_from_here()
         pp, tg, whole, tokens = [], [], [], None
         for request in requests[1:]:
             timing = session.run(request, gen_len)
@@ -246,6 +250,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         if any(len(g) > 1 for g in groups):  # klotski's micro-batches
             plan += f"; prompts prefilled together in groups of {'+'.join(str(len(g)) for g in groups)}"
         decode = session.decode_mode()
+        floor = row_floor(session.offload, stats) if session.offload else {}
     except torch.OutOfMemoryError:
         session.close()
         note = f"CUDA ran out of memory at {label}; the plan's estimate was too low, try a larger budget"
@@ -264,13 +269,25 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         "cpu_experts": stats.get("cpu_experts", 0) / max(1, reps),  # per request, as gb_moved
         "cpu_seconds": stats.get("cpu_seconds", 0.0) / max(1, reps),
         "link_wait_seconds": stats.get("link_wait_seconds", 0.0) / max(1, reps), "cost_model": stats.get("cost_model"),
-        **({"note": RESIDENT_NOTE} if policy == "resident" else {}),
+        **floor, **({"note": RESIDENT_NOTE} if policy == "resident" else {}),
     }
     rows = []
     for test, values in zip(tests, (pp, tg)):
         rows.append({**common, "test": test, "tokens_per_s": statistics.mean(values),
                      "stdev": statistics.stdev(values) if len(values) > 1 else None})  # one value: no spread
     return rows, tokens
+
+
+def row_floor(offload, stats: dict) -> dict:  # noqa: ANN001 - cache.offload.OffloadedExperts
+    """Belady's MIN for the row's slots on the routing its timed requests served, and the policy's loads (misses
+    and prefetches) and bytes over it; bytes at the smallest tier the policy's transfers may use."""
+    tiers = [offload.transfer_tier] if offload.transfer_tier else list(offload.policy.tiers)
+    capacities = {layer: state.capacity for layer, state in offload.layers.items()}
+    floor = floor_of(offload.routing, capacities, {t: offload.layouts[t].nbytes for t in tiers})
+    loads, nbytes = sum(stats.get("loads", {}).values()), sum(stats.get("bytes_moved", {}).values())
+    over_loads, over_bytes = floor.over(loads, nbytes)
+    return {"loads": loads, "min_loads": floor.loads, "min_bytes": floor.nbytes, "min_tier": floor.tier,
+            "loads_over_min": over_loads, "bytes_over_min": over_bytes}
 
 
 def sweep(targets: Sequence[Callable[[], Target]], budget_text: str | None, policies: list[str],
@@ -341,8 +358,9 @@ def status_cell(r: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
     out = io.StringIO()
-    out.write("| model | size (hot) | policy | vram | test | t/s | hit % | pred. recall | GB moved | on CPU |\n")
-    out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |\n")
+    out.write("| model | size (hot) | policy | vram | test | t/s | hit % | pred. recall | GB moved | on CPU "
+              "| loads / MIN |\n")
+    out.write("| --- | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n")
     notes = {"size (hot): non-expert weights plus every expert at the hot tier, what `resident` holds "
              "(`fate list` gives the checkpoint's size on disk)"}
     for r in rows:
@@ -351,7 +369,7 @@ def markdown(rows: list[dict]) -> str:
         cpu = "-"
         if r["status"] != "ok":
             speed = status_cell(r)
-            hit = recall = moved = "-"
+            hit = recall = moved = floor = "-"
         else:
             speed = speed_cell(r)
             hit = f"{100 * r['hit_rate']:.1f}"
@@ -366,13 +384,18 @@ def markdown(rows: list[dict]) -> str:
             if r.get("cpu_experts"):
                 cpu = f"{r['cpu_experts']:.0f} ({r['cpu_seconds']:.2f} s)"
                 notes.add("on CPU: misses computed on the CPU per request, and the CPU time they took")
+            floor = floor_cell(r)
+            if floor != "-":
+                notes.add("loads / MIN: experts the policy loaded (misses and prefetches) over Belady's MIN, the "
+                          "fewest any policy could load serving the same routing with the row's slots (per request, "
+                          "prefill and decode; bytes over MIN's at the smallest tier in brackets)")
         if policy == "resident":
             policy = "resident (any budget)"
             notes.add(f"resident (any budget): {RESIDENT_NOTE}")
         if noisy(r):
             notes.add("(!): the spread exceeds the mean; raise -r or run on a quieter machine")
         out.write(f"| {name} | {format_size(r['size_bytes'])} | {policy} | {r['vram']} | {r['test']} | "
-                  f"{speed} | {hit} | {recall} | {moved} | {cpu} |\n")
+                  f"{speed} | {hit} | {recall} | {moved} | {cpu} | {floor} |\n")
     if rows and all(r["reps"] == 1 for r in rows):
         notes.add("one repetition (-r 1): no spread to show")
     out.write("\n" + "\n".join(f"- {n}" for n in sorted(notes)) + "\n")
@@ -384,6 +407,15 @@ def markdown(rows: list[dict]) -> str:
             out.write(f"| {line['model']} | {line['vram']} | {line['test']} | {line['policy']} | "
                       f"{_fmt(line['vs_ondemand'], '{:.2f}')} | {_fmt(line['vs_resident'], '{:.2f}')} |\n")
     return out.getvalue()
+
+
+def floor_cell(r: dict) -> str:
+    """`1.52 (0.84)`: loads over MIN's, bytes over MIN's bytes; `0 = MIN` when neither loads anything."""
+    if r.get("min_loads") is None:
+        return "-"
+    if not r["min_loads"]:
+        return "0 = MIN" if not r["loads"] else f"{r['loads']} (MIN 0)"
+    return f"{r['loads_over_min']:.2f} ({r['bytes_over_min']:.2f})"
 
 
 def ratios(rows: list[dict]) -> list[dict]:
