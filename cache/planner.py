@@ -1,18 +1,25 @@
-"""Turn a VRAM budget into expert slots per layer, with Fate's shallow-favoring split.
+"""Turn a VRAM budget into expert slots per layer: measured, Fate's shallow-favoring split, or even.
 
 From the budget the planner subtracts what always lives on the device (non-expert weights, the KV
 cache for the context, workspace). If every expert fits at the hot tier, nothing is offloaded.
-Otherwise the first MoE layer is held whole at 16 bits (it has no predictor: nothing runs before it),
-the shallowest layers are cached fully while they fit (prediction is weakest there), and the rest of
-the slots are split evenly over the deeper layers. Every MoE layer gets at least top-k slots, so one
-token's experts always fit; a budget that cannot give that is refused, naming the minimum.
+Otherwise the first MoE layer is held whole at 16 bits once every other layer fits whole, and the
+slots are split between the layers:
+- measured: by the layers' miss curves on recorded routing (cache/allocation.py), where a model has them;
+  evenly where it has none;
+- shallow (Fate's rule): the shallowest layers cached fully while they fit (prediction is weakest there),
+  the rest evenly over the deeper layers;
+- uniform: evenly.
+Every MoE layer gets at least top-k slots, so one token's experts always fit; a budget that cannot give
+that is refused, naming the minimum.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from cache.allocation import allocate
 from cache.budget import format_size
 from fate_cli.errors import ResourceError
 
@@ -106,12 +113,14 @@ def minimum_budget(fp: Footprint) -> int:
 
 
 def make_plan(
-    fp: Footprint, budget: int, split: str = "shallow", shallow_layers: int | None = None, whole_first: bool = True
+    fp: Footprint, budget: int, split: str = "shallow", shallow_layers: int | None = None, whole_first: bool = True,
+    curves: Mapping[int, Sequence[float]] | None = None,
 ) -> Plan:
-    """Slots per MoE layer for `budget` bytes. split: "shallow" (Fate) or "uniform" (the peers).
+    """Slots per MoE layer for `budget` bytes. split: "measured" (by `curves`, each layer's loads for 0..experts
+    slots; evenly without them), "shallow" (Fate) or "uniform" (the peers).
 
     whole_first=False serves the first layer from slots too (one tier for every expert)."""
-    if split not in ("shallow", "uniform"):
+    if split not in ("measured", "shallow", "uniform"):
         raise ValueError(f"unknown split {split!r}")
     minimum = minimum_budget(fp)
     if budget < minimum:
@@ -137,6 +146,9 @@ def make_plan(
     total = min(available // fp.expert_hot, len(layers) * experts)
     slots = {layer: k for layer in layers}  # every layer can hold one token's experts
     spare = total - k * len(layers)
+    if split == "measured" and curves is not None and all(layer in curves for layer in layers):
+        plan.slots = allocate({layer: curves[layer] for layer in layers}, total, k, experts)
+        return plan
     if split == "shallow":
         held_whole = len(full_layers)
         for layer in layers[: max(0, shallow - held_whole)]:  # shallowest first, fully while they fit

@@ -7,6 +7,7 @@ refused at once, naming the minimum.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -72,16 +73,18 @@ def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantPa
 
 
 def plan_for(args: ModelArgs, dtype: torch.dtype, policy: str, budget: int, context: int, params: QuantParams,
-             cuda: bool, one_tier: bool = False, shallow_layers: int | None = None, rows: int = 1) -> OffloadSetup:
+             cuda: bool, one_tier: bool = False, shallow_layers: int | None = None, rows: int = 1,
+             curves: Mapping[int, Sequence[float]] | None = None) -> OffloadSetup:
     """one_tier: every expert at one tier (--transfer-bits), so no layer is held whole at 16 bits. The KV cache
-    is planned for `rows` rows of `context` positions each."""
+    is planned for `rows` rows of `context` positions each. curves: the model's miss curves
+    (fate_cli/engine/profile.py), for a policy whose slots are planned by measurement."""
     check_policy(policy)
     fp = footprint(args, dtype, context, params, cuda, rows)
     all_full = fp.fixed + len(fp.moe_layers) * fp.num_experts * fp.expert_full
     if policy != "resident" and not one_tier and budget >= all_full:
         plan = Plan(budget, fp, {}, tuple(fp.moe_layers))
         return OffloadSetup(plan, policy, budget, full_precision=True)
-    plan = plan_slots(fp, policy, budget, one_tier, shallow_layers)
+    plan = plan_slots(fp, policy, budget, one_tier, shallow_layers, curves)
     return OffloadSetup(plan, policy, budget, full_precision=False)
 
 
@@ -90,13 +93,14 @@ def check_policy(policy: str) -> None:
         raise UsageError(f"unknown policy '{policy}'; use one of {', '.join(POLICIES)}")
 
 
-def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_layers: int | None = None) -> Plan:
+def plan_slots(fp: Footprint, policy: str, budget: int, one_tier: bool, shallow_layers: int | None = None,
+               curves: Mapping[int, Sequence[float]] | None = None) -> Plan:
     """Expert slots for a policy: `resident` holds every expert at the hot tier whatever the budget (the
     ceiling); the others split the budget the policy's way."""
     if policy == "resident":
         return make_plan(fp, max(budget, fp.fixed + fp.all_hot), "uniform", whole_first=False)
     kind = POLICY_TYPES[policy]
-    plan = make_plan(fp, budget, kind.split, shallow_layers, whole_first=not one_tier)
+    plan = make_plan(fp, budget, kind.split, shallow_layers, whole_first=not one_tier, curves=curves)
     if kind.pipeline and fp.token_bytes:
         # a group's activations use the workspace's (sized for a prefill chunk's tokens at float32 with every
         # routed expert's intermediates at once) at a token's real cost, plus what the slots leave of the budget

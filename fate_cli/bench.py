@@ -28,6 +28,7 @@ from cache.floor import RoutingLog, floor_of
 from cache.policies import POLICIES
 from fate_cli.bench_targets import ModelTarget, ReplayTarget, Target
 from fate_cli.engine.coactivation import offline_coactivation
+from fate_cli.engine.profile import offline_miss_curves
 from fate_cli.engine.runtime import (
     device_label,
     dtype_name,
@@ -180,7 +181,7 @@ def _open_target(name: str | None, device: torch.device, dtype: torch.dtype, tra
     resolved = resolve(name)
     weights = open_weights(resolved, device, dtype)
     return ModelTarget(resolved.name, "model", weights, open_store(resolved, build=True), transfer_bits,
-                       offline_coactivation(resolved.path))
+                       offline_coactivation(resolved.path), offline_miss_curves(resolved.path))
 
 
 class _NO_FOOTPRINT:  # noqa: N801 - checks the --vram syntax before a model's footprint is known

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,10 +31,12 @@ from cache.setup import (
 from fate_cli.engine.coactivation import bundled_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch, synchronize
+from fate_cli.engine.profile import offline_miss_curves
 from fate_cli.engine.runtime import DEFAULT_CONTEXT, store_dense_experts
 from fate_cli.model.experts import ExpertProvider, ResidentExperts
 from fate_cli.model.loader import Weights, load_resident_experts
 from fate_cli.model.model import Transformer, prefill_chunk
+from fate_cli.registry import BUNDLED_ROOT
 from predictors.coactivation import Coactivation
 from quant.kernels import select_backend
 from quant.store import QuantParams
@@ -142,7 +144,8 @@ class ModelTarget(Target):
     row builds a model over the same weights with that row's experts."""
 
     def __init__(self, name: str, kind: str, weights: Weights, store, transfer_bits: int | None,  # noqa: ANN001
-                 coactivation: Callable[[], Coactivation] | None = None):
+                 coactivation: Callable[[], Coactivation] | None = None,
+                 curves: Mapping[int, Sequence[float]] | None = None):
         args = weights.args
         params = QuantParams(**store.manifest["params"])
         self.context = min(DEFAULT_CONTEXT, args.max_position_embeddings)
@@ -150,10 +153,11 @@ class ModelTarget(Target):
         ctx = PolicyContext.of(args, weights.routers(), coactivation)
         super().__init__(name, weights.device, weights.dtype, store, fp, ctx, transfer_bits)
         self.kind, self.weights, self.params, self.act = kind, weights, params, args.expert_act
+        self.curves = curves  # miss curves for a measured plan, where the model has them
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         return plan_for(self.weights.args, self.dtype, policy, budget, self.context, self.params,
-                        self.device.type == "cuda", self.transfer_bits is not None)
+                        self.device.type == "cuda", self.transfer_bits is not None, curves=self.curves)
 
     def dense_experts(self) -> ResidentExperts:
         if self.weights.checkpoint is None:  # synthetic: the store's 16-bit tier
@@ -210,7 +214,9 @@ class ReplayTarget(Target):
 
     def plan(self, policy: str, budget: int) -> OffloadSetup:
         check_policy(policy)  # never 16-bit experts: the replay's topology has no checkpoint to hold them
-        plan = plan_slots(self.footprint, policy, budget, self.transfer_bits is not None)
+        # the recorded model is the bundled one: its miss curves plan a measured split
+        plan = plan_slots(self.footprint, policy, budget, self.transfer_bits is not None,
+                          curves=offline_miss_curves(BUNDLED_ROOT / "tiny"))
         return OffloadSetup(plan, policy, budget, full_precision=False)
 
     def steps(self, prompts: Sequence[Sequence[int]], gen_len: int) -> list:

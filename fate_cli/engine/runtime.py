@@ -10,6 +10,7 @@ import torch
 from cache.offload import OffloadedExperts
 from fate_cli.engine.coactivation import offline_coactivation
 from fate_cli.engine.decode_step import DecodeGraphs
+from fate_cli.engine.profile import offline_miss_curves
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
 from fate_cli.model.experts import ExpertProvider, ResidentExperts, dense_expert
@@ -267,7 +268,7 @@ def _open(name: str | None, device: str | None, dtype: str | None, policy: str |
                 f"INT{params.cold_bits}); give {params.hot_bits} or {params.cold_bits}, or leave it out"
             )
         setup = plan_for(args, dt, policy, budget, ctx_len, params, dev.type == "cuda", transfer_bits is not None,
-                         rows=rows)
+                         rows=rows, curves=offline_miss_curves(resolved.path))
         if not setup.full_precision:
             store = store or open_store(resolved, build=True)
     if synthetic:
