@@ -2,11 +2,12 @@
 
 Replays the bundled model's routing (held-out text, greedy) through each policy with tiny experts on the
 CPU and prints, per budget, the experts moved per request in prefill and per token in decode (in hot-tier
-expert units: a cold transfer counts its share), Belady's MIN for the row's slots on the same routing
+expert units: a cold transfer counts its share), the loads made (misses and prefetches, each one load whatever
+its tier; of them the prefetches), Belady's MIN for the row's slots on the same routing
 (cache/belady.py: the fewest loads any policy could make) and the decode hit rate. Used to choose fate's prefetch
 thresholds (docs/bench-results.md).
 
-    python3 benchmarks/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,lru,eap,fmoe,ondemand]
+    python3 benchmarks/policy_traffic.py [-p 128] [-n 64] [-r 2] [--policy fate,fate-shallow,lru,eap,fmoe,ondemand]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=128, help="prompt tokens")
     ap.add_argument("-n", type=int, default=64, help="generated tokens")
     ap.add_argument("-r", type=int, default=2, help="requests measured after one warm-up")
-    ap.add_argument("--policy", default="fate,lru,eap,fmoe,ondemand")
+    ap.add_argument("--policy", default="fate,fate-shallow,lru,eap,fmoe,ondemand")
     args = ap.parse_args()
     torch.set_num_threads(2)
     cpu = torch.device("cpu")
@@ -37,7 +38,7 @@ def main() -> None:
             session = target.session(policy, budget)
             offload = session.offload
             prefill = decode = 0.0
-            hits = misses = 0
+            hits = misses = loads = prefetches = 0
             routing: dict[int, list[set[int]]] = {}  # per MoE layer, the experts of every step of every request
             counted: list[bool] = []  # the steps whose loads count: decode steps of the measured requests
             for i, prompt in enumerate(prompts):
@@ -52,6 +53,7 @@ def main() -> None:
                 player.step(steps[0])
                 stats = offload.stats
                 moved0, hits0, misses0 = sum(stats.bytes_moved.values()), stats.hits, stats.misses
+                loads0, prefetches0 = sum(stats.loads.values()), stats.prefetches
                 for step in steps[1:]:
                     player.step(step)
                 if i == 0:
@@ -60,12 +62,15 @@ def main() -> None:
                 decode += (sum(stats.bytes_moved.values()) - moved0) / hot
                 hits += stats.hits - hits0
                 misses += stats.misses - misses0
+                loads += sum(stats.loads.values()) - loads0
+                prefetches += stats.prefetches - prefetches0
             # the floor for this row's slots: layers held whole load nothing
             floor = sum(min_loads(routing[layer], state.capacity, counted)
                         for layer, state in offload.layers.items()) / args.r / args.n
-            per_token = decode / args.r / args.n
-            print(f"{label:>4} {policy:9} prefill {prefill / args.r:7.1f} experts/request  "
-                  f"decode {per_token:6.2f} experts/token (MIN {floor:5.2f}, {per_token / floor if floor else 0:4.2f}x)"
+            per_token, count = decode / args.r / args.n, loads / args.r / args.n
+            print(f"{label:>4} {policy:12} prefill {prefill / args.r:6.1f} experts/request  decode {per_token:5.2f}"
+                  f" experts/token (MIN {floor:5.2f}, {per_token / floor if floor else 0:4.2f}x), loads {count:5.2f} "
+                  f"({count / floor if floor else 0:4.2f}x; prefetched {prefetches / args.r / args.n:5.2f})"
                   f"  decode hit {hits / (hits + misses):.3f}", flush=True)
             session.close()
 

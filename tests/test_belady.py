@@ -50,3 +50,67 @@ def test_never_more_than_any_policy():
                         del lru[victim]
                         break
         assert min_loads(steps, capacity) <= loads
+
+
+def test_the_routing_log_counts_only_after_the_warm_up():
+    from cache.floor import RoutingLog, floor_of
+
+    log = RoutingLog()
+    for ids in ([0, 1], [2]):  # the warm-up: both layers
+        log.record(3, ids)
+    log.record(4, [5])
+    log.count_from_here()
+    for ids in ([0], [2], [1]):
+        log.record(3, ids)
+    log.record(4, [5])
+    log.record(4, [6])
+    # layer 3, 2 slots: the warm-up leaves {1, 2} or {0, 2}... MIN keeps 0 and 2 (used next), so 0 and 2 hit and
+    # 1 loads once; layer 4, 1 slot: 5 hits, 6 loads
+    assert log.min_loads({3: 2, 4: 1}) == 2
+    assert log.min_loads({3: 2}) == 1  # a layer not listed holds every expert
+    floor = floor_of(log, {3: 2, 4: 1}, {"hot": 100, "cold": 55})
+    assert (floor.loads, floor.nbytes, floor.tier) == (2, 110, "cold")  # bytes at the smallest tier moved
+    assert floor.over(3, 330) == (1.5, 3.0)
+    assert floor_of(RoutingLog(), {}, {"hot": 100}).over(0, 0) == (None, None)
+
+
+def test_miss_curves_and_the_measured_allocation():
+    from cache.allocation import allocate, miss_curve
+
+    # one expert used every step, two alternating: one slot saves 3 of 4 loads of the first kind
+    steady = [{0}, {0}, {0}, {0}]
+    assert miss_curve(steady, 3) == [4, 1, 1, 1]
+    alternating = [{1}, {2}, {1}, {2}]
+    assert miss_curve(alternating, 3) == [4, 3, 2, 2]
+    # 4 slots, each layer at least 1: the third slot goes where it saves a load (layer 8); the fourth saves
+    # nothing anywhere and goes to the layer with fewest, the shallower first
+    assert allocate({7: [4, 1, 1, 1], 8: [4, 3, 2, 2]}, 3, 1, 3) == {7: 1, 8: 2}
+    assert allocate({7: [4, 1, 1, 1], 8: [4, 3, 2, 2]}, 4, 1, 3) == {7: 2, 8: 2}
+    # a curve that gains nothing from one more slot but much from two: the run of two is granted together
+    assert allocate({1: [9, 9, 9, 9, 0], 2: [9, 8, 7, 6, 5]}, 4, 0, 4) == {1: 4, 2: 0}
+    assert allocate({1: [2, 1, 0], 2: [2, 1, 0]}, 9, 0, 2) == {1: 2, 2: 2}  # more than fits: every layer full
+
+
+def test_measured_plan_follows_the_curves():
+    from cache.planner import Footprint, make_plan
+
+    fp = Footprint((0, 1), 4, 1, 0, 10, 40, 0, 0)
+    curves = {0: [8, 1, 1, 1, 0], 1: [8, 6, 4, 2, 0]}  # layer 0 needs one slot, layer 1 gains from each
+    plan = make_plan(fp, 60, "measured", curves=curves)  # 6 slots: layer 1 fills first, the last goes to layer 0
+    assert plan.slots == {0: 2, 1: 4}
+    assert make_plan(fp, 60, "measured").slots == make_plan(fp, 60, "uniform").slots  # no curves: evenly
+
+
+def test_decayed_frequency_evicts_the_least_used_recently():
+    from cache.eviction import DecayedFrequency
+
+    ev = DecayedFrequency(2, 0.5)
+    for step in ([0], [0], [1]):
+        ev.step(step)
+    ev.admit(0, None)
+    ev.admit(1, None)
+    # 0: 0.25 + 0.5 = 0.75, 1: 1.0 -> 0 leaves; once pinned, 1 does
+    assert ev.victim(set()) == 0 and ev.victim({0}) == 1
+    ev.step([0])  # 0: 1.375, 1: 0.5
+    assert ev.victim(set()) == 1
+    assert ev.score(7) == 0.0  # never used
