@@ -13,9 +13,11 @@ from collections.abc import Collection, Sequence
 NEVER = float("inf")
 
 
-def min_loads(steps: Sequence[Collection[int]], capacity: int, counted: Sequence[bool] | None = None) -> int:
-    """Loads MIN makes serving `steps` from an empty cache of `capacity` slots; with `counted`, only the loads of
-    the steps marked True are summed (earlier steps still warm the cache, as a bench's warm-up request does)."""
+def min_loads(steps: Sequence[Collection[int]], capacity: int, counted: Sequence[bool] | None = None,
+              initial: Collection[int] = ()) -> int:
+    """Loads MIN makes serving `steps` from a cache of `capacity` slots holding `initial` (empty by default); with
+    `counted`, only the loads of the steps marked True are summed (earlier steps still warm the cache, as a bench's
+    warm-up request does)."""
     uses: dict[int, list[int]] = {}
     for t, step in enumerate(steps):
         for e in step:
@@ -23,6 +25,8 @@ def min_loads(steps: Sequence[Collection[int]], capacity: int, counted: Sequence
     position = {e: 0 for e in uses}  # index into uses[e] of its next use at or after the current step
 
     def next_use(e: int, after: int) -> float:
+        if e not in uses:
+            return NEVER
         times = uses[e]
         i = position[e]
         while i < len(times) and times[i] <= after:
@@ -30,7 +34,7 @@ def min_loads(steps: Sequence[Collection[int]], capacity: int, counted: Sequence
         position[e] = i
         return times[i] if i < len(times) else NEVER
 
-    cache: set[int] = set()
+    cache: set[int] = set(initial)
     loads = 0
     for t, step in enumerate(steps):
         need = set(step)

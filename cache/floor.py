@@ -1,40 +1,41 @@
 """Belady's MIN beside a run: the routing a cache served, recorded per layer, and the fewest loads (and bytes)
 any policy could have served it with, given the run's own slots.
 
-A bench row records its requests' routing (`RoutingLog`), counts only what follows its warm-up (the cache and
-the floor both start warm from it), and afterwards holds the policy's loads against `floor_of`.
+A bench row records its requests' routing (`RoutingLog`), counts only what follows its warm-up (the floor
+starting from the experts the run's slots held then, as the run itself does), and afterwards holds the policy's
+loads against `floor_of`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from cache.belady import min_loads
 
 
 class RoutingLog:
-    """Per cached layer, the experts each step routed to, in order; steps before `count_from_here` warm the
-    floor's cache but are not counted."""
+    """Per cached layer, the experts each step routed to, in order. `count_from_here` starts counting from the
+    cache as the run holds it then (what its warm-up left): the floor is for the counted steps from that state."""
 
     def __init__(self) -> None:
         self.steps: dict[int, list[tuple[int, ...]]] = {}
         self.start: dict[int, int] = {}
+        self.held: dict[int, frozenset[int]] = {}
 
     def record(self, layer: int, ids: Sequence[int]) -> None:
         self.steps.setdefault(layer, []).append(tuple(ids))
 
-    def count_from_here(self) -> None:
+    def count_from_here(self, held: Mapping[int, Collection[int]]) -> None:
+        """held: the experts each layer's slots hold now."""
         self.start = {layer: len(steps) for layer, steps in self.steps.items()}
-
-    def counted(self, layer: int) -> list[bool]:
-        first = self.start.get(layer, 0)
-        return [i >= first for i in range(len(self.steps.get(layer, ())))]
+        self.held = {layer: frozenset(experts) for layer, experts in held.items()}
 
     def min_loads(self, capacities: Mapping[int, int]) -> int:
         """MIN's loads over the counted steps, each layer with its own slots (a layer not listed holds every
         expert and loads nothing)."""
-        return sum(min_loads(self.steps[layer], capacities[layer], self.counted(layer))
+        return sum(min_loads(self.steps[layer][self.start.get(layer, 0):], capacities[layer],
+                             initial=self.held.get(layer, ()))
                    for layer in self.steps if layer in capacities)
 
 

@@ -236,7 +236,8 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         session.run(requests[0], gen_len)  # warm-up: kernels compiled, caches filled as after earlier requests
         if session.offload:
             session.offload.reset_stats()
-            session.offload.routing.count_from_here()
+            held = {layer: set(state.slot_of) for layer, state in session.offload.layers.items()}
+            session.offload.routing.count_from_here(held)  # the floor starts where the warm-up left the slots
         pp, tg, whole, tokens = [], [], [], None
         for request in requests[1:]:
             timing = session.run(request, gen_len)

@@ -21,6 +21,12 @@ def test_furthest_in_future_is_evicted():
     assert min_loads(steps, 3) == 3  # everything fits: one load per expert
 
 
+def test_the_cache_may_start_full():
+    # 2 slots holding 0 and 1: 0 hits, 2 evicts 1 (never used again), 0 hits; 3 loads evicting 2
+    assert min_loads([{0}, {2}, {0}, {3}], 2, initial={0, 1}) == 2
+    assert min_loads([{0}], 1, initial={0}) == 0
+
+
 def test_only_the_counted_steps_are_summed():
     steps = [{0}, {1}, {0}, {2}]
     # 1 slot: 0 loads; 1 loads and is dropped again (0 comes back first); 0 hits; 2 loads
@@ -59,18 +65,18 @@ def test_the_routing_log_counts_only_after_the_warm_up():
     for ids in ([0, 1], [2]):  # the warm-up: both layers
         log.record(3, ids)
     log.record(4, [5])
-    log.count_from_here()
+    log.count_from_here({3: {1, 2}, 4: {5}})  # what the run's slots hold after its warm-up
     for ids in ([0], [2], [1]):
         log.record(3, ids)
     log.record(4, [5])
     log.record(4, [6])
-    # layer 3, 2 slots: the warm-up leaves {1, 2} or {0, 2}... MIN keeps 0 and 2 (used next), so 0 and 2 hit and
-    # 1 loads once; layer 4, 1 slot: 5 hits, 6 loads
+    # layer 3, 2 slots holding 1 and 2: 0 loads and is dropped again (never used after), 2 and 1 hit; layer 4,
+    # 1 slot holding 5: 5 hits, 6 loads
     assert log.min_loads({3: 2, 4: 1}) == 2
     assert log.min_loads({3: 2}) == 1  # a layer not listed holds every expert
     floor = floor_of(log, {3: 2, 4: 1}, {"hot": 100, "cold": 55})
     assert (floor.loads, floor.nbytes, floor.tier) == (2, 110, "cold")  # bytes at the smallest tier moved
-    assert floor.over(3, 330) == (1.5, 3.0)
+    assert floor.over(6, 330) == (3.0, 3.0)
     assert floor_of(RoutingLog(), {}, {"hot": 100}).over(0, 0) == (None, None)
 
 

@@ -266,3 +266,38 @@ def test_replay_of_a_batch_plays_every_row():
     stats = session.offload.stats
     routed = sum(len(t.ids) for s in [merge_steps(steps[:3]), *steps[3:]] for t in s.layers)
     assert stats.hits + stats.misses == routed
+
+
+def test_every_row_holds_its_loads_against_min(sweep):
+    rows, _ = sweep
+    ok = [r for r in rows if r["status"] == "ok"]
+    by = {(r["policy"], r["vram"], r["test"]): r for r in ok}
+    for r in ok:
+        assert r["min_loads"] <= r["loads"] and r["min_bytes"] <= sum(r["bytes_moved"].values()), r
+        assert r["min_tier"] == "hot"  # --transfer-bits 4: every transfer at the hot tier
+    for v in ("25%", "50%"):
+        assert by[("resident", v, "tg6")]["loads"] == by[("resident", v, "tg6")]["min_loads"] == 0
+        lru, ondemand = by[("lru", v, "tg6")], by[("ondemand", v, "tg6")]
+        # the same even slots and routing, but ondemand's floor starts from empty slots (it keeps nothing)
+        assert ondemand["min_loads"] >= lru["min_loads"] > 0
+        assert ondemand["loads_over_min"] >= lru["loads_over_min"] >= 1.0
+        assert by[("fate", v, "tg6")]["hit_rate"] >= lru["hit_rate"]
+    assert "loads / MIN" in markdown(rows)
+
+
+def test_fate_against_lru_and_the_floor_on_the_replay(one_thread):  # noqa: F811 - the fixture
+    """The bundled model's recorded traffic at three budgets: fate's hit rate at least lru's, fewer bytes than lru
+    and than Fate's shallow split, and never fewer loads than MIN."""
+    from fate_cli.bench import measure_row, open_target, prompt_set
+
+    target = open_target("replay:64x128", torch.device("cpu"), torch.float32, None)
+    prompts = prompt_set(64, 2, None)
+    for label, budget in parse_budgets("25%,50%,75%", target.footprint):
+        rows = {p: measure_row(target, p, label, budget, prompts, 32, 1)[0][1]
+                for p in ("fate", "fate-shallow", "lru")}
+        fate_row, shallow, lru = rows["fate"], rows["fate-shallow"], rows["lru"]
+        assert fate_row["hit_rate"] >= lru["hit_rate"], label
+        moved = {p: sum(r["bytes_moved"].values()) for p, r in rows.items()}
+        assert moved["fate"] < moved["lru"] and moved["fate"] < moved["fate-shallow"], (label, moved)
+        assert all(r["loads"] >= r["min_loads"] > 0 for r in rows.values())
+        assert fate_row["min_loads"] <= shallow["min_loads"], label  # measured slots lower the floor itself
