@@ -387,6 +387,8 @@ def markdown(rows: list[dict]) -> str:
                 cpu = f"{r['cpu_experts']:.0f} ({r['cpu_seconds']:.2f} s)"
                 notes.add("on CPU: misses computed on the CPU per request, and the CPU time they took")
             floor = floor_cell(r)
+            if floor.endswith("*"):
+                notes.add("*: misses computed on the CPU load nothing, so loads / MIN may fall below 1 there")
             if floor != "-":
                 notes.add("loads / MIN: experts the policy loaded (misses and prefetches) over Belady's MIN, the "
                           "fewest any policy could load serving the same routing with the row's slots (per request, "
@@ -415,9 +417,10 @@ def floor_cell(r: dict) -> str:
     """`1.52 (0.84)`: loads over MIN's, bytes over MIN's bytes; `0 = MIN` when neither loads anything."""
     if r.get("min_loads") is None:
         return "-"
+    cpu = " *" if r.get("cpu_experts") else ""  # a miss the CPU computed needed no slot: MIN is no floor there
     if not r["min_loads"]:
-        return "0 = MIN" if not r["loads"] else f"{r['loads']} (MIN 0)"
-    return f"{r['loads_over_min']:.2f} ({r['bytes_over_min']:.2f})"
+        return ("0 = MIN" if not r["loads"] else f"{r['loads']} (MIN 0)") + cpu
+    return f"{r['loads_over_min']:.2f} ({r['bytes_over_min']:.2f}){cpu}"
 
 
 def ratios(rows: list[dict]) -> list[dict]:

@@ -136,7 +136,7 @@ def test_markdown_table_parses():
     tables = [t.strip().splitlines() for t in result.stdout.strip().split("\n\n")]
     main, notes, ratio = tables
     assert main[0].split("|")[1:-1] == [" model ", " size (hot) ", " policy ", " vram ", " test ", " t/s ",
-                                        " hit % ", " pred. recall ", " GB moved ", " on CPU "]
+                                        " hit % ", " pred. recall ", " GB moved ", " on CPU ", " loads / MIN "]
     assert all(n.startswith("- ") for n in notes)
     assert len(main) == 2 + 4 and all(line.count("|") == main[0].count("|") for line in main)
     assert len(ratio) == 2 + 4 and "× ondemand" in ratio[0]
@@ -273,6 +273,8 @@ def test_every_row_holds_its_loads_against_min(sweep):
     ok = [r for r in rows if r["status"] == "ok"]
     by = {(r["policy"], r["vram"], r["test"]): r for r in ok}
     for r in ok:
+        if r["cpu_experts"]:  # a miss computed on the CPU needs no slot: the row may load less than MIN
+            continue
         assert r["min_loads"] <= r["loads"] and r["min_bytes"] <= sum(r["bytes_moved"].values()), r
         assert r["min_tier"] == "hot"  # --transfer-bits 4: every transfer at the hot tier
     for v in ("25%", "50%"):
@@ -293,7 +295,7 @@ def test_fate_against_lru_and_the_floor_on_the_replay(one_thread):  # noqa: F811
     target = open_target("replay:64x128", torch.device("cpu"), torch.float32, None)
     prompts = prompt_set(64, 2, None)
     for label, budget in parse_budgets("25%,50%,75%", target.footprint):
-        rows = {p: measure_row(target, p, label, budget, prompts, 32, 1)[0][1]
+        rows = {p: measure_row(target, p, label, budget, prompts, 32, 1, miss="link")[0][1]  # every miss moves
                 for p in ("fate", "fate-shallow", "lru")}
         fate_row, shallow, lru = rows["fate"], rows["fate-shallow"], rows["lru"]
         assert fate_row["hit_rate"] >= lru["hit_rate"], label
