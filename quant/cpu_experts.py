@@ -4,35 +4,89 @@
 CPU, `experts` the layer's experts to compute here as (buffer, layout) in the tier store's format (the host
 tier's own copy: quant/layout.py), `weights` [T, len(experts)] each token's routing weight for each of them
 (0 where a token does not route to it). It returns sum_j weights[:, j] * expert_j(x), [T, H] in x's dtype.
-This is the plain-torch reference (dequantize, then matmul, one expert at a time); faster kernels keep the
-same contract and are held to it.
+
+Two implementations, the same numbers within float32 rounding:
+- `cpu_moe_reference`: plain torch, dequantize then matmul, one expert at a time (what the kernels are held to);
+- the kernels of quant/cpu_kernels.py (numba): every expert of one tier in one multi-threaded call per matrix,
+  reading the codes, scales and zeros (or the 16-bit weights) where they lie in the host tier's buffer; the
+  activation, the biases and the weighted sum over experts in torch between the calls. Experts whose buffers
+  are rows of one tensor (the host tier's, cache/host_tier.py) are read in place; any others are stacked into
+  one temporary tensor first (a copy of those experts only).
+The kernels are used where numba imports and the tier fits them (group size a multiple of the codes per word:
+every tier but INT3); `FATE_CPU_EXPERTS=reference` forces the reference.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from quant import cpu_kernels
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
-from quant.packing import dequantize
+from quant.packing import codes_per_word, dequantize, num_groups, num_words
 
 CPU_REFERENCE = "cpu dequant+matmul (reference)"
+CPU_FUSED = "cpu fused dequant (numba)"
+
+
+def kernel_fits(layout: ExpertLayout) -> bool:
+    """Whether the fast kernels compute this tier (else the reference does)."""
+    if layout.kind == "dense":
+        return layout.dtype in ("bfloat16", "float16")
+    return layout.group_size % codes_per_word(layout.bits) == 0
+
+
+def use_kernels(layout: ExpertLayout) -> bool:
+    return cpu_kernels.available() and os.environ.get("FATE_CPU_EXPERTS", "") != "reference" and kernel_fits(layout)
+
+
+def cpu_expert_kernel(layout: ExpertLayout) -> str:
+    """The name of what computes this tier's experts on the CPU: the describe lines show it."""
+    return CPU_FUSED if use_kernels(layout) else CPU_REFERENCE
 
 
 def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]], weights: torch.Tensor,
-            act: ClampedSwiGLU | None = None) -> torch.Tensor:
-    """sum over j of weights[:, j] * expert_j(x) for the experts given, computed on the CPU."""
+            act: ClampedSwiGLU | None = None, threads: int | None = None) -> torch.Tensor:
+    """sum over j of weights[:, j] * expert_j(x) for the experts given, computed on the CPU. threads: how many
+    the kernels use (None: as set before, by default every core)."""
+    out = torch.zeros(x.shape, dtype=torch.float32)
+    if not experts:
+        return out.to(x.dtype)
+    xf = x.float().contiguous()
+    w = weights.float()
+    by_layout: dict[ExpertLayout, list[int]] = {}
+    for j, (_, layout) in enumerate(experts):
+        by_layout.setdefault(layout, []).append(j)
+    if threads is not None and cpu_kernels.available():
+        cpu_kernels.set_threads(threads)
+    for layout, js in by_layout.items():  # a few tiers at most; experts in their given order within each
+        if use_kernels(layout):
+            _kernel_moe(xf, [experts[j][0] for j in js], layout, w[:, js], act, out)
+        else:
+            out += cpu_moe_reference(xf, [experts[j] for j in js], w[:, js], act)
+    return out.to(x.dtype)
+
+
+def cpu_moe_reference(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]], weights: torch.Tensor,
+                      act: ClampedSwiGLU | None = None) -> torch.Tensor:
+    """The plain-torch reference of cpu_moe: dequantize, then matmul, one expert at a time."""
     out = torch.zeros(x.shape, dtype=torch.float32)
     xf = x.float()
     for j, (buf, layout) in enumerate(experts):
         rows = weights[:, j].nonzero().flatten()
         if rows.numel() == 0:
             continue
-        gate_up, down = layout.packed(buf)
-        w_gu, w_d = dequantize(gate_up), dequantize(down)
+        if layout.kind == "dense":
+            v = layout.views(buf)
+            w_gu, w_d = v["gate_up"].float(), v["down"].float()
+        else:
+            gate_up, down = layout.packed(buf)
+            w_gu, w_d = dequantize(gate_up), dequantize(down)
         b_gu = b_d = None
         if layout.bias is not None:  # gpt_oss: 16-bit biases after the weights
             views = layout.views(buf)
@@ -42,3 +96,68 @@ def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]
         a = F.silu(h[:, :inter]) * h[:, inter:] if act is None else act(h[:, :inter], h[:, inter:])
         out[rows] += weights[rows, j, None].float() * F.linear(a, w_d, b_d)
     return out.to(x.dtype)
+
+
+def _arena(bufs: Sequence[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The buffers as rows of one uint8 tensor [R, nbytes] and their row numbers: in place where they are rows
+    of one contiguous tensor (the host tier), else stacked (a copy)."""
+    base = bufs[0]._base
+    if base is not None and base.dim() == 2 and base.dtype == torch.uint8 and base.shape[1] == nbytes \
+            and base.is_contiguous():
+        start = base.data_ptr()
+        offs = [b.data_ptr() - start for b in bufs]
+        if all(b._base is base and o % nbytes == 0 for b, o in zip(bufs, offs, strict=True)):
+            return base, np.array([o // nbytes for o in offs], dtype=np.int64)
+    return torch.stack([b.reshape(nbytes) for b in bufs]), np.arange(len(bufs), dtype=np.int64)
+
+
+def _planes(x: torch.Tensor, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [X, T, K] float32 -> (plane order [X, T, cpw, words], zero past K; group sums [X, T, groups])."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    cpw, words, groups = codes_per_word(bits), num_words(k, bits), num_groups(k, group)
+    padded = F.pad(x, (0, words * cpw - k)) if words * cpw != k else x
+    xp = padded.reshape(*lead, words, cpw).transpose(-1, -2).contiguous()
+    gpad = F.pad(x, (0, groups * group - k)) if groups * group != k else x
+    xs = gpad.reshape(*lead, groups, group).sum(-1).contiguous()
+    return xp.numpy(), xs.numpy()
+
+
+def _matmul(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, layout: ExpertLayout, prefix: str,
+            x: torch.Tensor, active: np.ndarray, n_out: int) -> torch.Tensor:
+    """[E, T, n_out]: each expert's matrix `prefix` times x[xsel[e]] (x [X, T, K] float32) for its active tokens."""
+    out = torch.zeros(len(rows), x.shape[1], n_out, dtype=torch.float32)
+    k_in = x.shape[-1]
+    if layout.kind == "dense":
+        cpu_kernels.dense(arena, rows, xsel, layout.segment(prefix).offset, n_out, k_in,
+                          layout.dtype == "bfloat16", x.contiguous().numpy(), active, out.numpy())
+    else:
+        xp, xs = _planes(x, layout.bits, layout.group_size)
+        offsets = tuple(layout.segment(f"{prefix}.{s}").offset for s in ("codes", "scale", "zero"))
+        cpu_kernels.quantized(arena, rows, xsel, offsets, n_out, k_in, layout.bits, layout.group_size, xp, xs,
+                              active, out.numpy())
+    return out
+
+
+def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout, w: torch.Tensor,
+                act: ClampedSwiGLU | None, out: torch.Tensor) -> None:
+    """out += sum_j w[:, j] * expert_j(x) for experts of one layout, by the numba kernels."""
+    arena_t, rows = _arena(bufs, layout.nbytes)
+    arena = arena_t.numpy()
+    n = len(bufs)
+    active = (w.t() != 0).to(torch.uint8).contiguous().numpy()  # [E, T]
+    inter, hidden = layout.intermediate, layout.hidden
+    h = _matmul(arena, rows, np.zeros(n, dtype=np.int64), layout, "gate_up", x.unsqueeze(0), active, 2 * inter)
+    biases = None
+    if layout.bias is not None:
+        bias_dt = getattr(torch, layout.bias)
+        seg_gu, seg_d = layout.segment("gate_up.bias"), layout.segment("down.bias")
+        raw = arena_t[torch.from_numpy(rows)]
+        biases = (raw[:, seg_gu.offset: seg_gu.offset + seg_gu.nbytes].contiguous().view(bias_dt).float(),
+                  raw[:, seg_d.offset: seg_d.offset + seg_d.nbytes].contiguous().view(bias_dt).float())
+        h += biases[0].unsqueeze(1)
+    a = F.silu(h[..., :inter]) * h[..., inter:] if act is None else act(h[..., :inter], h[..., inter:])
+    y = _matmul(arena, rows, np.arange(n, dtype=np.int64), layout, "down", a.contiguous(), active, hidden)
+    if biases is not None:
+        y += biases[1].unsqueeze(1)
+    for j in range(n):  # in the experts' given order, as the reference adds them
+        out.addcmul_(w[:, j, None], y[j])

@@ -1,0 +1,163 @@
+"""Multi-threaded CPU products of many experts' matrices at once, read straight from the host tier's buffers.
+
+Compiled with numba (LLVM, no C compiler needed; the kernels are cached on disk after the first compile), because
+no library kernel reads fate's packed format in float32: torch's `_weight_int4pack_mm_for_cpu` is vectorized
+only for bfloat16 activations (with bfloat16 scales and its own zero convention) and runs a scalar loop for
+float32, `_weight_int8pack_mm` has one scale per row (no groups), bitsandbytes' 4-bit CPU path reads NF4/FP4
+(symmetric, no zero point), and ggml's Q4_1 blocks hold 32 weights with a float16 min; each would need a second
+copy of every expert in its own layout (quant/README.md has the measurements).
+
+`quantized(...)`: for E experts (rows of one uint8 arena [R, nbytes], all of one layout) and T tokens,
+out[e, t, n] = sum_g scale[n, g] * (sum_{c in g} q[n, c] x[t, c] - zero[n, g] * sum_{c in g} x[t, c]): the
+reference's (q - zero) * scale product regrouped, in float32, so it equals dequantize-then-matmul within float32
+rounding. x arrives in "plane" order (plane j holds the columns word * cpw + j) so that the loop over a row's
+words reads codes and x contiguously and the shift of each plane is a constant. One parallel loop over
+(expert, block of rows): no Python per expert, no sum split across threads (the result does not depend on the
+thread count). Tokens an expert does not serve (active[e, t] == 0) are skipped and their rows left as given.
+
+`dense(...)`: the same for a 16-bit tier (bfloat16 or float16 weights widened to float32 exactly, row by row).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+try:  # numba is a dependency; without it (a broken install) cpu_experts falls back to its reference
+    import numba
+    from numba import njit, prange
+except ImportError:  # pragma: no cover - exercised only where numba is missing
+    numba = None
+
+ROWS_PER_TASK = 16  # rows of one matrix a parallel task computes: enough work per task, enough tasks per expert
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def set_threads(n: int | None) -> int:
+    """Threads the kernels use from this thread on (None: all of numba's); returns the number in force."""
+    if n is not None:
+        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    return numba.get_num_threads()
+
+
+def max_threads() -> int:
+    return numba.config.NUMBA_NUM_THREADS if numba is not None else 1
+
+
+if numba is not None:
+
+    @njit(inline="always")
+    def _half(h):  # noqa: ANN001, ANN202 - IEEE float16 bits -> its value (exact in float32)
+        e = (h >> 10) & 0x1F
+        m = h & 0x3FF
+        if e == 0:
+            v = np.float32(m) * np.float32(2.0**-24)
+        elif e == 0x1F:
+            v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
+        else:
+            v = np.float32(np.float32(1024 + m) * np.float32(2.0 ** (e - 25)))
+        return -v if h & 0x8000 else v
+
+
+@functools.cache
+def _quantized_kernel(bits: int):  # noqa: ANN202 - a numba dispatcher, one per bit width (constant shifts)
+    cpw = 32 // bits
+    mask = (1 << bits) - 1
+
+    @njit(parallel=True, fastmath=True, cache=True)
+    def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, gs, xp, xs, active, out):  # noqa: ANN001, ANN202
+        words = (k_in + cpw - 1) // cpw
+        groups = (k_in + gs - 1) // gs
+        wpg = gs // cpw
+        n_exp = rows.shape[0]
+        n_tok = xp.shape[1]
+        blocks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for task in prange(n_exp * blocks):
+            e = task // blocks
+            first = (task % blocks) * ROWS_PER_TASK
+            buf = arena[rows[e]]
+            codes = buf[off_c: off_c + n_out * words * 4].view(np.int32)
+            scale = buf[off_s: off_s + n_out * groups * 2].view(np.uint16)
+            zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
+            xi = xsel[e]
+            part = np.empty(words, dtype=np.float32)
+            for n in range(first, min(n_out, first + ROWS_PER_TASK)):
+                row = codes[n * words: (n + 1) * words]
+                for t in range(n_tok):
+                    if active[e, t] == 0:
+                        continue
+                    x = xp[xi, t]
+                    for w in range(words):
+                        word = row[w]
+                        acc = np.float32(0.0)
+                        for j in range(cpw):
+                            acc += np.float32((word >> (bits * j)) & mask) * x[j, w]
+                        part[w] = acc
+                    y = np.float32(0.0)
+                    for g in range(groups):
+                        p = np.float32(0.0)
+                        for w in range(g * wpg, min(words, (g + 1) * wpg)):
+                            p += part[w]
+                        y += _half(scale[n * groups + g]) * (p - _half(zero[n * groups + g]) * xs[xi, t, g])
+                    out[e, t, n] = y
+
+    return kernel
+
+
+@functools.cache
+def _dense_kernel(bfloat16: bool):  # noqa: ANN202
+    @njit(parallel=True, fastmath=True, cache=True)
+    def kernel(arena, rows, xsel, off_w, n_out, k_in, x, active, out):  # noqa: ANN001, ANN202
+        n_exp = rows.shape[0]
+        n_tok = x.shape[1]
+        blocks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        for task in prange(n_exp * blocks):
+            e = task // blocks
+            first = (task % blocks) * ROWS_PER_TASK
+            w16 = arena[rows[e]][off_w: off_w + n_out * k_in * 2].view(np.uint16)
+            xi = xsel[e]
+            bits32 = np.empty(k_in, dtype=np.uint32)
+            wf = bits32.view(np.float32)
+            for n in range(first, min(n_out, first + ROWS_PER_TASK)):
+                row = w16[n * k_in: (n + 1) * k_in]
+                if bfloat16:  # the upper half of a float32
+                    for k in range(k_in):
+                        bits32[k] = np.uint32(row[k]) << 16
+                else:  # float16: sign, then exponent and mantissa moved into place and rescaled by 2^112 below
+                    for k in range(k_in):
+                        h = np.uint32(row[k])
+                        b = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)
+                        if (h & 0x7C00) == 0x7C00:  # inf / nan stay so after the rescale
+                            b |= 0x7F800000
+                        bits32[k] = b
+                    for k in range(k_in):
+                        wf[k] *= np.float32(2.0**112)
+                for t in range(n_tok):
+                    if active[e, t] == 0:
+                        continue
+                    xr = x[xi, t]
+                    acc = np.float32(0.0)
+                    for k in range(k_in):
+                        acc += wf[k] * xr[k]
+                    out[e, t, n] = acc
+
+    return kernel
+
+
+def quantized(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offsets: tuple[int, int, int], n_out: int,
+              k_in: int, bits: int, group_size: int, xp: np.ndarray, xs: np.ndarray, active: np.ndarray,
+              out: np.ndarray) -> None:
+    """out[e, t, :n_out] = W_e x[xsel[e], t] for the quantized matrix at byte offsets (codes, scale, zero) of
+    arena[rows[e]]; xp [X, T, cpw, words] float32 in plane order (zero past k_in), xs [X, T, groups] its group
+    sums, active [E, T] uint8."""
+    _quantized_kernel(bits)(arena, rows, xsel, *offsets, n_out, k_in, group_size, xp, xs, active, out)
+
+
+def dense(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offset: int, n_out: int, k_in: int,
+          bfloat16: bool, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
+    """out[e, t, :n_out] = W_e x[xsel[e], t] for the 16-bit matrix [n_out, k_in] at a byte offset of arena[rows[e]]."""
+    _dense_kernel(bfloat16)(arena, rows, xsel, offset, n_out, k_in, x, active, out)

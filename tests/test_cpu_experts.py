@@ -1,0 +1,138 @@
+"""The CPU expert kernels (quant/cpu_kernels.py behind quant/cpu_experts.cpu_moe) against the plain-torch
+reference, on random experts of every tier: INT4 g64, INT2 g32, INT8 g64, the 16-bit dense tiers, with and
+without gpt_oss's biases and clamped activation, widths that do not fill a word or a group, 1 to 5 tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quant import cpu_experts, cpu_kernels
+from quant.expert_act import ClampedSwiGLU
+from quant.layout import ExpertLayout
+from quant.packing import num_groups, num_words
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is not installed")
+
+
+def random_expert(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
+    """One expert's buffer of random codes, scales and zeros (or 16-bit weights) and biases."""
+    parts = {}
+    for seg in layout.segments:
+        if seg.name.endswith(".codes"):
+            rows, words = seg.shape
+            parts[seg.name] = torch.randint(-2**31, 2**31 - 1, (rows, words), generator=gen, dtype=torch.int64
+                                            ).to(torch.int32)
+        elif seg.name.endswith(".scale"):
+            parts[seg.name] = (torch.rand(seg.shape, generator=gen) * 0.02 + 1e-3).half()
+        elif seg.name.endswith(".zero"):
+            parts[seg.name] = (torch.rand(seg.shape, generator=gen) * (2**layout.bits - 1)).half()
+        else:  # dense weights, biases
+            parts[seg.name] = (torch.randn(seg.shape, generator=gen) * 0.05).to(getattr(torch, seg.dtype))
+    if layout.kind == "quantized":  # codes past the row's width are zero, as pack_codes writes them
+        for prefix, k in (("gate_up", layout.hidden), ("down", layout.intermediate)):
+            cpw = 32 // layout.bits
+            words = parts[f"{prefix}.codes"]
+            if k % cpw:
+                keep = (1 << (layout.bits * (k % cpw))) - 1
+                words[:, -1] &= keep
+    return layout.assemble(parts)
+
+
+def host_tier(layout: ExpertLayout, n: int, seed: int = 0) -> torch.Tensor:
+    """n experts as rows of one tensor, the way cache/host_tier.py holds a tier."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([random_expert(layout, gen) for _ in range(n)])
+
+
+LAYOUTS = {
+    "int4-g64": ExpertLayout.quantized(256, 128, 4, 64),
+    "int2-g32": ExpertLayout.quantized(256, 128, 2, 32),
+    "int8-g64": ExpertLayout.quantized(256, 128, 8, 64),
+    "int4-g64-short-group": ExpertLayout.quantized(160, 64, 4, 64),  # the bundled model's widths: 160 % 64 != 0
+    "int2-g32-short-word": ExpertLayout.quantized(72, 40, 2, 32),  # 72 % 16 != 0: a part-filled last word
+    "bf16": ExpertLayout.dense(256, 128, "bfloat16"),
+    "fp16": ExpertLayout.dense(160, 64, "float16"),
+    "int4-g64-bias": ExpertLayout.quantized(256, 128, 4, 64, bias="bfloat16"),
+    "bf16-bias": ExpertLayout.dense(256, 128, "bfloat16", bias="bfloat16"),
+}
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Equal within float32 rounding: the kernels sum in another order (per group, then scale)."""
+    scale = ref.abs().max().item()
+    assert scale > 0
+    assert (out - ref).abs().max().item() <= 2e-5 * scale
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_kernels_match_reference(name: str, tokens: int) -> None:
+    layout = LAYOUTS[name]
+    tier = host_tier(layout, 6, seed=tokens)
+    experts = [(tier[i], layout) for i in (4, 0, 3)]  # rows of the host tier, in no particular order
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, layout.hidden, generator=gen)
+    w = torch.rand(tokens, len(experts), generator=gen)
+    if tokens > 1:
+        w[0, 1] = 0  # a token that does not route to an expert
+    act = ClampedSwiGLU(1.702, 7.0) if layout.bias else None
+    ref = cpu_experts.cpu_moe_reference(x, experts, w, act)
+    out = cpu_experts.cpu_moe(x, experts, w, act)
+    assert cpu_experts.use_kernels(layout)
+    check(out, ref)
+
+
+def test_mixed_tiers_and_copies() -> None:
+    """Experts of two tiers in one call, some not rows of a host tier (stacked into a temporary arena)."""
+    hot, cold = LAYOUTS["int4-g64"], LAYOUTS["int2-g32"]
+    th, tc = host_tier(hot, 3, 1), host_tier(cold, 3, 2)
+    experts = [(th[2], hot), (tc[0].clone(), cold), (th[0], hot), (tc[1].clone(), cold)]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, hot.hidden, generator=gen).bfloat16()
+    w = torch.rand(2, 4, generator=gen)
+    out = cpu_experts.cpu_moe(x, experts, w)
+    assert out.dtype == torch.bfloat16
+    ref = cpu_experts.cpu_moe_reference(x, experts, w)
+    assert torch.equal(out, ref) or (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+
+
+def test_arena_in_place() -> None:
+    """Rows of one tensor are read where they lie (no copy); others are stacked."""
+    layout = LAYOUTS["int4-g64"]
+    tier = host_tier(layout, 4)
+    arena, rows = cpu_experts._arena([tier[3], tier[1]], layout.nbytes)
+    assert arena.data_ptr() == tier.data_ptr() and rows.tolist() == [3, 1]
+    copy, rows = cpu_experts._arena([tier[3].clone(), tier[1]], layout.nbytes)
+    assert copy.data_ptr() != tier.data_ptr() and rows.tolist() == [0, 1]
+    assert torch.equal(copy[0], tier[3])
+
+
+def test_threads_do_not_change_results() -> None:
+    layout = LAYOUTS["int4-g64"]
+    tier = host_tier(layout, 4)
+    experts = [(tier[i], layout) for i in range(4)]
+    x = torch.randn(2, layout.hidden, generator=torch.Generator().manual_seed(5))
+    w = torch.rand(2, 4, generator=torch.Generator().manual_seed(6))
+    before = cpu_kernels.set_threads(None)
+    try:
+        one = cpu_experts.cpu_moe(x, experts, w, threads=1)
+        many = cpu_experts.cpu_moe(x, experts, w, threads=cpu_kernels.max_threads())
+    finally:
+        cpu_kernels.set_threads(before)
+    assert torch.equal(one, many)
+
+
+def test_reference_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    layout = LAYOUTS["int4-g64"]
+    assert cpu_experts.cpu_expert_kernel(layout) == cpu_experts.CPU_FUSED
+    monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
+    assert cpu_experts.cpu_expert_kernel(layout) == cpu_experts.CPU_REFERENCE
+    assert not cpu_experts.kernel_fits(ExpertLayout.quantized(160, 64, 3, 64))  # INT3: 10 codes a word
+
+
+def test_empty_and_word_counts() -> None:
+    layout = LAYOUTS["int2-g32-short-word"]
+    assert num_words(layout.hidden, 2) == 5 and num_groups(layout.hidden, 32) == 3
+    x = torch.randn(1, layout.hidden)
+    assert torch.equal(cpu_experts.cpu_moe(x, [], torch.zeros(1, 0)), torch.zeros(1, layout.hidden))
