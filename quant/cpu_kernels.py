@@ -51,16 +51,26 @@ def max_threads() -> int:
 if numba is not None:
 
     @njit(inline="always")
-    def _half(h):  # noqa: ANN001, ANN202 - IEEE float16 bits -> its value (exact in float32)
-        e = (h >> 10) & 0x1F
-        m = h & 0x3FF
-        if e == 0:
-            v = np.float32(m) * np.float32(2.0**-24)
-        elif e == 0x1F:
-            v = np.float32(np.inf) if m == 0 else np.float32(np.nan)
-        else:
-            v = np.float32(np.float32(1024 + m) * np.float32(2.0 ** (e - 25)))
-        return -v if h & 0x8000 else v
+    def _widen_half(src, dst_bits):  # noqa: ANN001, ANN202 - float16 bits -> float32, exactly, into dst_bits' view
+        subnormal = False
+        for k in range(src.shape[0]):  # the exponent rebiased (15 -> 127), the mantissa moved up 13 bits
+            h = np.uint32(src[k])
+            mag = h & 0x7FFF
+            b = (h & 0x8000) << 16
+            if mag >= 0x7C00:  # inf, nan
+                b |= 0x7F800000 | ((mag & 0x3FF) << 13)
+            elif mag >= 0x400:
+                b |= (mag << 13) + (112 << 23)
+            elif mag != 0:
+                subnormal = True
+            dst_bits[k] = b
+        if subnormal:  # m * 2^-24, made by arithmetic: no float32 denormal to be flushed on the way
+            dst = dst_bits.view(np.float32)
+            for k in range(src.shape[0]):
+                h = np.uint32(src[k])
+                if (h & 0x7C00) == 0 and (h & 0x3FF) != 0:
+                    v = np.float32(h & 0x3FF) * np.float32(2.0**-24)
+                    dst[k] = -v if h & 0x8000 else v
 
 
 @functools.cache
@@ -85,24 +95,27 @@ def _quantized_kernel(bits: int):  # noqa: ANN202 - a numba dispatcher, one per 
             zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
             xi = xsel[e]
             part = np.empty(words, dtype=np.float32)
+            sz_bits = np.empty(2 * groups, dtype=np.uint32)
+            sz = sz_bits.view(np.float32)
             for n in range(first, min(n_out, first + ROWS_PER_TASK)):
                 row = codes[n * words: (n + 1) * words]
+                _widen_half(scale[n * groups: (n + 1) * groups], sz_bits[:groups])
+                _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
                 for t in range(n_tok):
                     if active[e, t] == 0:
                         continue
                     x = xp[xi, t]
-                    for w in range(words):
-                        word = row[w]
-                        acc = np.float32(0.0)
-                        for j in range(cpw):
-                            acc += np.float32((word >> (bits * j)) & mask) * x[j, w]
-                        part[w] = acc
+                    for w in range(words):  # plane 0, then each further plane added: one stream per plane
+                        part[w] = np.float32(row[w] & np.int32(mask)) * x[0, w]
+                    for j in range(1, cpw):
+                        for w in range(words):
+                            part[w] += np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
                     y = np.float32(0.0)
                     for g in range(groups):
                         p = np.float32(0.0)
                         for w in range(g * wpg, min(words, (g + 1) * wpg)):
                             p += part[w]
-                        y += _half(scale[n * groups + g]) * (p - _half(zero[n * groups + g]) * xs[xi, t, g])
+                        y += sz[g] * (p - sz[groups + g] * xs[xi, t, g])
                     out[e, t, n] = y
 
     return kernel
@@ -127,15 +140,8 @@ def _dense_kernel(bfloat16: bool):  # noqa: ANN202
                 if bfloat16:  # the upper half of a float32
                     for k in range(k_in):
                         bits32[k] = np.uint32(row[k]) << 16
-                else:  # float16: sign, then exponent and mantissa moved into place and rescaled by 2^112 below
-                    for k in range(k_in):
-                        h = np.uint32(row[k])
-                        b = ((h & 0x8000) << 16) | ((h & 0x7FFF) << 13)
-                        if (h & 0x7C00) == 0x7C00:  # inf / nan stay so after the rescale
-                            b |= 0x7F800000
-                        bits32[k] = b
-                    for k in range(k_in):
-                        wf[k] *= np.float32(2.0**112)
+                else:
+                    _widen_half(row, bits32)
                 for t in range(n_tok):
                     if active[e, t] == 0:
                         continue
