@@ -101,6 +101,8 @@ def cpu_moe_reference(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, Exp
 def _arena(bufs: Sequence[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
     """The buffers as rows of one uint8 tensor [R, nbytes] and their row numbers: in place where they are rows
     of one contiguous tensor (the host tier), else stacked (a copy)."""
+    if len(bufs) == 1 and bufs[0].is_contiguous():  # one expert (a cache slot, say): itself, as one row
+        return bufs[0].view(1, nbytes), np.zeros(1, dtype=np.int64)
     base = bufs[0]._base
     if base is not None and base.dim() == 2 and base.dtype == torch.uint8 and base.shape[1] == nbytes \
             and base.is_contiguous():

@@ -11,7 +11,9 @@ copy of every expert in its own layout (quant/README.md has the measurements).
 out[e, t, n] = sum_g scale[n, g] * (sum_{c in g} q[n, c] x[t, c] - zero[n, g] * sum_{c in g} x[t, c]): the
 reference's (q - zero) * scale product regrouped, in float32, so it equals dequantize-then-matmul within float32
 rounding. x arrives in "plane" order (plane j holds the columns word * cpw + j) so that the loop over a row's
-words reads codes and x contiguously and the shift of each plane is a constant. One parallel loop over
+words reads codes and x contiguously (LLVM vectorizes it) and the shift of each plane is a constant; one kernel
+per (bits, group) so that a group's words are a constant count. With several tokens each plane's codes are
+widened once for all of them. One parallel loop over
 (expert, block of rows): no Python per expert, no sum split across threads (the result does not depend on the
 thread count). Tokens an expert does not serve (active[e, t] == 0) are skipped and their rows left as given.
 
@@ -51,7 +53,7 @@ def max_threads() -> int:
 if numba is not None:
 
     @njit(inline="always")
-    def _widen_half(src, dst_bits):  # noqa: ANN001, ANN202 - float16 bits -> float32, exactly, into dst_bits' view
+    def _widen_half_exact(src, dst_bits):  # noqa: ANN001, ANN202 - float16 bits -> float32, every value exactly
         subnormal = False
         for k in range(src.shape[0]):  # the exponent rebiased (15 -> 127), the mantissa moved up 13 bits
             h = np.uint32(src[k])
@@ -72,50 +74,82 @@ if numba is not None:
                     v = np.float32(h & 0x3FF) * np.float32(2.0**-24)
                     dst[k] = -v if h & 0x8000 else v
 
+    @njit(inline="always")
+    def _widen_half(src, dst_bits):  # noqa: ANN001, ANN202 - the same, branch-free for normal numbers
+        rare = False
+        for k in range(src.shape[0]):
+            h = np.uint32(src[k])
+            mag = h & np.uint32(0x7FFF)
+            dst_bits[k] = ((h & np.uint32(0x8000)) << np.uint32(16)) | ((mag << np.uint32(13)) + np.uint32(112 << 23))
+            rare |= (mag < np.uint32(0x400)) | (mag >= np.uint32(0x7C00))
+        if rare:  # zero, subnormal, inf or nan among them
+            _widen_half_exact(src, dst_bits)
+
 
 @functools.cache
-def _quantized_kernel(bits: int):  # noqa: ANN202 - a numba dispatcher, one per bit width (constant shifts)
+def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher per tier: constant shifts, group
     cpw = 32 // bits
     mask = (1 << bits) - 1
+    wpg = gs // cpw  # words per group
 
     @njit(parallel=True, fastmath=True, cache=True)
-    def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, gs, xp, xs, active, out):  # noqa: ANN001, ANN202
+    def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, xp, xs, active, out):  # noqa: ANN001, ANN202
         words = (k_in + cpw - 1) // cpw
         groups = (k_in + gs - 1) // gs
-        wpg = gs // cpw
         n_exp = rows.shape[0]
         n_tok = xp.shape[1]
         blocks = (n_out + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         for task in prange(n_exp * blocks):
             e = task // blocks
             first = (task % blocks) * ROWS_PER_TASK
+            toks = np.empty(n_tok, dtype=np.int64)
+            n_act = 0
+            for t in range(n_tok):
+                if active[e, t] != 0:
+                    toks[n_act] = t
+                    n_act += 1
+            if n_act == 0:
+                continue
             buf = arena[rows[e]]
             codes = buf[off_c: off_c + n_out * words * 4].view(np.int32)
             scale = buf[off_s: off_s + n_out * groups * 2].view(np.uint16)
             zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
             xi = xsel[e]
-            part = np.empty(words, dtype=np.float32)
+            part = np.zeros((n_act, groups * wpg), dtype=np.float32)  # words past the row's stay zero
+            plane = np.empty(words, dtype=np.float32)
             sz_bits = np.empty(2 * groups, dtype=np.uint32)
             sz = sz_bits.view(np.float32)
             for n in range(first, min(n_out, first + ROWS_PER_TASK)):
                 row = codes[n * words: (n + 1) * words]
                 _widen_half(scale[n * groups: (n + 1) * groups], sz_bits[:groups])
                 _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
-                for t in range(n_tok):
-                    if active[e, t] == 0:
-                        continue
-                    x = xp[xi, t]
-                    for w in range(words):  # plane 0, then each further plane added: one stream per plane
-                        part[w] = np.float32(row[w] & np.int32(mask)) * x[0, w]
+                if n_act == 1:  # one token: each plane's codes go straight into the product
+                    x = xp[xi, toks[0]]
+                    p = part[0]
+                    for w in range(words):
+                        p[w] = np.float32(row[w] & np.int32(mask)) * x[0, w]
                     for j in range(1, cpw):
                         for w in range(words):
-                            part[w] += np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
+                            p[w] += np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
+                else:  # several: each plane's codes widened once, then used by every token
+                    part[:, :words] = 0.0
+                    for j in range(cpw):
+                        for w in range(words):
+                            plane[w] = np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask))
+                        for i in range(n_act):
+                            x = xp[xi, toks[i], j]
+                            p = part[i]
+                            for w in range(words):
+                                p[w] += plane[w] * x[w]
+                for i in range(n_act):
+                    t = toks[i]
+                    p = part[i]
                     y = np.float32(0.0)
                     for g in range(groups):
-                        p = np.float32(0.0)
-                        for w in range(g * wpg, min(words, (g + 1) * wpg)):
-                            p += part[w]
-                        y += sz[g] * (p - sz[groups + g] * xs[xi, t, g])
+                        s = np.float32(0.0)
+                        for k in range(wpg):
+                            s += p[g * wpg + k]
+                        y += sz[g] * (s - sz[groups + g] * xs[xi, t, g])
                     out[e, t, n] = y
 
     return kernel
@@ -160,7 +194,7 @@ def quantized(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offsets: tu
     """out[e, t, :n_out] = W_e x[xsel[e], t] for the quantized matrix at byte offsets (codes, scale, zero) of
     arena[rows[e]]; xp [X, T, cpw, words] float32 in plane order (zero past k_in), xs [X, T, groups] its group
     sums, active [E, T] uint8."""
-    _quantized_kernel(bits)(arena, rows, xsel, *offsets, n_out, k_in, group_size, xp, xs, active, out)
+    _quantized_kernel(bits, group_size)(arena, rows, xsel, *offsets, n_out, k_in, xp, xs, active, out)
 
 
 def dense(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offset: int, n_out: int, k_in: int,

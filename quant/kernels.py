@@ -3,6 +3,11 @@ family's experts have biases and another activation (gpt_oss), down(act(gate x +
 biases read from the buffer (quant/layout.py) and the activation given by the model (quant/expert_act.py).
 
 Backends, chosen per device and tier (`select_backend`, overridable with FATE_QUANT_BACKEND=torch|triton):
+- "cpu fused dequant (numba)": on a CPU, for up to CPU_KERNEL_MAX_TOKENS tokens (decode), the CPU expert
+  kernels of quant/cpu_kernels.py through quant/cpu_experts.cpu_moe, straight from the packed buffer (equal to
+  the dequantize-then-matmul below within float32 rounding); more tokens (prefill) take the path below, which
+  dequantizes once for all of them. Where numba is missing, the tier does not fit the kernels (INT3) or
+  FATE_CPU_EXPERTS=reference, "cpu dequant+matmul" instead.
 - "cpu dequant+matmul": on a CPU, dequantize gate_up and down with the plain-torch reference
   (quant.packing.dequantize: float32 (q - zero) * scale, cast to the compute dtype) at every call, then
   three F.linear, exactly as DenseExpert would on those weights. Nothing is cached: memory holds only
@@ -26,12 +31,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from quant import cpu_experts
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.packing import PackedMatrix, dequantize
 from quant.triton_kernels import tier_fits
 
 CPU = "cpu dequant+matmul"
+CPU_FUSED = cpu_experts.CPU_FUSED
+CPU_KERNEL_MAX_TOKENS = 8  # tokens up to which the fused CPU kernel beats dequantizing once (quant/README.md)
 TORCH = "torch dequant+matmul"
 TRITON = "triton-fused"
 
@@ -44,7 +52,7 @@ def triton_fits(layout: ExpertLayout) -> bool:
 def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:
     device = torch.device(device)
     if device.type != "cuda":
-        return CPU
+        return CPU_FUSED if layout.kind == "quantized" and cpu_experts.use_kernels(layout) else CPU
     forced = os.environ.get("FATE_QUANT_BACKEND", "")
     if forced == "torch":
         return TORCH
@@ -71,6 +79,8 @@ class QuantExpert:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == TRITON:
             return expert_ffn(x, self.gate_up, self.down, self.biases, self.act)
+        if self.backend == CPU_FUSED and x.shape[0] <= CPU_KERNEL_MAX_TOKENS:
+            return cpu_experts.cpu_moe(x, [(self.buf, self.layout)], self._ones(x.shape[0]), self.act)
         i = self.layout.intermediate
         w = dequantize(self.gate_up, x.dtype)
         if self.biases is None and self.act is None:
@@ -80,6 +90,10 @@ class QuantExpert:
         g = F.linear(x, w[:i], None if b_gu is None else b_gu[:i])
         u = F.linear(x, w[i:], None if b_gu is None else b_gu[i:])
         return F.linear(activate(g, u, self.act), dequantize(self.down, x.dtype), b_d)
+
+    @staticmethod
+    def _ones(tokens: int) -> torch.Tensor:
+        return torch.ones(tokens, 1)
 
     @property
     def nbytes(self) -> int:
