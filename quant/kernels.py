@@ -65,6 +65,13 @@ def select_backend(device: torch.device | str, layout: ExpertLayout) -> str:
     return TORCH
 
 
+def backend_label(backend: str) -> str:
+    """A backend as the describe line names it: the CPU's fused kernel says where it hands over."""
+    if backend == CPU_FUSED:
+        return f"{CPU_FUSED} up to {CPU_KERNEL_MAX_TOKENS} tokens a call, {CPU} above"
+    return backend
+
+
 class QuantExpert:
     """One expert of a quantized tier, on the device its buffer is on (same call as DenseExpert). act: the
     family's activation of (gate, up) (None: silu(gate) * up)."""

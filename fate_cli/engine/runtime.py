@@ -104,7 +104,9 @@ class Runtime:
         prefill = prefill_note(self.model)
         if self.offload is None:
             return f"{head}; experts resident at 16 bits; {prefill}; {decode}"
-        backends = ", ".join(sorted(set(self.offload.backends.values())))
+        from quant.kernels import backend_label
+
+        backends = ", ".join(sorted({backend_label(b) for b in self.offload.backends.values()}))
         return f"{head}; policy {self.setup.policy}, expert kernels {backends}; {prefill}; {decode}"
 
     def announce(self, console) -> None:  # noqa: ANN001 - a rich Console on stderr
