@@ -136,3 +136,65 @@ def test_empty_and_word_counts() -> None:
     assert num_words(layout.hidden, 2) == 5 and num_groups(layout.hidden, 32) == 3
     x = torch.randn(1, layout.hidden)
     assert torch.equal(cpu_experts.cpu_moe(x, [], torch.zeros(1, 0)), torch.zeros(1, layout.hidden))
+
+
+# ------------------------------------------------------------------ CPU runs go through the kernels
+
+
+def _run(home, model: str, *extra: str, reference: bool = False) -> dict:
+    import json
+    import os
+
+    from tests.helpers import fate_in_process
+
+    saved = os.environ.get("FATE_CPU_EXPERTS")
+    if reference:
+        os.environ["FATE_CPU_EXPERTS"] = "reference"
+    try:
+        result = fate_in_process("run", model, "the experts run on the CPU", "-n", "24", "--raw", "--temperature",
+                                 "0", "--json", "--device", "cpu", "--policy", "fate", *extra, home=home)
+    finally:
+        if saved is None:
+            os.environ.pop("FATE_CPU_EXPERTS", None)
+        else:
+            os.environ["FATE_CPU_EXPERTS"] = saved
+    assert result.returncode == 0, result.stderr
+    return {"tokens": json.loads(result.stdout)["token_ids"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    """A tiny random qwen3_moe (8 experts, 3 layers) and its tier store."""
+    from fate_cli.engine.stores import quantize_model
+    from quant.store import QuantParams
+    from tests.tiny_models import make_tiny_model
+
+    root = tmp_path_factory.mktemp("cpu-run")
+    model = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3)
+    quantize_model(model, root / "home" / "tiers" / "model", QuantParams(iters=2))
+    return str(model), root / "home"
+
+
+@pytest.mark.parametrize("bits", ["4", "2"])
+def test_tiny_config_tokens_equal_the_reference(tiny_config, bits):
+    """Greedy tokens of a tiered CPU run (hot INT4 or cold INT2 experts) through the kernels equal the reference's."""
+    model, home = tiny_config
+    extra = ("--vram", "1MB", "--transfer-bits", bits)
+    fused, ref = _run(home, model, *extra), _run(home, model, *extra, reference=True)
+    assert fused["tokens"] == ref["tokens"] and len(fused["tokens"]) == 24
+
+
+def test_bundled_model_tokens_equal_the_reference(tmp_path, monkeypatch):
+    """The bundled model `tiny` on the CPU with a budget that caches part of its experts; the describe line
+    names the kernel."""
+    from fate_cli.engine.runtime import open_model
+
+    fused = _run(tmp_path / "home", "tiny", "--vram", "16MB")
+    ref = _run(tmp_path / "home", "tiny", "--vram", "16MB", reference=True)
+    assert fused["tokens"] == ref["tokens"]
+    monkeypatch.setenv("FATE_HOME", str(tmp_path / "home"))
+    line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
+    assert f"experts {cpu_experts.CPU_FUSED} up to 8 tokens a call" in line, line
+    monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
+    line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
+    assert f"experts {cpu_experts.CPU_REFERENCE.split(' (')[0]};" in line, line

@@ -17,7 +17,7 @@ from fate_cli.errors import BadModel, ModelNotFound
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import load_model
 from quant.hqq_quant import quantize_expert, quantize_matrix
-from quant.kernels import CPU, QuantExpert, dequantized_weights, triton_fits
+from quant.kernels import CPU, CPU_FUSED, CPU_KERNEL_MAX_TOKENS, QuantExpert, dequantized_weights, triton_fits
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize, pack_codes, unpack_codes
 from quant.store import QuantParams, TierStore, check_store
@@ -97,18 +97,23 @@ def _random_expert(hidden: int, inter: int, seed: int) -> tuple[torch.Tensor, ..
 def test_cpu_kernel_equals_dequantize_then_matmul(bits, group):
     gate, up, down = _random_expert(128, 96, seed=bits)
     layout, buf = quantize_expert(gate, up, down, bits, group, method="minmax")
-    expert = QuantExpert(buf, layout)
-    assert expert.backend == CPU
+    expert = QuantExpert(buf, layout, backend=CPU)
+    fused = QuantExpert(buf, layout)  # the default on a CPU: the fused kernel, except for INT3 (10 codes a word)
+    assert fused.backend == (CPU if bits == 3 else CPU_FUSED)
     ref = DenseExpert(*dequantized_weights(buf, layout, torch.float32))
-    for tokens in (1, 7):  # decode and a small prefill, fresh inputs each
+    for tokens in (1, 7, CPU_KERNEL_MAX_TOKENS + 1):  # decode, a small prefill and one past the fused kernel's
         x = torch.randn(tokens, 128)
         assert torch.equal(expert(x), ref(x))
         # the same function as float64 dequantize-then-matmul, within float32 rounding
         w64 = [w.double() for w in dequantized_weights(buf, layout, torch.float32)]
         exact = DenseExpert(*w64)(x.double())
         assert _rel(expert(x), exact) < 1e-5
+        assert _rel(fused(x), exact) < 1e-5
+        if tokens > CPU_KERNEL_MAX_TOKENS:  # more tokens: dequantized once, as the reference backend
+            assert torch.equal(fused(x), ref(x))
         # bfloat16 activations: within bfloat16 rounding of the float32 result
         assert _rel(expert(x.bfloat16()).float(), exact) < 2e-2
+        assert _rel(fused(x.bfloat16()).float(), exact) < 2e-2
 
 
 def test_which_banks_fit_the_fused_moe_pass():
@@ -265,9 +270,14 @@ def _dequantized_reference(args, store: TierStore, plan):
     return ResidentExperts(layers)
 
 
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
 @pytest.mark.parametrize("choice", ["hot", "cold", "mixed"])
-def test_greedy_tokens_from_a_tier_match_dequantized_weights(tiny, choice):
+def test_greedy_tokens_from_a_tier_match_dequantized_weights(tiny, choice, kernel, monkeypatch):
+    """The CPU's fused expert kernel and its reference (FATE_CPU_EXPERTS=reference) give the dequantized weights'
+    greedy tokens; the reference's logits are bitwise those, the fused kernel's within float32 rounding."""
     model, store, _ = tiny
+    if kernel == "reference":
+        monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
     ours = load_model(model, provider=tiered_provider(store, model, choice))
     provider = ours.model.layers[0].mlp.provider
     assert isinstance(provider, TieredExperts)
@@ -284,9 +294,13 @@ def test_greedy_tokens_from_a_tier_match_dequantized_weights(tiny, choice):
     with torch.no_grad():
         la = ours.model(torch.tensor([prompt]), cache_a, 0)
         lb = ref.model(torch.tensor([prompt]), cache_b, 0)
-    assert torch.equal(la, lb)
+    if kernel == "reference":
+        assert torch.equal(la, lb)
+    else:
+        assert _rel(la, lb.double()) < 1e-5
     if choice == "hot":
-        assert "INT4 g64 (hot) layers 0-2" in provider.describe() and CPU in provider.describe()
+        assert "INT4 g64 (hot) layers 0-2" in provider.describe()
+        assert (CPU_FUSED if kernel == "fused" else CPU) in provider.describe()
     if choice == "mixed":
         assert provider.describe().startswith("experts: bfloat16 (dense) layer 0, INT4 g64 (hot) layers 1-2")
 
