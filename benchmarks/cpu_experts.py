@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fate_cli.model.threads import use_threads
 from quant import cpu_experts, cpu_kernels
 from quant.layout import ExpertLayout
 from quant.synthetic import random_dense, random_quantized
@@ -176,17 +177,25 @@ def torch_rows(hidden: int, inter: int, tokens: int, pool_mb: int, calls: int) -
     return rows, note
 
 
+_RUNTIMES: dict = {}
+
+
 def decode_rate(model: str, threads: int, tokens: int, vram: str | None) -> str:
-    """A greedy decode on the CPU as `fate run` does it: the runtime's describe line and decode tokens/s."""
+    """A greedy decode on the CPU as `fate run` does it: the runtime's describe line and decode tokens/s (the
+    model is opened once, for the first thread count, and reused)."""
     from fate_cli.engine.generate import Sampler, SamplingParams, generate
     from fate_cli.engine.runtime import open_model
 
-    runtime = open_model(model, device="cpu", policy="fate" if vram else None, vram=vram)
+    if model not in _RUNTIMES:
+        t = time.perf_counter()
+        _RUNTIMES[model] = open_model(model, device="cpu", policy="fate" if vram else None, vram=vram)
+        print(f"opened {model} on the CPU in {time.perf_counter() - t:.1f} s: {_RUNTIMES[model].describe()}")
+    runtime = _RUNTIMES[model]
     prompt = runtime.tokenizer.encode("The expert kernels run on the CPU")
     sampler = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
     generate(runtime.model, prompt, 4, sampler, graphs=runtime.graphs)  # warm-up: compiles, pages in
     stats = generate(runtime.model, prompt, tokens, sampler, graphs=runtime.graphs).stats
-    return (f"{runtime.describe()}\n  {threads} threads: decode {stats.decode_tokens_per_s:.2f} tokens/s "
+    return (f"decode {model} on {threads} threads: {stats.decode_tokens_per_s:.2f} tokens/s "
             f"({stats.generated_tokens} tokens), prefill {stats.prefill_tokens_per_s:.1f} tokens/s")
 
 
@@ -210,8 +219,7 @@ def main() -> None:
     print(f"CPU expert kernels: torch {torch.__version__}, numba {numba_version}, "
           f"{cores} cores, expert {a.hidden}x{a.inter}, {time.strftime('%Y-%m-%d')}")
     for threads in [int(t) for t in a.threads.split(",")]:
-        torch.set_num_threads(threads)
-        cpu_kernels.set_threads(threads)
+        use_threads(threads)  # torch's threads and the CPU expert kernels', as `fate --threads` sets them
         copy_bw, read_bw = bandwidth(a.bw_mb * 2**20)
         print(f"\n## {threads} threads: copy {copy_bw:.1f} GB/s (read+write {2 * copy_bw:.1f}), "
               f"read {read_bw:.1f} GB/s")
@@ -231,6 +239,8 @@ def main() -> None:
                 print(note)
         if a.decode:
             print(decode_rate(a.decode, threads, a.decode_tokens, a.decode_vram))
+    if cpu_kernels.numba:
+        print(f"numba threading layer: {cpu_kernels.numba.threading_layer()}")
 
 
 if __name__ == "__main__":

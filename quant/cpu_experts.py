@@ -53,7 +53,8 @@ def cpu_expert_kernel(layout: ExpertLayout) -> str:
 def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]], weights: torch.Tensor,
             act: ClampedSwiGLU | None = None, threads: int | None = None) -> torch.Tensor:
     """sum over j of weights[:, j] * expert_j(x) for the experts given, computed on the CPU. threads: how many
-    the kernels use (None: as many as torch uses now, which `fate --threads` and fate_cli/model/threads.py set)."""
+    the kernels use (None: one for a call of little work, else those `fate --threads` configured, by default
+    one per core: quant/cpu_kernels.py)."""
     out = torch.zeros(x.shape, dtype=torch.float32)
     if not experts:
         return out.to(x.dtype)
@@ -63,7 +64,8 @@ def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]
     for j, (_, layout) in enumerate(experts):
         by_layout.setdefault(layout, []).append(j)
     if cpu_kernels.available():
-        cpu_kernels.set_threads(threads if threads is not None else torch.get_num_threads())
+        macs = x.shape[0] * sum(3 * layout.hidden * layout.intermediate for _, layout in experts)
+        cpu_kernels.set_threads(threads if threads is not None else cpu_kernels.threads_for(macs))
     for layout, js in by_layout.items():  # a few tiers at most; experts in their given order within each
         if use_kernels(layout):
             _kernel_moe(xf, [experts[j][0] for j in js], layout, w[:, js], act, out)

@@ -39,11 +39,30 @@ def available() -> bool:
     return numba is not None
 
 
-def set_threads(n: int | None) -> int:
-    """Threads the kernels use from this thread on (None: all of numba's); returns the number in force."""
-    if n is not None:
-        numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
-    return numba.get_num_threads()
+_threads: int | None = None  # what `configure_threads` set (None: every thread numba has)
+
+# Multiply-adds of a call below which it runs on one thread: about a tenth of a millisecond of one core's work,
+# where a barrier on a busy machine costs more than the threads gain (fate_cli/model/threads.py says why). A
+# Qwen3-30B-A3B expert is 4.7M multiply-adds a token; the bundled model's 31K.
+SMALL_CALL_MACS = 1 << 22
+
+
+def configure_threads(n: int | None) -> None:
+    """The threads the kernels use for calls large enough to spread (fate's --threads; None: all of numba's)."""
+    global _threads
+    _threads = None if n is None else max(1, min(int(n), max_threads()))
+
+
+def threads_for(macs: int) -> int:
+    return 1 if macs < SMALL_CALL_MACS else (_threads or max_threads())
+
+
+def set_threads(n: int) -> int:
+    """Threads the kernels use from this thread on (numba's setting is per calling thread); -> that number."""
+    n = max(1, min(int(n), max_threads()))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
 
 
 def max_threads() -> int:

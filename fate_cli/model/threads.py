@@ -52,6 +52,9 @@ def use_threads(count: int | None) -> int:
     n = count if count is not None else default_threads()
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    from quant.cpu_kernels import configure_threads
+
+    configure_threads(n)  # the CPU expert kernels' own pool (numba's), for calls large enough to spread
     return n
 
 
