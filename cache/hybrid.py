@@ -31,6 +31,7 @@ from cache.cost_model import Costs, ReuseEstimate, clock_hz, measure_costs, meas
 from cache.host_tier import HostTier
 from cache.offload import LayerSlots, OffloadedExperts
 from cache.slots import SlotPool
+from quant import cpu_kernels
 from quant.cpu_experts import cpu_moe
 from quant.expert_act import ClampedSwiGLU
 from quant.kernels import QuantExpert
@@ -55,16 +56,19 @@ def is_hybrid(policy: str, miss: str) -> bool:
 
 @contextmanager
 def cpu_threads(count: int | None) -> Iterator[None]:
-    """torch's threads set to `count` for the CPU experts' work, then put back."""
+    """torch's threads and the CPU expert kernels' (quant/cpu_kernels.py) set to `count` for the CPU experts'
+    work, then put back."""
     before = torch.get_num_threads()
     if count is None or count == before:
         yield
         return
     torch.set_num_threads(count)
+    kernels_before = cpu_kernels.configure_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(before)
+        cpu_kernels.configure_threads(kernels_before)
 
 
 def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k: int, device: torch.device,

@@ -26,7 +26,7 @@ from fate_cli.errors import BadModel, UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ResidentExperts, dense_expert
 from fate_cli.model.loader import Checkpoint
-from quant.kernels import QuantExpert, select_backend
+from quant.kernels import QuantExpert, backend_label, select_backend
 from quant.store import TierStore
 
 TIER_CHOICES = ("bf16", "hot", "cold", "mixed")
@@ -133,7 +133,7 @@ class TieredExperts(ResidentExperts):
         for label, layers in runs:
             span = f"layer {layers[0]}" if len(layers) == 1 else f"layers {layers[0]}-{layers[-1]}"
             parts.append(f"{label} {span}")
-        backend = ", ".join(sorted(self.backends)) or "torch (dense)"
+        backend = ", ".join(sorted(backend_label(b) for b in self.backends)) or "torch (dense)"
         return f"experts: {', '.join(parts)}; backend {backend}"
 
 

@@ -47,10 +47,12 @@ _threads: int | None = None  # what `configure_threads` set (None: every thread 
 SMALL_CALL_MACS = 1 << 22
 
 
-def configure_threads(n: int | None) -> None:
-    """The threads the kernels use for calls large enough to spread (fate's --threads; None: all of numba's)."""
+def configure_threads(n: int | None) -> int | None:
+    """The threads the kernels use for calls large enough to spread (fate's --threads, --cpu-threads; None: all
+    of numba's); -> the count configured before."""
     global _threads
-    _threads = None if n is None else max(1, min(int(n), max_threads()))
+    before, _threads = _threads, (None if n is None else max(1, min(int(n), max_threads())))
+    return before
 
 
 def threads_for(macs: int) -> int:

@@ -118,7 +118,7 @@ def test_quantize_verify_perplexity_and_a_corrupt_byte(models, monkeypatch, caps
     values = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in rows}
     assert abs(values["hot"] / values["checkpoint (fp32)"] - 1) < 0.05
     assert "2 of " in ppl.stdout and "--full for all" in ppl.stdout and "<!--" not in ppl.stdout
-    assert "backend cpu dequant+matmul" in ppl.stderr
+    assert "backend cpu fused dequant (numba) up to 8 tokens a call, cpu dequant+matmul above" in ppl.stderr
 
     store = default_store_dir(model, str(model))
     manifest = json.loads((store / "manifest.json").read_text())
