@@ -165,3 +165,18 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
         y += biases[1].unsqueeze(1)
     for j in range(n):  # in the experts' given order, as the reference adds them
         out.addcmul_(w[:, j, None], y[j])
+
+
+def dequantize_expert(buf: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized expert's (gate_up [2I, H], down [H, I]) in float32, by the multi-threaded kernel: bitwise
+    quant.packing.dequantize's result."""
+    arena = buf.contiguous().numpy()
+    mats = []
+    for prefix, n_out, k_in in (("gate_up", 2 * layout.intermediate, layout.hidden),
+                                ("down", layout.hidden, layout.intermediate)):
+        out = torch.empty(n_out, k_in, dtype=torch.float32)
+        offsets = tuple(layout.segment(f"{prefix}.{s}").offset for s in ("codes", "scale", "zero"))
+        cpu_kernels.set_threads(cpu_kernels.threads_for(n_out * k_in))
+        cpu_kernels.dequantize(arena, offsets, n_out, k_in, layout.bits, layout.group_size, out.numpy())
+        mats.append(out)
+    return mats[0], mats[1]

@@ -222,3 +222,38 @@ def dense(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offset: int, n_
           bfloat16: bool, x: np.ndarray, active: np.ndarray, out: np.ndarray) -> None:
     """out[e, t, :n_out] = W_e x[xsel[e], t] for the 16-bit matrix [n_out, k_in] at a byte offset of arena[rows[e]]."""
     _dense_kernel(bfloat16)(arena, rows, xsel, offset, n_out, k_in, x, active, out)
+
+
+@functools.cache
+def _dequantize_kernel(bits: int):  # noqa: ANN202
+    cpw = 32 // bits
+    mask = (1 << bits) - 1
+
+    # no fastmath: (q - zero) * scale rounded exactly as the reference rounds it, weight by weight
+    @njit(parallel=True, cache=True)
+    def kernel(buf, off_c, off_s, off_z, n_out, k_in, gs, out):  # noqa: ANN001, ANN202
+        words = (k_in + cpw - 1) // cpw
+        groups = (k_in + gs - 1) // gs
+        codes = buf[off_c: off_c + n_out * words * 4].view(np.int32)
+        scale = buf[off_s: off_s + n_out * groups * 2].view(np.uint16)
+        zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
+        for n in prange(n_out):
+            sz_bits = np.empty(2 * groups, dtype=np.uint32)
+            sz = sz_bits.view(np.float32)
+            _widen_half(scale[n * groups: (n + 1) * groups], sz_bits[:groups])
+            _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
+            row = codes[n * words: (n + 1) * words]
+            dst = out[n]
+            for c in range(k_in):
+                g = c // gs
+                q = np.float32((row[c // cpw] >> np.int32(bits * (c % cpw))) & np.int32(mask))
+                dst[c] = (q - sz[groups + g]) * sz[g]
+
+    return kernel
+
+
+def dequantize(buf: np.ndarray, offsets: tuple[int, int, int], n_out: int, k_in: int, bits: int, group_size: int,
+               out: np.ndarray) -> None:
+    """out [n_out, k_in] float32 = (q - zero) * scale of the quantized matrix at byte offsets (codes, scale, zero)
+    of one expert's buffer: bitwise quant.packing.dequantize's float32 result, multi-threaded over rows."""
+    _dequantize_kernel(bits)(buf, *offsets, n_out, k_in, group_size, out)

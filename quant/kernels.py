@@ -5,9 +5,10 @@ biases read from the buffer (quant/layout.py) and the activation given by the mo
 Backends, chosen per device and tier (`select_backend`, overridable with FATE_QUANT_BACKEND=torch|triton):
 - "cpu fused dequant (numba)": on a CPU, for up to CPU_KERNEL_MAX_TOKENS tokens (decode), the CPU expert
   kernels of quant/cpu_kernels.py through quant/cpu_experts.cpu_moe, straight from the packed buffer (equal to
-  the dequantize-then-matmul below within float32 rounding); more tokens (prefill) take the path below, which
-  dequantizes once for all of them. Where numba is missing, the tier does not fit the kernels (INT3) or
-  FATE_CPU_EXPERTS=reference, "cpu dequant+matmul" instead.
+  the dequantize-then-matmul below within float32 rounding); more tokens (prefill) take the path below, with
+  the weights dequantized once for all of them by cpu_kernels' multi-threaded dequantize (bitwise the
+  reference's). Where numba is missing, the tier does not fit the kernels (INT3) or FATE_CPU_EXPERTS=reference,
+  "cpu dequant+matmul" instead.
 - "cpu dequant+matmul": on a CPU, dequantize gate_up and down with the plain-torch reference
   (quant.packing.dequantize: float32 (q - zero) * scale, cast to the compute dtype) at every call, then
   three F.linear, exactly as DenseExpert would on those weights. Nothing is cached: memory holds only
@@ -88,15 +89,18 @@ class QuantExpert:
             return expert_ffn(x, self.gate_up, self.down, self.biases, self.act)
         if self.backend == CPU_FUSED and x.shape[0] <= CPU_KERNEL_MAX_TOKENS:
             return cpu_experts.cpu_moe(x, [(self.buf, self.layout)], self._ones(x.shape[0]), self.act)
+        if self.backend == CPU_FUSED:  # the same weights as dequantize's, made by the multi-threaded kernel
+            w, w_down = (m.to(x.dtype) for m in cpu_experts.dequantize_expert(self.buf, self.layout))
+        else:
+            w, w_down = dequantize(self.gate_up, x.dtype), dequantize(self.down, x.dtype)
         i = self.layout.intermediate
-        w = dequantize(self.gate_up, x.dtype)
         if self.biases is None and self.act is None:
-            return F.linear(F.silu(F.linear(x, w[:i])) * F.linear(x, w[i:]), dequantize(self.down, x.dtype))
+            return F.linear(F.silu(F.linear(x, w[:i])) * F.linear(x, w[i:]), w_down)
         # as DenseExpert computes it from the dequantized weights and the biases in x's dtype
         b_gu, b_d = (None, None) if self.biases is None else (b.to(x.dtype) for b in self.biases)
         g = F.linear(x, w[:i], None if b_gu is None else b_gu[:i])
         u = F.linear(x, w[i:], None if b_gu is None else b_gu[i:])
-        return F.linear(activate(g, u, self.act), dequantize(self.down, x.dtype), b_d)
+        return F.linear(activate(g, u, self.act), w_down, b_d)
 
     @staticmethod
     def _ones(tokens: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ def random_expert(layout: ExpertLayout, gen: torch.Generator) -> torch.Tensor:
                                             ).to(torch.int32)
         elif seg.name.endswith(".scale"):
             parts[seg.name] = (torch.rand(seg.shape, generator=gen) * 0.02 + 1e-3).half()
+            parts[seg.name][0, 0] = 3e-6  # a float16 subnormal: widened exactly
         elif seg.name.endswith(".zero"):
             parts[seg.name] = (torch.rand(seg.shape, generator=gen) * (2**layout.bits - 1)).half()
         else:  # dense weights, biases
@@ -198,3 +199,23 @@ def test_bundled_model_tokens_equal_the_reference(tmp_path, monkeypatch):
     monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
     line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
     assert f"expert kernels {kernels.CPU};" in line, line
+
+
+@pytest.mark.parametrize("name", ["int4-g64", "int2-g32", "int8-g64", "int4-g64-short-group", "int2-g32-short-word"])
+def test_dequantize_kernel_is_bitwise_the_reference(name):
+    """The multi-threaded dequantization a prefill uses gives packing.dequantize's float32 weights exactly, a
+    subnormal scale included (under flush-to-zero, as CPU runs set it)."""
+    from quant.packing import dequantize
+
+    layout = LAYOUTS[name]
+    buf = host_tier(layout, 1, seed=7)[0]
+    scale = layout.views(buf)["gate_up.scale"]
+    scale[0, 0] = 3e-6  # a float16 subnormal
+    ref_gu, ref_d = (dequantize(m) for m in layout.packed(buf))  # float32 math: the subnormal scale is exact
+    torch.set_flush_denormal(True)
+    try:
+        gate_up, down = cpu_experts.dequantize_expert(buf, layout)
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(gate_up, ref_gu) and torch.equal(down, ref_d)
+    assert ref_gu[0, :layout.group_size].abs().max() > 0  # the group with the subnormal scale is not all zero
