@@ -180,7 +180,7 @@ def torch_rows(hidden: int, inter: int, tokens: int, pool_mb: int, calls: int) -
 _RUNTIMES: dict = {}
 
 
-def decode_rate(model: str, threads: int, tokens: int, vram: str | None) -> str:
+def decode_rate(model: str, threads: int, tokens: int, vram: str | None, dtype: str | None = None) -> str:
     """A greedy decode on the CPU as `fate run` does it: the runtime's describe line and decode tokens/s (the
     model is opened once, for the first thread count, and reused)."""
     from fate_cli.engine.generate import Sampler, SamplingParams, generate
@@ -188,7 +188,7 @@ def decode_rate(model: str, threads: int, tokens: int, vram: str | None) -> str:
 
     if model not in _RUNTIMES:
         t = time.perf_counter()
-        _RUNTIMES[model] = open_model(model, device="cpu", policy="fate" if vram else None, vram=vram)
+        _RUNTIMES[model] = open_model(model, device="cpu", dtype=dtype, policy="fate" if vram else None, vram=vram)
         print(f"opened {model} on the CPU in {time.perf_counter() - t:.1f} s: {_RUNTIMES[model].describe()}")
     runtime = _RUNTIMES[model]
     prompt = runtime.tokenizer.encode("The expert kernels run on the CPU")
@@ -214,6 +214,7 @@ def main() -> None:
     p.add_argument("--decode", default="", help="also decode this model on the CPU, e.g. synthetic:olmoe-1b-7b")
     p.add_argument("--decode-vram", default=None, help="with --decode: --vram of the run (tiered experts)")
     p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--decode-dtype", default=None, help="with --decode: --dtype of the run (default float32)")
     a = p.parse_args()
     numba_version = cpu_kernels.numba.__version__ if cpu_kernels.numba else "-"
     print(f"CPU expert kernels: torch {torch.__version__}, numba {numba_version}, "
@@ -238,7 +239,7 @@ def main() -> None:
             if note:
                 print(note)
         if a.decode:
-            print(decode_rate(a.decode, threads, a.decode_tokens, a.decode_vram))
+            print(decode_rate(a.decode, threads, a.decode_tokens, a.decode_vram, a.decode_dtype))
     if cpu_kernels.numba:
         print(f"numba threading layer: {cpu_kernels.numba.threading_layer()}")
 
