@@ -142,7 +142,11 @@ def test_empty_and_word_counts() -> None:
 # ------------------------------------------------------------------ CPU runs go through the kernels
 
 
-def _run(home, model: str, *extra: str, reference: bool = False) -> dict:
+PROMPT = "What is a kludge? Say it in a few plain words, with one example from computing."  # > 8 tokens
+
+
+def _run(home, model: str, *extra: str, reference: bool = False) -> list[int]:
+    """Greedy token ids of `fate run --device cpu --policy fate` (FATE_CPU_EXPERTS=reference: the reference)."""
     import json
     import os
 
@@ -152,15 +156,15 @@ def _run(home, model: str, *extra: str, reference: bool = False) -> dict:
     if reference:
         os.environ["FATE_CPU_EXPERTS"] = "reference"
     try:
-        result = fate_in_process("run", model, "the experts run on the CPU", "-n", "24", "--raw", "--temperature",
-                                 "0", "--json", "--device", "cpu", "--policy", "fate", *extra, home=home)
+        result = fate_in_process("run", model, PROMPT, "-n", "24", "--raw", "--temperature", "0", "--json",
+                                 "--device", "cpu", "--policy", "fate", *extra, home=home)
     finally:
         if saved is None:
             os.environ.pop("FATE_CPU_EXPERTS", None)
         else:
             os.environ["FATE_CPU_EXPERTS"] = saved
     assert result.returncode == 0, result.stderr
-    return {"tokens": json.loads(result.stdout)["token_ids"]}
+    return json.loads(result.stdout)["token_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -178,22 +182,27 @@ def tiny_config(tmp_path_factory):
 
 @pytest.mark.parametrize("bits", ["4", "2"])
 def test_tiny_config_tokens_equal_the_reference(tiny_config, bits):
-    """Greedy tokens of a tiered CPU run (hot INT4 or cold INT2 experts) through the kernels equal the reference's."""
+    """Greedy tokens of a tiered CPU run, every expert at one tier (hot INT4 or cold INT2), misses moved into the
+    cache (QuantExpert) or computed from the host tier (cpu_moe): through the kernels, equal to the reference's.
+    One tier, so the miss path changes no expert's precision and all four runs agree."""
     model, home = tiny_config
-    extra = ("--vram", "1MB", "--transfer-bits", bits)
-    fused, ref = _run(home, model, *extra), _run(home, model, *extra, reference=True)
-    assert fused["tokens"] == ref["tokens"] and len(fused["tokens"]) == 24
+    runs = {(miss, ref): _run(home, model, "--vram", "1MB", "--transfer-bits", bits, "--miss", miss, reference=ref)
+            for miss in ("link", "cpu") for ref in (False, True)}
+    first = runs[("link", True)]
+    assert len(first) > 4 and all(tokens == first for tokens in runs.values()), runs
 
 
 def test_bundled_model_tokens_equal_the_reference(tmp_path, monkeypatch):
-    """The bundled model `tiny` on the CPU with a budget that caches part of its experts; the describe line
-    names the kernel."""
+    """The bundled model `tiny` on the CPU with a budget that caches part of its experts (misses moved, and
+    computed on the CPU); the describe line names the kernel."""
     from fate_cli.engine.runtime import open_model
 
-    fused = _run(tmp_path / "home", "tiny", "--vram", "16MB")
-    ref = _run(tmp_path / "home", "tiny", "--vram", "16MB", reference=True)
-    assert fused["tokens"] == ref["tokens"]
-    monkeypatch.setenv("FATE_HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    runs = {(miss, ref): _run(home, "tiny", "--vram", "16MB", "--transfer-bits", "4", "--miss", miss, reference=ref)
+            for miss in ("link", "cpu") for ref in (False, True)}
+    first = runs[("link", True)]
+    assert len(first) > 4 and all(tokens == first for tokens in runs.values()), runs
+    monkeypatch.setenv("FATE_HOME", str(home))
     line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
     assert f"expert kernels {cpu_experts.CPU_FUSED} up to 8 tokens a call" in line, line
     monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
