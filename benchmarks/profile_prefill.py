@@ -13,21 +13,10 @@ import argparse
 import time
 
 import torch
+from bench_decode import copy_bandwidth  # this folder is on the path of a script run from it
 
 from fate_cli.bench import open_target
 from fate_cli.synthetic import synthetic_args
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * nbytes * reps / (time.perf_counter() - start)
 
 
 def main() -> None:

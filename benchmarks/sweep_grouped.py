@@ -14,6 +14,7 @@ import itertools
 import time
 
 import torch
+from bench_decode import copy_bandwidth  # this folder is on the path of a script run from it
 
 from quant.grouped import grouped_ffn, packed_config
 from quant.layout import ExpertLayout
@@ -29,13 +30,6 @@ def timed(fn, reps: int = 20) -> float:  # noqa: ANN001 - a callable
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - start) / reps
-
-
-def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Bytes per second of a device-to-device copy, the read and the write counted."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / timed(lambda: dst.copy_(src), 10)
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from fate_cli.errors import BadModel
 from fate_cli.model.loader import Checkpoint, load_args, load_model
 from quant.gpt_oss_experts import dequantize_mxfp4, quantize_mxfp4
 from quant.source import SourceReader
-from tests.tiny_gpt_oss import make_tiny_gpt_oss
+from tests.tiny_gpt_oss import make_tiny_gpt_oss, reference_tokens
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -25,14 +25,6 @@ PROMPTS = [[5, 9, 14, 3, 27, 8, 11, 40, 41, 7, 99, 12, 60], [17, 4, 4, 80], [3, 
 
 def greedy() -> Sampler:
     return Sampler(SamplingParams(temperature=0.0), CPU)
-
-
-def reference_tokens(ref, prompt: list[int], n: int = 20) -> list[int]:  # noqa: ANN001
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from fate_cli.model.loader import load_args, load_model
 from fate_cli.tokenizer import Message
 from quant.store import QuantParams
 from tests.test_scheduler import run_all
-from tests.tiny_gpt_oss import make_tiny_gpt_oss
+from tests.tiny_gpt_oss import make_tiny_gpt_oss, reference_tokens
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
@@ -34,14 +34,6 @@ PROMPTS = [LONG, [17, 4, 4, 80], [3, 1, 33, 90, 21, 22, 23, 24, 25, 26, 5, 9, 14
 
 def greedy() -> Sampler:
     return Sampler(SamplingParams(temperature=0.0), CPU)
-
-
-def reference_tokens(ref, prompt: list[int], n: int = 20) -> list[int]:  # noqa: ANN001
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, eos_token_id=None, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tests.tiny_models import CHATML_TEMPLATE, train_tokenizer
 
 FIELDS: dict[str, Any] = {
@@ -108,3 +110,12 @@ def make_tiny_gpt_oss(dir, mxfp4: bool = False, seed: int = 0, **overrides) -> P
     _write_json(path / "config.json", cfg)
     _tokenizer_files(path)
     return path
+
+
+def reference_tokens(ref, prompt: list[int], n: int = 20) -> list[int]:  # noqa: ANN001 - a transformers model
+    """transformers' greedy continuation of `prompt`, n tokens, no end-of-sequence stop."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
