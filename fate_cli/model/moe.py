@@ -72,12 +72,11 @@ class MoEBlock(nn.Module):
             return routed
         return routed + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
-    def grouped(self, x: torch.Tensor, used: int | None) -> str | None:
-        """The grouped path that computes this layer's experts for x at once, or None (a loop over them): a step
-        of several tokens whose routed experts (`used` of them; None: not counted yet) all fit the provider's
-        bank together."""
+    def grouped(self, x: torch.Tensor, used: int) -> str | None:
+        """The grouped path that computes this layer's `used` routed experts for x at once, or None (a loop over
+        them): a step of several tokens whose routed experts all fit the provider's bank together."""
         p = self.provider
-        if x.shape[0] < GROUPED_MIN_TOKENS or not p.fused or (used is not None and not p.fits_step(used)):
+        if x.shape[0] < GROUPED_MIN_TOKENS or not p.fused or not p.fits_step(used):
             return None
         return grouped_backend(x, p.bank(self.layer))
 
@@ -86,8 +85,7 @@ class MoEBlock(nn.Module):
         of the layer in one grouped pass where the provider's bank can hold them all at once (quant/grouped.py),
         else expert by expert as the provider serves them. A layer whose bank holds every expert and whose
         provider needs no routing (`needs_host`) never shows the host its routing: no synchronisation."""
-        if not self.provider.needs_host(self.layer) and self.provider.fits_step(self.num_experts) \
-                and self.grouped(x, None):
+        if not self.provider.needs_host(self.layer) and self.grouped(x, self.num_experts):
             return grouped_ffn(x, weights, ids, self.provider.bank(self.layer))
         flat_ids = ids.flatten()
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
