@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from quant.layout import DTYPES
 from quant.moe_kernels import Bank, DenseBank, PackedBank
-from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, tier_fits
+from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, tier_fits, whole_group_tile
 
 GROUPED_DENSE = "grouped GEMM (torch)"
 GROUPED_PACKED = "grouped fused-dequant GEMM (triton)"
@@ -63,13 +63,8 @@ def _packed_fits(x: torch.Tensor, bank: PackedBank) -> bool:
     if not (x.is_cuda and available()) or bank.buf.stride(0) % 4:
         return False
     return all(lay.kind == "quantized" and tier_fits(lay.bits, lay.group_size, lay.hidden, lay.intermediate)
-               and _block_k(lay.hidden, lay.group_size) and _block_k(lay.intermediate, lay.group_size)
+               and whole_group_tile(lay.hidden, lay.group_size) and whole_group_tile(lay.intermediate, lay.group_size)
                for lay in bank.layouts)
-
-
-def _block_k(k: int, group: int) -> int:
-    """The widest K tile of 128/64/32 columns that divides K in whole groups (0: none)."""
-    return next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), 0)
 
 
 def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank: Bank,
@@ -178,7 +173,7 @@ def _launch(bank: PackedBank, x: torch.Tensor, src: torch.Tensor, block_expert: 
         gate_up, down = lay.packed(bank.buf[0, : lay.nbytes])
         w = gate_up if matrix == "gate_up" else down
         n, k = w.shape
-        block_k = _block_k(k, w.group_size)
+        block_k = whole_group_tile(k, w.group_size)
         block_n = min(config["BLOCK_N"], triton.next_power_of_2(n))
         grid = (block_expert.numel(), triton.cdiv(n, block_n))
         _grouped_kernel[grid](

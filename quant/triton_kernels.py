@@ -526,13 +526,18 @@ def dequant(w: PackedMatrix, dtype: torch.dtype = torch.bfloat16, out: torch.Ten
     return out
 
 
+def whole_group_tile(k: int, group: int) -> int:
+    """The widest K tile of 128/64/32 columns that divides K in whole groups of `group` (0: none does)."""
+    return next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), 0)
+
+
 def gemm_config(rows: int, n: int, k: int, group: int, sms: int = 132) -> dict:
     """Tiles of the fused GEMM for `rows` rows of x, from the H100 sweep (benchmarks/sweep_gemm.py, quant/README.md).
     Up to 64 rows the W tile is the product's wide operand (SWAP) and x's rows its narrow one, and up to 128
     rows of a wide matrix (Mixtral's gate|up) too; more rows take 128 x 128 tiles, or 64 x 64 where those would
     leave most of the `sms` multiprocessors idle."""
     # the widest of 128/64/32 that divides K in whole groups (the bundled model's K=160 takes 32), else a group
-    block_k = next((b for b in (128, 64, 32) if k % b == 0 and b % group == 0), group)
+    block_k = whole_group_tile(k, group) or group
     if rows <= 16:
         return {"BLOCK_M": 16, "BLOCK_N": 128 if n >= 16384 else 64, "BLOCK_K": block_k, "SWAP": True,
                 "num_warps": 4, "num_stages": 4}
