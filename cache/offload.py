@@ -27,7 +27,7 @@ from cache.planner import Plan
 from cache.policies import Policy, Prefetch
 from cache.slots import SlotPool
 from cache.stats import CacheStats
-from fate_cli.model.experts import ExpertFn, ExpertProvider, dense_expert, stack_experts
+from fate_cli.model.experts import ExpertFn, ExpertProvider, stack_experts, store_layer_experts
 from quant.expert_act import ClampedSwiGLU
 from quant.kernels import QuantExpert, select_backend
 from quant.moe_kernels import Bank, PackedBank
@@ -110,9 +110,7 @@ class OffloadedExperts(ExpertProvider):
         self.host = host or HostTier(store, cached, ctx.num_experts, tiers, device.type == "cuda", ram_limit)
         self.full: dict[int, list[ExpertFn]] = {}
         for layer in plan.full_layers:
-            lay = self.layouts["dense"]
-            self.full[layer] = [dense_expert(store.read("dense", layer, e).to(device), lay, dtype, act)
-                                for e in range(ctx.num_experts)]
+            self.full[layer] = store_layer_experts(store, layer, ctx.num_experts, device, dtype, act)
         slots = {layer: plan.slots[layer] for layer in cached}
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n), ctx.num_experts, device)

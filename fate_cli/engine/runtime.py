@@ -13,7 +13,7 @@ from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.profile import offline_miss_curves
 from fate_cli.engine.stores import open_store
 from fate_cli.errors import UsageError
-from fate_cli.model.experts import ExpertProvider, ResidentExperts, dense_expert
+from fate_cli.model.experts import ExpertProvider, ResidentExperts, store_layer_experts
 from fate_cli.model.loader import LoadedModel, Weights, checked_args, load_resident_experts, load_weights
 from fate_cli.model.moe import GROUPED_MIN_TOKENS
 from fate_cli.registry import ResolvedModel, resolve
@@ -235,11 +235,8 @@ def store_dense_experts(store: TierStore, num_experts: int, moe_layers: Sequence
                         dtype: torch.dtype, act: ClampedSwiGLU | None = None) -> ResidentExperts:
     """Every expert at 16 bits from a store's dense tier (with its biases, where the layout has them): a synthetic
     model's stand-in for checkpoint experts. act: the model's expert activation (ModelArgs.expert_act)."""
-    lay = store.tiers["dense"].layout
-    return ResidentExperts({
-        layer: [dense_expert(store.read("dense", layer, e).to(device), lay, dtype, act) for e in range(num_experts)]
-        for layer in moe_layers
-    })
+    return ResidentExperts({layer: store_layer_experts(store, layer, num_experts, device, dtype, act)
+                            for layer in moe_layers})
 
 
 def _open(name: str | None, device: str | None, dtype: str | None, policy: str | None, vram: str | None,

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from quant.expert_act import ClampedSwiGLU
     from quant.layout import ExpertLayout
     from quant.moe_kernels import Bank, DenseBank
+    from quant.store import TierStore
 
 ExpertFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -137,6 +138,13 @@ def dense_expert(buf: torch.Tensor, layout: ExpertLayout, dtype: torch.dtype,
     from quant.kernels import dense_weights, expert_biases
 
     return DenseExpert(*dense_weights(buf, layout, dtype), biases=expert_biases(buf, layout, dtype), act=act)
+
+
+def store_layer_experts(store: TierStore, layer: int, num_experts: int, device: torch.device | str,
+                        dtype: torch.dtype, act: ClampedSwiGLU | None = None) -> list[DenseExpert]:
+    """Layer `layer`'s experts from a tier store's 16-bit tier, on `device` in `dtype`."""
+    lay = store.tiers["dense"].layout
+    return [dense_expert(store.read("dense", layer, e).to(device), lay, dtype, act) for e in range(num_experts)]
 
 
 def stack_experts(experts: list[DenseExpert]) -> DenseBank:
