@@ -79,6 +79,9 @@ def fate_rows(hidden: int, inter: int, tokens: int, pool_mb: int, calls: int, ti
         "int8-g64": ExpertLayout.quantized(hidden, inter, 8, 64),
         "bf16": ExpertLayout.dense(hidden, inter, "bfloat16"),
     }
+    unknown = sorted(set(tiers) - set(layouts))
+    if unknown:
+        raise SystemExit(f"error: unknown --tiers {', '.join(unknown)}; choose from {', '.join(layouts)}")
     rows = []
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, hidden, generator=gen)
