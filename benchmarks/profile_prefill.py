@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="also list where one prefill makes the host wait for the GPU (file:line, count)")
     args = parser.parse_args()
     device = torch.device("cuda")
     name = f"synthetic:{args.shape}"
@@ -68,6 +70,27 @@ def main() -> None:
         prefill()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top, max_name_column_width=60))
+    if args.sync_debug:
+        print_syncs(prefill)
+
+
+def print_syncs(prefill) -> None:  # noqa: ANN001
+    """Each place one prefill synchronises with the GPU (torch's sync debug mode), by source line."""
+    import collections
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prefill()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    print(f"host synchronisations in one prefill: {sum(where.values())}")
+    for place, count in where.most_common():
+        print(f"  {count:5d}  {place}")
 
 
 if __name__ == "__main__":

@@ -133,7 +133,7 @@ def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torc
     blocks = triton.cdiv(pairs, block_m) + num_experts  # an upper bound: no host read of the counts
     starts = torch.arange(blocks, device=x.device) * block_m
     block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
-    block_expert[block_expert >= num_experts] = -1
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)  # a mask assignment would sync
     src = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=x.device)
     src[position] = rows.to(torch.int32)
     inter, hidden = bank.intermediate, x.shape[1]
