@@ -35,7 +35,7 @@ def main() -> None:
     hot = target.store.tiers["hot"].layout.nbytes
     for label, budget in parse_budgets("25%,50%,75%", target.footprint):
         for policy in args.policy.split(","):
-            session = target.session(policy, budget)
+            session = target.session(policy, budget, miss="link")  # every miss a load, as MIN counts them
             offload = session.offload
             prefill = decode = 0.0
             hits = misses = loads = prefetches = 0
