@@ -15,6 +15,7 @@ replays the layer's kernels, then `finish(l)`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 
@@ -34,6 +35,7 @@ from quant.moe_kernels import Bank, PackedBank
 from quant.store import TierStore
 
 TIER_CODES = {"hot": 0, "cold": 1}  # the tier row of a device table
+WAVE_RING = 8  # staged wave tables in flight: the host runs at most this many waves ahead of the device
 
 
 class LayerSlots:
@@ -123,6 +125,9 @@ class OffloadedExperts(ExpertProvider):
         self.layer_times: LayerTimes | None = None  # measured for a pipelining policy's groups, once
         self.last_groups: list[list[int]] = []
         self.routing: RoutingLog | None = None  # set to record the routing the slots serve (a bench's floor)
+        self._wave_ring: list[tuple[torch.Tensor, torch.cuda.Event | None]] | None = None
+        self._wave_tables: list[torch.Tensor] = []
+        self._wave_next = 0
         if policy.name == "resident":
             for layer in cached:
                 for e in range(ctx.num_experts):
@@ -255,6 +260,60 @@ class OffloadedExperts(ExpertProvider):
         self._in_use = []
         if not self.policy.keep_after_layer:
             self.layers[layer].clear()
+
+    def waves(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Iterator[Bank]:
+        """`experts`' bookkeeping, then the layer's routed experts in waves through its slots (WAVE_RING pinned
+        tables staged in turn): first those already in place (hits, and misses admitted into free room), then the
+        rest, half the layer's slots a wave, so one half fills while the other's kernels run. A layer held whole
+        is one wave of its stacked experts."""
+        admitted = self._take_routing(layer, list(ids), list(token_counts))
+        if admitted is None:
+            return iter([self.bank(layer)])
+        return self._waves(layer, *admitted)
+
+    def _waves(self, layer: int, order: list[int], pinned: set[int], tier: str) -> Iterator[Bank]:
+        state = self.layers[layer]
+        placed = [e for e in order if e in state.slot_of]
+        rest = [e for e in order if e not in state.slot_of]
+        width = max(1, state.capacity // 2)
+        for wave in ([placed] if placed else []) + [rest[i : i + width] for i in range(0, len(rest), width)]:
+            for e in wave:
+                if e not in state.slot_of:
+                    self._load(layer, e, tier, pinned)
+            slots = [state.slot_of[e] for e in wave]
+            for slot in slots:
+                self.pool.wait_ready(layer, slot)
+            yield self._wave_bank(layer, wave)
+            for slot in slots:  # the wave's kernels are queued: a later copy into these slots waits for them
+                self.pool.release(layer, slot)
+            pinned.difference_update(wave)
+        if not self.policy.keep_after_layer:
+            state.clear()
+
+    def _wave_bank(self, layer: int, wave: list[int]) -> PackedBank:
+        """The layer's bank with a table naming only the wave's experts. The table is staged through a ring of
+        pinned buffers: the host fills the next while earlier copies may still be queued, and waits only when the
+        device is WAVE_RING waves behind."""
+        state = self.layers[layer]
+        if self._wave_ring is None:
+            cuda = self.pool.cuda
+            self._wave_ring = [(torch.full((2, self.num_experts), -1, dtype=torch.int32, pin_memory=cuda),
+                                torch.cuda.Event() if cuda else None) for _ in range(WAVE_RING)]
+            self._wave_tables = [torch.empty((2, self.num_experts), dtype=torch.int32, device=self.device)
+                                 for _ in range(WAVE_RING)]
+        i = self._wave_next = (self._wave_next + 1) % WAVE_RING
+        staged, copied = self._wave_ring[i]
+        if copied is not None:
+            copied.synchronize()
+        staged.fill_(-1)
+        experts = torch.tensor(wave, dtype=torch.long)
+        staged[0, experts] = torch.tensor([state.slot_of[e] for e in wave], dtype=torch.int32)
+        staged[1, experts] = torch.tensor([TIER_CODES.get(state.tier_of[e], 0) for e in wave], dtype=torch.int32)
+        table = self._wave_tables[i]
+        table.copy_(staged, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        return dataclasses.replace(self.bank(layer), table=table)
 
     # ---- slots ------------------------------------------------------------------------------------
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from quant.kernels import QuantExpert
 from quant.layout import DTYPES
 from quant.moe_kernels import Bank, DenseBank, PackedBank
 from quant.triton_kernels import F32_TWO_23, HAVE_TRITON, available, tier_fits, whole_group_tile
 
 GROUPED_DENSE = "grouped GEMM (torch)"
 GROUPED_PACKED = "grouped fused-dequant GEMM (triton)"
+BY_EXPERT = "expert by expert (CPU)"
 _grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -36,6 +38,14 @@ def grouped_backend(x: torch.Tensor, bank: Bank) -> str | None:
     if isinstance(bank, DenseBank):
         return GROUPED_DENSE if _dense_fits(x, bank) else None
     return GROUPED_PACKED if _packed_fits(x, bank) else None
+
+
+def waves_backend(x: torch.Tensor, bank: Bank) -> str | None:
+    """The path `GroupedPass` takes for a step whose experts pass through a cache's slots in waves: the grouped
+    kernel on CUDA; on the CPU the wave's experts one by one (the loop's products, in the same order)."""
+    if isinstance(bank, PackedBank) and not x.is_cuda:
+        return BY_EXPERT
+    return grouped_backend(x, bank)
 
 
 def why_not_grouped(x: torch.Tensor, bank: Bank) -> str:
@@ -71,18 +81,54 @@ def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, bank:
                 config: dict | None = None) -> torch.Tensor:
     """sum over each token's k routed experts of weight * expert(x): x [T, H], weights/ids [T, k] -> [T, H].
     config: the Triton tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) in place of `packed_config`'s."""
-    tokens, k = ids.shape
-    num_experts = bank.table.shape[1]
-    flat = ids.reshape(-1)
-    experts, order = torch.sort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=num_experts)
-    rows = order // k  # the token of each sorted pair
-    if isinstance(bank, DenseBank):
-        y = _dense(x, bank, rows, experts, torch.cumsum(counts, 0, dtype=torch.int32))
-    else:
-        y = _packed(x, bank, rows, experts, counts, config or packed_config(rows.numel(), counts.numel()))
-    y = (y.float() * weights.reshape(-1)[order, None].float()).to(x.dtype)
-    return _combine(y, order, ids)
+    step = GroupedPass(x, weights, ids, bank.table.shape[1], config)
+    step.run(bank)
+    return step.result()
+
+
+class GroupedPass:
+    """One layer's (token, choice) pairs sorted by expert once; then the products of the experts a bank has a
+    slot for, once (every routed expert in the bank) or once per wave (an offloaded prefill refilling a few
+    slots while the last wave computes: each `run` fills the rows of its experts' pairs, the others keep what
+    an earlier wave put there); then the weighted sum per token.
+
+    A pair's product is the same whatever wave computes it (the same tiles over the same weights), so waves give
+    the bits of one pass over every expert."""
+
+    def __init__(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int,
+                 config: dict | None = None):
+        self.x, self.weights, self.ids = x, weights, ids
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        self.experts, self.order = torch.sort(flat, stable=True)
+        self.counts = torch.bincount(flat, minlength=num_experts)
+        self.rows = self.order // k  # the token of each sorted pair
+        self.config = config or packed_config(self.rows.numel(), num_experts)
+        self.y: torch.Tensor | None = None  # [P, H]: each sorted pair's expert output, once computed
+        self._layout: _PaddedRows | None = None
+
+    def run(self, bank: Bank) -> None:
+        """The products of the pairs whose expert has a slot in the bank's table."""
+        if isinstance(bank, DenseBank):  # a layer's stacked 16-bit experts: every expert, one pass
+            self.y = _dense(self.x, bank, self.rows, self.experts, torch.cumsum(self.counts, 0, dtype=torch.int32))
+            return
+        if not self.x.is_cuda:
+            y = _by_expert(self.x, bank, self.rows, self.counts)
+        else:
+            if self._layout is None:
+                self._layout = _PaddedRows(self.rows, self.experts, self.counts, self.config["BLOCK_M"])
+            y = _packed(self.x, bank, self.experts, self._layout, self.config)
+        # pairs of experts without a slot (a later wave's, or the host's) keep what they hold, zero at first
+        have = bank.table[0][self.experts] >= 0
+        self.y = torch.where(have[:, None], y, 0.0 if self.y is None else self.y)
+
+    def result(self) -> torch.Tensor:
+        """Each token's k expert outputs, scaled by their routing weights, summed in ascending expert order (zero
+        where no wave ran: the host computes every expert of the step)."""
+        if self.y is None:
+            return torch.zeros_like(self.x)
+        y = (self.y.float() * self.weights.reshape(-1)[self.order, None].float()).to(self.x.dtype)
+        return _combine(y, self.order, self.ids)
 
 
 def _combine(y: torch.Tensor, order: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -120,34 +166,56 @@ def packed_config(pairs: int, num_experts: int) -> dict:
     return {"BLOCK_M": block_m, "BLOCK_N": 128, "num_warps": 4, "num_stages": 3}
 
 
-def _packed(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, experts: torch.Tensor,
-            counts: torch.Tensor, config: dict) -> torch.Tensor:
-    """The sorted pairs' expert outputs [P, H] through the Triton grouped GEMM, per tier and matrix."""
-    pairs, num_experts = rows.numel(), counts.numel()
-    block_m = config["BLOCK_M"]
-    padded = (counts + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    first = torch.cumsum(counts, 0) - counts  # each expert's first sorted pair
-    rank = torch.arange(pairs, device=x.device) - first[experts]
-    position = (ends - padded)[experts] + rank  # each sorted pair's padded row
-    blocks = triton.cdiv(pairs, block_m) + num_experts  # an upper bound: no host read of the counts
-    starts = torch.arange(blocks, device=x.device) * block_m
-    block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1)  # a mask assignment would sync
-    src = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=x.device)
-    src[position] = rows.to(torch.int32)
-    inter, hidden = bank.intermediate, x.shape[1]
-    h = torch.zeros(blocks * block_m, 2 * inter, device=x.device, dtype=x.dtype)  # padding rows stay zero
-    _launch(bank, x.contiguous(), src, block_expert, h, "gate_up", config)
+class _PaddedRows:
+    """The sorted pairs laid out for the Triton grouped GEMM, computed on the device without a host read: each
+    expert's rows padded to whole BLOCK_M tiles, the expert of each tile, the source row of each padded row."""
+
+    def __init__(self, rows: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, block_m: int):
+        pairs, num_experts, device = rows.numel(), counts.numel(), rows.device
+        padded = (counts + block_m - 1) // block_m * block_m
+        ends = torch.cumsum(padded, 0)
+        first = torch.cumsum(counts, 0) - counts  # each expert's first sorted pair
+        rank = torch.arange(pairs, device=device) - first[experts]
+        self.position = (ends - padded)[experts] + rank  # each sorted pair's padded row
+        blocks = triton.cdiv(pairs, block_m) + num_experts  # an upper bound: no host read of the counts
+        starts = torch.arange(blocks, device=device) * block_m
+        block_expert = torch.searchsorted(ends, starts, right=True).to(torch.int32)
+        self.block_expert = torch.where(block_expert < num_experts, block_expert, -1)  # a mask assignment syncs
+        self.src = torch.full((blocks * block_m,), -1, dtype=torch.int32, device=device)
+        self.src[self.position] = rows.to(torch.int32)
+        self.own = torch.where(self.src >= 0, torch.arange(self.src.numel(), device=device, dtype=torch.int32), -1)
+
+
+def _packed(x: torch.Tensor, bank: PackedBank, experts: torch.Tensor, rows: _PaddedRows,
+            config: dict) -> torch.Tensor:
+    """The sorted pairs' expert outputs [P, H] through the Triton grouped GEMM, per tier and matrix (zero for a
+    pair whose expert has no slot in the bank's table)."""
+    inter, hidden, padded = bank.intermediate, x.shape[1], rows.src.numel()
+    h = torch.zeros(padded, 2 * inter, device=x.device, dtype=x.dtype)  # padding rows stay zero
+    _launch(bank, x.contiguous(), rows.src, rows.block_expert, h, "gate_up", config)
     biased = bank.layouts[0].bias is not None
     if biased:
-        h[position] += slot_biases(bank, experts, "gate_up").to(h.dtype)
+        h[rows.position] += slot_biases(bank, experts, "gate_up").to(h.dtype)
     act = F.silu(h[:, :inter]) * h[:, inter:] if bank.act is None else bank.act(h[:, :inter], h[:, inter:])
-    own = torch.where(src >= 0, torch.arange(src.numel(), device=x.device, dtype=torch.int32), -1)
-    y = torch.zeros(blocks * block_m, hidden, device=x.device, dtype=x.dtype)  # an expert with no slot adds 0
-    _launch(bank, act.contiguous(), own, block_expert, y, "down", config)
-    y = y[position]
+    y = torch.zeros(padded, hidden, device=x.device, dtype=x.dtype)  # an expert with no slot adds 0
+    _launch(bank, act.contiguous(), rows.own, rows.block_expert, y, "down", config)
+    y = y[rows.position]
     return y + slot_biases(bank, experts, "down").to(y.dtype) if biased else y
+
+
+def _by_expert(x: torch.Tensor, bank: PackedBank, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The sorted pairs' expert outputs [P, H] on the CPU, one expert of the table at a time (zero for a pair whose
+    expert has no slot)."""
+    y = torch.zeros(rows.numel(), x.shape[1], dtype=x.dtype)
+    table, start = bank.table.tolist(), 0
+    for e, n in enumerate(counts.tolist()):
+        slot, tier = table[0][e], table[1][e]
+        if n and slot >= 0:
+            lay = bank.layouts[tier]
+            expert = QuantExpert(bank.buf[slot, : lay.nbytes], lay, act=bank.act)
+            y[start : start + n] = expert(x[rows[start : start + n]])
+        start += n
+    return y
 
 
 def slot_biases(bank: PackedBank, experts: torch.Tensor, part: str) -> torch.Tensor:

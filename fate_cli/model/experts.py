@@ -8,7 +8,7 @@ providers: the model code never knows which one runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,6 +85,13 @@ class ExpertProvider(ABC):
 
     def finish(self, layer: int) -> None:  # noqa: B027 - a hook; by default nothing to do
         """The layer's kernels are queued: its slots may be reused once they complete."""
+
+    def waves(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Iterator[Bank] | None:
+        """A step of many tokens whose routed experts do not fit the slots at once (an offloaded prefill): the
+        bookkeeping of `experts`, then banks, each naming the slots of the next wave of experts, in place by the
+        time the kernels queued on it run; the next wave's copies go out as the caller queues this one's kernels.
+        None where the provider has no slots to stream through (the caller serves `experts` one by one)."""
+        return None
 
     # ---- experts computed on the host (a hybrid cache) -----------------------------------------------
 

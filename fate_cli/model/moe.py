@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -10,8 +11,8 @@ from torch import nn
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.experts import ExpertProvider
 from fate_cli.model.layers import MLP
-from quant.grouped import grouped_backend, grouped_ffn
-from quant.moe_kernels import moe_ffn
+from quant.grouped import GroupedPass, grouped_backend, grouped_ffn, waves_backend
+from quant.moe_kernels import Bank, moe_ffn
 
 GROUPED_MIN_TOKENS = 2  # one token: the expert loop's GEMVs (a decode step outside a captured graph)
 
@@ -80,6 +81,14 @@ class MoEBlock(nn.Module):
             return None
         return grouped_backend(x, p.bank(self.layer))
 
+    def waves(self, x: torch.Tensor, used: list[int], counts: list[int]) -> Iterator[Bank] | None:
+        """The provider's waves of slots for a step of several tokens whose routed experts do not fit at once
+        (the provider has done the step's bookkeeping), or None (a loop over the experts)."""
+        p = self.provider
+        if x.shape[0] < GROUPED_MIN_TOKENS or not p.fused or waves_backend(x, p.bank(self.layer)) is None:
+            return None
+        return p.waves(self.layer, used, counts)
+
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Group the (token, choice) pairs by expert and run each expert once on its tokens: every routed expert
         of the layer in one grouped pass where the provider's bank can hold them all at once (quant/grouped.py),
@@ -96,6 +105,13 @@ class MoEBlock(nn.Module):
             out = grouped_ffn(x, weights, ids, self.provider.bank(self.layer))
             self.provider.finish(self.layer)
             return self.provider.host_end(self.layer, out)
+        waves = self.waves(x, used, [counts[e] for e in used])
+        if waves is not None:
+            self.provider.host_begin(self.layer, x, weights, ids)
+            step = GroupedPass(x, weights, ids, self.num_experts)
+            for bank in waves:  # each wave's kernels queued before the next wave's copies
+                step.run(bank)
+            return self.provider.host_end(self.layer, step.result())
         order = torch.argsort(flat_ids, stable=True)
         flat_weights = weights.flatten()
         out = torch.zeros_like(x)
