@@ -31,7 +31,6 @@ eager forward, which stays the reference.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -178,7 +177,9 @@ class DecodeStep:
             self.routed[index].synchronize()
         values = self.routing[index][: self.head].tolist()
         pairs = self.batch * self.model.args.top_k
-        counts = Counter(int(e) for e in values[:pairs])
+        counts: dict[int, int] = {}
+        for e in map(int, values[:pairs]):
+            counts[e] = counts.get(e, 0) + 1
         used = sorted(counts)  # the eager dispatch's order
         if self.lookahead[index] is not None:
             n = self.batch * (self.model.args.top_k + 1)
