@@ -248,6 +248,9 @@ class OffloadedExperts(ExpertProvider):
             self._in_use.append(slot)
         state.sync_table()
 
+    def decode_host_time(self, seconds: float) -> None:
+        self.stats.decode_host(seconds)
+
     def finish(self, layer: int) -> None:
         """The layer's kernels are queued: its slots may be reused once they complete."""
         if layer in self.full:

@@ -86,6 +86,9 @@ class ExpertProvider(ABC):
     def finish(self, layer: int) -> None:  # noqa: B027 - a hook; by default nothing to do
         """The layer's kernels are queued: its slots may be reused once they complete."""
 
+    def decode_host_time(self, seconds: float) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """A decode step's host part took `seconds` (every cut layer's routing to the provider, and finish)."""
+
     # ---- experts computed on the host (a hybrid cache) -----------------------------------------------
 
     @property
