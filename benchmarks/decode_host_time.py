@@ -1,6 +1,7 @@
 """Host time of the offloaded decode step per MoE layer and per token, per policy, on the CPU.
 
     python3 benchmarks/decode_host_time.py --policy fate,lru --tokens 64 --profile fate
+    python3 benchmarks/decode_host_time.py --device cuda --tokens 64      # on a GPU, the captured step
 
 With experts offloaded, the decode step (fate_cli/engine/decode_step.py) stops after every MoE layer's router;
 the host reads the routing, runs the policy and queues the misses (`DecodeStep._show_routing`: the provider's
@@ -16,7 +17,9 @@ then --reps requests of --tokens tokens, the same prompts for every policy.
 
 Per policy, two timed passes over the same requests:
 - clean: only `_show_routing` and `finish` are timed (time.perf_counter around each): `host us/layer` and
-  `host ms/token` (over the decode steps), against the whole decode step's `step ms/token`;
+  `host ms/token` (over the decode steps), against the whole decode step's `step ms/token`; `recorded` is the
+  host time the step itself records in the cache's stats (CacheStats.decode_host_seconds, per token), which
+  leaves out the wait for the routing's copy (`-` where the code keeps no such record);
 - split (each piece wrapped, a little slower): `readback` (the routing list, counts, order: `_show_routing`
   less what it calls), `policy` (gate_lookahead / gate_input, and the policy's on_route inside prepare),
   `prepare` (the slot bookkeeping: prepare less on_route and the copies), `copy` (SlotPool.load: on the CPU
@@ -26,6 +29,10 @@ Per policy, two timed passes over the same requests:
 Hits, misses, loads and bytes of the clean pass are printed too: they are machine-independent, so two runs
 of different code on the same arguments must print the same ones. --profile NAMES prints a cProfile of the
 host part alone (the profiler enabled inside `_show_routing` and `finish`) for those policies.
+
+--device cuda runs the captured step on a GPU (bfloat16): the host's part then holds its CUDA calls (copies
+queued on the copy stream, events, the slot tables' uploads), and `host ms/token` and `readback` also hold the
+wait for each layer's routing copy, which `recorded` leaves out.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from fate_cli.bench_targets import ModelTarget
 from fate_cli.engine import decode_step
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
+from fate_cli.engine.runtime import device_label
 from fate_cli.model.loader import FAMILIES
 from fate_cli.synthetic import CONFIGS, random_weights, synthetic_store
 
@@ -71,15 +79,15 @@ def small_shape(shape: str, hidden: int, inter: int) -> dict:
     return cfg
 
 
-def open_target(shape: str, hidden: int, inter: int) -> ModelTarget:
+def open_target(shape: str, hidden: int, inter: int, device: torch.device) -> ModelTarget:
     cfg = small_shape(shape, hidden, inter)
     args = FAMILIES[cfg["model_type"]](cfg, Path(f"<synthetic:{shape}>/config.json"))
     name = f"synthetic:{shape} (hidden {hidden}, experts {inter} wide)"
     torch.set_flush_denormal(True)
-    cpu = torch.device("cpu")
-    target = ModelTarget(name, "synthetic", random_weights(args, cpu, torch.float32), synthetic_store(args, name),
-                         None)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    target = ModelTarget(name, "synthetic", random_weights(args, device, dtype), synthetic_store(args, name), None)
     target.hybrid = HybridOptions()
+    target.capture = device.type == "cuda"
     return target
 
 
@@ -134,6 +142,10 @@ class HostClock:
                 "cpu experts": s["host_moe"]}
 
 
+def target_device(session) -> torch.device:  # noqa: ANN001 - a bench Session
+    return session.model.embed_tokens.weight.device
+
+
 def run_pass(session, graphs: DecodeGraphs, prompts: list[list[int]], tokens: int, clock: HostClock,  # noqa: ANN001
              split: bool) -> tuple[float, int]:
     """The requests with the clock's wrappers in place -> (decode seconds, decode steps)."""
@@ -147,7 +159,7 @@ def run_pass(session, graphs: DecodeGraphs, prompts: list[list[int]], tokens: in
         clock.wrap(offload.policy, "on_route", "on_route")
         clock.wrap(offload, "host_moe", "host_moe")
         clock.wrap(offload.pool, "load", "load")
-    sampler = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
+    sampler = Sampler(SamplingParams(temperature=0.0), target_device(session))
     seconds, steps = 0.0, 0
     try:
         for prompt in prompts:
@@ -164,16 +176,18 @@ def measure(target: ModelTarget, policy: str, budget: int, prompts: list[list[in
     miss = "link" if policy == "fate-link" else "auto"
     session = target.session(policy.removesuffix("-link"), budget, miss)
     offload = session.offload
-    graphs = DecodeGraphs(session.model, capture=False)
-    sampler = Sampler(SamplingParams(temperature=0.0), torch.device("cpu"))
+    device = target_device(session)
+    graphs = DecodeGraphs(session.model, capture=device.type == "cuda")
+    sampler = Sampler(SamplingParams(temperature=0.0), device)
     generate(session.model, prompts[0], tokens, sampler, graphs=graphs)  # warm-up: the slots filled
-    if graphs.describe() != "decode: static, uncaptured":
+    if graphs._step is None:
         raise SystemExit(f"error: {policy} did not run the decode step ({graphs.describe()})")
     cut = len(graphs._step.host_layers)
     offload.reset_stats()
     clean = HostClock()
     seconds, steps = run_pass(session, graphs, prompts[1:], tokens, clean, split=False)
     stats = offload.stats
+    recorded = getattr(stats, "decode_host_seconds", None)  # the step's own record of its host part, if it keeps one
     row = {
         "policy": policy, "slots": sorted(set(s.capacity for s in offload.layers.values())), "cut_layers": cut,
         "hit_rate": stats.hit_rate, "hits": stats.hits, "misses": stats.misses, "loads": sum(stats.loads.values()),
@@ -183,6 +197,7 @@ def measure(target: ModelTarget, policy: str, budget: int, prompts: list[list[in
     host = clean.seconds["show"] + clean.seconds["finish"]
     row["host_ms"] = 1e3 * host / steps
     row["host_us_layer"] = 1e6 * host / (steps * cut)
+    row["recorded_ms"] = None if recorded is None else 1e3 * recorded / steps
     split = HostClock()
     run_pass(session, graphs, prompts[1:], tokens, split, split=True)
     row["pieces_us_layer"] = {k: 1e6 * v / (steps * cut) for k, v in split.pieces().items()}
@@ -209,6 +224,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--reps", type=int, default=3, help="timed requests after the warm-up")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (the host runs Python on one)")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                    help="cuda: the captured step on the GPU, where the host's CUDA calls (copies, events) count too")
     ap.add_argument("--profile", default="", help="policies whose host part is cProfiled, comma-separated")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -217,17 +234,17 @@ def main() -> None:
     if bad:
         raise SystemExit(f"error: unknown --policy {', '.join(bad)}; use any of {', '.join(POLICIES)}")
     profiled = {p.strip() for p in a.profile.split(",") if p.strip()}
-    target = open_target(a.shape, a.hidden, a.inter)
+    target = open_target(a.shape, a.hidden, a.inter, torch.device(a.device))
     ((label, budget),) = parse_budgets(a.vram, target.footprint)
     rng = random.Random(0)
     vocab = target.weights.args.vocab_size
     prompts = [[rng.randrange(vocab) for _ in range(a.prompt)] for _ in range(a.reps + 1)]
     print(f"{target.name}: {len(target.ctx.moe_layers)} MoE layers, {target.ctx.num_experts} experts, "
           f"top-{target.ctx.top_k}; --vram {label}; {a.reps} x {a.tokens} tokens after a warm-up; "
-          f"torch {torch.__version__}, {a.threads} thread(s)")
+          f"torch {torch.__version__}, {a.threads} thread(s), {device_label(torch.device(a.device))}")
     print("host us/layer: _show_routing + finish per cut layer; pieces from the split pass (wrapped, slower)\n")
     head = ("policy", "slots", "hit %", "hits", "misses", "loads", "MB moved", "step ms/tok", "host ms/tok",
-            "host us/layer", *PIECES)
+            "recorded", "host us/layer", *PIECES)
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     rows = []
@@ -237,7 +254,8 @@ def main() -> None:
         pieces = [f"{r['pieces_us_layer'][k]:.1f}" for k in PIECES]
         print(f"| {policy} | {'/'.join(map(str, r['slots']))} | {100 * r['hit_rate']:.1f} | {r['hits']} | "
               f"{r['misses']} | {r['loads']} | {r['bytes'] / 1e6:.2f} | {r['step_ms']:.2f} | {r['host_ms']:.2f} | "
-              f"{r['host_us_layer']:.1f} | " + " | ".join(pieces) + " |", flush=True)
+              f"{'-' if r['recorded_ms'] is None else format(r['recorded_ms'], '.2f')} | {r['host_us_layer']:.1f} | "
+              + " | ".join(pieces) + " |", flush=True)
     for r in rows:
         if "profile" in r:
             print(f"\n## cProfile of the host part, {r['policy']}\n{r['profile']}")

@@ -62,7 +62,7 @@ class LayerSlots:
     def remove(self, expert: int) -> int:
         """Forget where the expert is; return the slot it held."""
         del self.tier_of[expert]
-        self.rows[:, expert] = -1
+        self.rows[0, expert] = self.rows[1, expert] = -1
         self.dirty = True
         return self.slot_of.pop(expert)
 
