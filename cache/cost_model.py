@@ -103,8 +103,7 @@ class ReuseEstimate:
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
         f = self.freq.setdefault(layer, [0.0] * self.num_experts)
-        for e in range(self.num_experts):
-            f[e] *= REUSE_DECAY
+        f[:] = [v * REUSE_DECAY for v in f]
         for e in experts:
             f[e] += 1.0 - REUSE_DECAY
 

@@ -119,7 +119,17 @@ class ByPriority(LRU):
         pass
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        return min((e for e in self.order if e not in pinned), key=self.score)
+        """min(residents not pinned, key=score), the first of equals: a plain loop, cheaper on the host."""
+        score, best, lowest = self.score, None, 0.0
+        for e in self.order:
+            if e in pinned:
+                continue
+            value = score(e)
+            if best is None or value < lowest:
+                best, lowest = e, value
+        if best is None:
+            raise RuntimeError("every slot of the layer is pinned")
+        return best
 
 
 class DecayedFrequency(LRU):
@@ -137,9 +147,11 @@ class DecayedFrequency(LRU):
         self.weight: dict[int, tuple[float, int]] = {}  # expert -> (decayed uses, the step they are valued at)
 
     def step(self, experts: Collection[int]) -> None:
-        self.now += 1
-        for e in experts:
-            self.weight[e] = (self.score(e) + 1.0, self.now)
+        self.now = now = self.now + 1
+        weight, decay = self.weight, self.decay
+        for e in experts:  # score(e) + 1, inline: this runs for every routed expert of every step
+            value, at = weight.get(e, (0.0, now))
+            weight[e] = (value * decay ** (now - at) + 1.0, now)
 
     def score(self, expert: int) -> float:
         value, at = self.weight.get(expert, (0.0, self.now))
@@ -149,4 +161,17 @@ class DecayedFrequency(LRU):
         pass
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        return min((e for e in self.order if e not in pinned), key=self.score)
+        """min(residents not pinned, key=score), the first of equals, with the score inline: it runs over every
+        resident of the layer at each load."""
+        now, weight, decay = self.now, self.weight, self.decay
+        best, lowest = None, 0.0
+        for e in self.order:
+            if e in pinned:
+                continue
+            value, at = weight.get(e, (0.0, now))
+            score = value * decay ** (now - at)
+            if best is None or score < lowest:
+                best, lowest = e, score
+        if best is None:
+            raise RuntimeError("every slot of the layer is pinned")
+        return best

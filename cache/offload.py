@@ -52,18 +52,19 @@ class LayerSlots:
         self.free = list(range(capacity))
         cuda = device.type == "cuda"
         self.host_table = torch.full((2, num_experts), -1, dtype=torch.int32, pin_memory=cuda)
+        self.rows = self.host_table.numpy()  # the same memory: numpy's element writes cost the host far less
         self.table = self.host_table.to(device) if cuda else self.host_table
         self.dirty = False
 
     def place(self, expert: int, slot: int, tier: str) -> None:
         self.slot_of[expert], self.tier_of[expert] = slot, tier
-        self.host_table[0, expert], self.host_table[1, expert] = slot, TIER_CODES.get(tier, 0)
+        self.rows[0, expert], self.rows[1, expert] = slot, TIER_CODES.get(tier, 0)
         self.dirty = True
 
     def remove(self, expert: int) -> int:
         """Forget where the expert is; return the slot it held."""
         del self.tier_of[expert]
-        self.host_table[:, expert] = -1
+        self.rows[0, expert] = self.rows[1, expert] = -1
         self.dirty = True
         return self.slot_of.pop(expert)
 
@@ -252,6 +253,9 @@ class OffloadedExperts(ExpertProvider):
             self._in_use.append(slot)
         state.sync_table()
 
+    def decode_host_time(self, seconds: float) -> None:
+        self.stats.decode_host(seconds)
+
     def finish(self, layer: int) -> None:
         """The layer's kernels are queued: its slots may be reused once they complete."""
         if layer in self.full:
@@ -320,15 +324,19 @@ class OffloadedExperts(ExpertProvider):
     def _admit(self, layer: int, ids: list[int], counts: list[int]) -> tuple[list[int], set[int], str]:
         """Count hits and misses and queue the misses' copies (most tokens first) as far as the layer has room."""
         state = self.layers[layer]
-        hits = [e for e in ids if e in state.slot_of]
-        misses = [e for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]) if e not in state.slot_of]
+        resident = state.slot_of
+        hits = [e for e in ids if e in resident]
+        misses = [e for e, _ in sorted(zip(ids, counts), key=lambda ec: -ec[1]) if e not in resident]
+        touch = state.eviction.touch
         for e in hits:
-            self.stats.hit(layer)
-            state.eviction.touch(e)
+            touch(e)
+        if ids:
+            counted = self.stats.layers[layer]
+            counted.hits += len(hits)
+            counted.misses += len(misses)
         pinned = set(ids)
         tier = self.transfer_tier or self.policy.miss_tier()
         for e in misses:
-            self.stats.miss(layer)
             if self._room(state, pinned):  # as far as the layer has room without evicting this step's experts
                 self._load(layer, e, tier, pinned)
         return hits + misses, pinned, tier
@@ -355,9 +363,10 @@ class OffloadedExperts(ExpertProvider):
         if state is None or p.expert in state.slot_of:
             return
         tier = self.transfer_tier or p.tier
-        if not state.free and not any(e not in self.policy.predicted.get(p.layer, ()) for e in state.slot_of):
+        predicted = self.policy.predicted.get(p.layer, ())
+        if not state.free and all(e in predicted for e in state.slot_of):
             return  # every resident expert is itself predicted: keep them
-        self._load(p.layer, p.expert, tier, self.policy.predicted.get(p.layer, set()))
+        self._load(p.layer, p.expert, tier, predicted or set())
         self.stats.prefetches += 1
 
     def _load(self, layer: int, expert: int, tier: str, pinned: set[int]) -> None:
@@ -371,9 +380,11 @@ class OffloadedExperts(ExpertProvider):
         state.eviction.admit(expert, victim)
         state.place(expert, slot, tier)
         host = self.host.get(tier, layer, expert)
-        start = time.perf_counter()
-        self.pool.load(layer, slot, host)
-        if self.device.type != "cuda":
+        if self.pool.cuda:
+            self.pool.load(layer, slot, host)
+        else:  # the copy is synchronous: its time is the stall
+            start = time.perf_counter()
+            self.pool.load(layer, slot, host)
             waited = time.perf_counter() - start
             self.stats.stall_seconds += waited
             self.stats.layers[layer].stall_seconds += waited

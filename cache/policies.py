@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -62,8 +63,7 @@ FATE_DECAY = 0.95
 KLOTSKI_MIN_TOKENS = 1.0
 
 
-@dataclass(frozen=True)
-class Prefetch:
+class Prefetch(NamedTuple):  # a tuple: policies make hundreds a step, and a tuple is the cheapest to make
     layer: int
     expert: int
     tier: str
@@ -84,7 +84,13 @@ class PolicyContext:
         """A model's context: its shapes from `args`, its routers (or another model's, for a trace replay)."""
         return cls(list(args.moe_layer_ids), args.num_layers, args.num_experts, args.top_k, routers, coactivation)
 
+    def __post_init__(self) -> None:
+        self._next = {layer: self._scan_next(layer) for layer in self.moe_layers}  # asked at every layer's step
+
     def next_moe(self, layer: int) -> int | None:
+        return self._next[layer] if layer in self._next else self._scan_next(layer)
+
+    def _scan_next(self, layer: int) -> int | None:
         later = [m for m in self.moe_layers if m > layer]
         return later[0] if later else None
 
@@ -217,11 +223,12 @@ class EAP(Policy):
         seen = max((m for m in self.ctx.moe_layers if m < layer), default=None)
         if seen is None:
             return out
-        for later in (m for m in self.ctx.moe_layers if m >= layer):
-            experts = self.paths.predict(later, seen, self.ctx.top_k)
-            if later == layer or later == self.ctx.next_moe(layer):
-                self.predicted[later] = set(experts)
-            out += [Prefetch(later, e, "hot") for e in experts]
+        later = [m for m in self.ctx.moe_layers if m >= layer]
+        nxt = self.ctx.next_moe(layer)
+        for m, experts in zip(later, self.paths.predict_layers(later, seen, self.ctx.top_k)):
+            if m == layer or m == nxt:
+                self.predicted[m] = set(experts)
+            out += [Prefetch(m, e, "hot") for e in experts]
         return out
 
 

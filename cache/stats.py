@@ -43,6 +43,10 @@ class CacheStats:
     stall_seconds: float = 0.0  # time compute waited for copies: CUDA event pairs on a GPU, host time on CPU
     stall_waits: int = 0  # waits that found their copy still running
     costs: dict | None = None  # a hybrid cache's cost model (cache/cost_model.py Costs.as_dict)
+    # the decode step's host part (fate_cli/engine/decode_step.py: each cut layer's routing to the policy, the
+    # bookkeeping and copies queued, the host's experts; the device idles through it), and the steps it ran in
+    decode_host_seconds: float = 0.0
+    decode_host_steps: int = 0
 
     def hit(self, layer: int) -> None:
         self.layers[layer].hits += 1
@@ -55,6 +59,10 @@ class CacheStats:
         self.loads[tier] += 1
         if layer is not None:
             self.layers[layer].bytes_moved += nbytes
+
+    def decode_host(self, seconds: float) -> None:
+        self.decode_host_seconds += seconds
+        self.decode_host_steps += 1
 
     def on_cpu(self, layer: int, experts: int, seconds: float) -> None:
         s = self.layers[layer]
@@ -115,6 +123,8 @@ class CacheStats:
             "link_wait_seconds": self.stall_seconds,
             "cpu_experts": self.cpu_experts,
             "cpu_seconds": self.cpu_seconds,
+            "decode_host_seconds": self.decode_host_seconds,
+            "decode_host_steps": self.decode_host_steps,
             **({"cost_model": self.costs} if self.costs else {}),
             "per_layer": {
                 str(layer): {

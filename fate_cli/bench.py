@@ -51,6 +51,7 @@ FIELDS = [
     "bytes_moved", "stall_seconds", "peak_device_bytes", "same_tokens_as_resident", "plan", "note",
     "request_tokens_per_s", "minimum_budget_bytes", "decode_predicted", "miss", "cpu_experts", "cpu_seconds",
     "link_wait_seconds", "loads", "min_loads", "min_bytes", "min_tier", "loads_over_min", "bytes_over_min",
+    "host_ms_per_token",
 ]
 RESIDENT_NOTE = "ignores the budget: every expert on the device at the hot tier, the ceiling"
 
@@ -271,6 +272,7 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         "cpu_experts": stats.get("cpu_experts", 0) / max(1, reps),  # per request, as gb_moved
         "cpu_seconds": stats.get("cpu_seconds", 0.0) / max(1, reps),
         "link_wait_seconds": stats.get("link_wait_seconds", 0.0) / max(1, reps), "cost_model": stats.get("cost_model"),
+        "host_ms_per_token": host_ms_per_token(stats, batch),
         **floor, **({"note": RESIDENT_NOTE} if policy == "resident" else {}),
     }
     rows = []
@@ -278,6 +280,13 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         rows.append({**common, "test": test, "tokens_per_s": statistics.mean(values),
                      "stdev": statistics.stdev(values) if len(values) > 1 else None})  # one value: no spread
     return rows, tokens
+
+
+def host_ms_per_token(stats: dict, batch: int) -> float | None:
+    """The decode step's host part per generated token (the device idles through it), against 1000 / tokens_per_s
+    of the tg row; None where no step stopped for the host (every expert resident, or eager decode)."""
+    steps = stats.get("decode_host_steps", 0)
+    return 1e3 * stats["decode_host_seconds"] / (steps * batch) if steps else None
 
 
 def row_floor(offload, stats: dict) -> dict:  # noqa: ANN001 - cache.offload.OffloadedExperts

@@ -83,6 +83,7 @@ class Target:
         self._hosts: dict[tuple[str, ...], HostTier] = {}
         self.hybrid = HybridOptions()  # --miss, --link, --cpu-threads; the cost model measured once, kept here
         self.eager = False  # decode with the eager forward (--eager), not the captured step
+        self.capture = True  # False: the decode step runs uncaptured, on any device (the CPU tests' way)
 
     @property
     def size_bytes(self) -> int:
@@ -167,7 +168,7 @@ class ModelTarget(Target):
     def session(self, policy: str, budget: int, miss: str | None = None) -> Session:
         session = super().session(policy, budget, miss)
         session.model = self.weights.model(session.provider)
-        session.graphs = DecodeGraphs(session.model, self.eager)
+        session.graphs = DecodeGraphs(session.model, self.eager, self.capture)
         return session
 
     def run(self, session: Session, prompts: Sequence[Sequence[int]], gen_len: int) -> RunTiming:

@@ -19,6 +19,8 @@ class ActivationPathPredictor:
         self.store: deque[torch.Tensor] = deque(maxlen=capacity)
         self.current = torch.zeros(num_layers, num_experts)
         self.totals = torch.zeros(num_layers, num_experts)  # counts over every request: cache priority
+        # numpy views of the same memory: one element read or written costs the host far less than torch's
+        self._current, self._totals = self.current.numpy(), self.totals.numpy()
 
     def begin_request(self) -> None:
         if self.current.sum() > 0:
@@ -26,9 +28,10 @@ class ActivationPathPredictor:
         self.current.zero_()
 
     def observe(self, layer: int, experts: list[int], counts: list[int]) -> None:
+        current, totals = self._current[layer], self._totals[layer]
         for e, c in zip(experts, counts):
-            self.current[layer, e] += c
-            self.totals[layer, e] += c
+            current[e] += c
+            totals[e] += c
 
     def best_match(self, upto_layer: int) -> torch.Tensor | None:
         """The stored matrix most like the current one over layers 0..upto_layer (cosine similarity)."""
@@ -44,10 +47,17 @@ class ActivationPathPredictor:
 
     def predict(self, layer: int, upto_layer: int, n: int) -> list[int]:
         """Up to n experts of `layer`, by the best match's counts (falling back to all-time counts)."""
+        return self.predict_layers([layer], upto_layer, n)[0]
+
+    def predict_layers(self, layers: list[int], upto_layer: int, n: int) -> list[list[int]]:
+        """`predict` for several layers against one match: the match found once, the rows ranked together."""
+        if not layers:
+            return []
         match = self.best_match(upto_layer)
-        row = match[layer] if match is not None else self.totals[layer]
-        order = torch.argsort(row, descending=True, stable=True)
-        return [int(e) for e in order[:n] if row[e] > 0]
+        rows = (match if match is not None else self.totals)[layers]
+        order = torch.argsort(rows, dim=1, descending=True, stable=True)[:, :n]
+        counts = torch.gather(rows, 1, order)
+        return [[e for e, c in zip(es, cs) if c > 0] for es, cs in zip(order.tolist(), counts.tolist())]
 
     def priority(self, layer: int, expert: int) -> float:
-        return float(self.totals[layer, expert])
+        return float(self._totals[layer, expert])

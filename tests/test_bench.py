@@ -303,3 +303,22 @@ def test_fate_against_lru_and_the_floor_on_the_replay(one_thread):  # noqa: F811
         assert moved["fate"] < moved["lru"] and moved["fate"] < moved["fate-shallow"], (label, moved)
         assert all(r["loads"] >= r["min_loads"] > 0 for r in rows.values())
         assert fate_row["min_loads"] <= shallow["min_loads"], label  # measured slots lower the floor itself
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_offloaded_rows_carry_the_decode_steps_host_time(monkeypatch):
+    """host_ms_per_token: positive where the decode step stopped at every MoE layer for the cache (lru at 50%),
+    None where it never stopped (resident: every expert in its slot)."""
+    from fate_cli import synthetic
+    from fate_cli.bench import measure_row, open_target, prompt_set
+
+    monkeypatch.setitem(synthetic.CONFIGS, "small-mixtral", SMALL_MIXTRAL)
+    target = open_target("synthetic:small-mixtral", torch.device("cpu"), torch.float32, None)
+    target.capture = False  # the decode step runs uncaptured: on the CPU too
+    ((label, budget),) = parse_budgets("50%", target.footprint)
+    prompts = prompt_set(8, 2, None)
+    rows = {p: measure_row(target, p, label, budget, prompts, 5, 1)[0] for p in ("lru", "resident")}
+    assert all(r["status"] == "ok" and r["decode"] == "decode: static, uncaptured" for v in rows.values() for r in v)
+    assert rows["lru"][1]["hit_rate"] < 1.0
+    assert all(r["host_ms_per_token"] > 0 for r in rows["lru"])
+    assert all(r["host_ms_per_token"] is None for r in rows["resident"])

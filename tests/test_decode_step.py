@@ -69,6 +69,9 @@ def test_static_step_under_offloading_keeps_tokens_and_bookkeeping():
                                                                       b.prefetches)
     assert {k: (v.predicted, v.predicted_used) for k, v in a.layers.items()} == {
         k: (v.predicted, v.predicted_used) for k, v in b.layers.items()}
+    # the host's part of each decode step is timed: one record per step (a request's first token is prefill's)
+    assert a.decode_host_steps == 0 and b.decode_host_steps == sum(len(t) - 1 for t in step_tokens)
+    assert b.decode_host_seconds > 0
     for state in step_rt.offload.layers.values():
         slots = state.table[0].tolist()
         assert {e: s for e, s in enumerate(slots) if s >= 0} == state.slot_of

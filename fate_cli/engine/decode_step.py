@@ -17,8 +17,10 @@ step is cut after that layer's router. Segment i ends with MoE layer h_i's routi
 router's top k+1 on this gate input, when the policy predicts from it) into pinned memory inside the graph;
 the host waits for that copy alone, `provider.gate_lookahead` (or `gate_input`) and `provider.prepare` run
 the policy, queue the misses' and the prefetches' copies and update the slot table, then segment i + 1,
-which starts with h_i's experts, is replayed and `provider.finish` releases the slots. With every expert
-resident, the whole step is one graph and the host sees only the sampled token.
+which starts with h_i's experts, is replayed and `provider.finish` releases the slots. The device idles while
+the host works: the step tells the provider its host time (`decode_host_time`; from each routing's arrival to
+`prepare`'s return, and `finish`). With every expert resident, the whole step is one graph and the host sees
+only the sampled token.
 
 Where the provider computes some experts on the host (`host_computes`: a hybrid cache's misses), the cut also
 copies the layer's input and routing weights into the pinned buffer; after `prepare` the host computes its
@@ -31,7 +33,7 @@ eager forward, which stays the reference.
 
 from __future__ import annotations
 
-from collections import Counter
+import time
 from collections.abc import Sequence
 
 import torch
@@ -79,6 +81,7 @@ class DecodeStep:
             self.host_written = [False] * len(self.host_layers)
         self.routing = [torch.zeros(width, dtype=torch.float32, pin_memory=cuda) for _ in self.host_layers]
         self.routed = [torch.cuda.Event() if cuda else None for _ in self.host_layers]
+        self.host_seconds = 0.0  # the last step's host part (told to the provider's decode_host_time)
 
     def describe(self) -> str:
         n = len(self.outputs)
@@ -94,6 +97,7 @@ class DecodeStep:
             self.positions.copy_(torch.tensor(positions, dtype=torch.long))
         if self.capture and self.graphs is None:
             self.capture_graphs()
+        self.host_seconds = 0.0
         for index in range(len(self.outputs)):
             if index:
                 self._show_routing(index - 1)
@@ -104,7 +108,11 @@ class DecodeStep:
             if index < len(self.routed) and self.routed[index] is not None:
                 self.routed[index].record()
             if index:
+                start = time.perf_counter()
                 self.provider.finish(self.host_layers[index - 1])
+                self.host_seconds += time.perf_counter() - start
+        if self.host_layers:
+            self.provider.decode_host_time(self.host_seconds)
         return self.outputs[-1]["logits"]
 
     def capture_graphs(self) -> None:
@@ -176,9 +184,12 @@ class DecodeStep:
         layer = self.host_layers[index]
         if self.routed[index] is not None:
             self.routed[index].synchronize()
+        start = time.perf_counter()  # the host's part from here: the wait above is the device's
         values = self.routing[index][: self.head].tolist()
         pairs = self.batch * self.model.args.top_k
-        counts = Counter(int(e) for e in values[:pairs])
+        counts: dict[int, int] = {}
+        for e in map(int, values[:pairs]):
+            counts[e] = counts.get(e, 0) + 1
         used = sorted(counts)  # the eager dispatch's order
         if self.lookahead[index] is not None:
             n = self.batch * (self.model.args.top_k + 1)
@@ -189,6 +200,7 @@ class DecodeStep:
         self.provider.prepare(layer, used, [counts[e] for e in used])
         if self.host_out is not None:
             self._host_experts(index, values[:pairs])
+        self.host_seconds += time.perf_counter() - start
 
     def _host_experts(self, index: int, ids: list[float]) -> None:
         """The host's experts of the cut layer, from the input and weights the cut copied; their sum to the

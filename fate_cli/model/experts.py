@@ -86,6 +86,9 @@ class ExpertProvider(ABC):
     def finish(self, layer: int) -> None:  # noqa: B027 - a hook; by default nothing to do
         """The layer's kernels are queued: its slots may be reused once they complete."""
 
+    def decode_host_time(self, seconds: float) -> None:  # noqa: B027 - a hook; by default nothing to do
+        """A decode step's host part took `seconds` (every cut layer's routing to the provider, and finish)."""
+
     def waves(self, layer: int, ids: Sequence[int], token_counts: Sequence[int]) -> Iterator[Bank] | None:
         """A step of many tokens whose routed experts do not fit the slots at once (an offloaded prefill): the
         bookkeeping of `experts`, then banks, each naming the slots of the next wave of experts, in place by the
