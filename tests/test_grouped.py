@@ -137,4 +137,4 @@ def test_the_device_line_says_which_prefill_path_runs():
 
     assert "prefill: grouped GEMM (torch)" in open_model("tiny", "cpu").describe()
     line = open_model("tiny", "cpu", policy="resident", vram="30MB").describe()
-    assert "prefill: experts one by one (the grouped kernel of packed tiers needs CUDA and Triton)" in line, line
+    assert "prefill: expert by expert (CPU), attention SDPA " in line, line

@@ -26,7 +26,7 @@ from fate_cli.synthetic import (
     synthetic_store,
 )
 from fate_cli.tokenizer import Tokenizer
-from quant.grouped import grouped_backend, why_not_grouped
+from quant.grouped import grouped_backend, waves_backend, why_not_grouped
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -123,21 +123,48 @@ class Runtime:
 
 
 def prefill_note(model) -> str:  # noqa: ANN001 - a Transformer
-    """Which path a prompt's experts take (fate_cli/model/moe.py, quant/grouped.py), as the device line says it."""
+    """Which path a prompt's experts and attention take (fate_cli/model/moe.py, quant/grouped.py), as the device line
+    says it."""
     args, provider = model.args, model.provider
     if not args.moe_layer_ids:
         return "prefill: no MoE layers"
     if not provider.fused:
-        return "prefill: experts one by one (this provider keeps no bank for the grouped kernels)"
+        why = "this provider keeps no bank for the grouped kernels"
+        return f"prefill: experts one by one ({why}), {attention_note(model)}"
     weight = model.embed_tokens.weight
     x = torch.empty(GROUPED_MIN_TOKENS, args.hidden_size, device=weight.device, dtype=weight.dtype)
-    bank = provider.bank(args.moe_layer_ids[0])
-    path = grouped_backend(x, bank)
-    if path is None:
-        return f"prefill: experts one by one ({why_not_grouped(x, bank)})"
-    if not provider.fits_step(args.num_experts):
-        return f"prefill: {path} where a layer's routed experts fit its slots, else one by one"
-    return f"prefill: {path}"
+    bank = provider.bank(args.moe_layer_ids[-1])
+    path, streamed = grouped_backend(x, bank), waves_backend(x, bank)
+    if path is None and streamed is None:
+        experts = f"experts one by one ({why_not_grouped(x, bank)})"
+    elif path is None:
+        experts = streamed
+    elif provider.fits_step(args.num_experts):
+        experts = path
+    else:
+        experts = f"{path}, in waves through a layer's slots where its routed experts outnumber them"
+    return f"prefill: {experts}, {attention_note(model)}"
+
+
+def attention_note(model) -> str:  # noqa: ANN001 - a Transformer
+    """The SDPA kernel torch picks for a prompt's first chunk (causal) and for a later one (an explicit mask)."""
+    a, weight = model.args, model.embed_tokens.weight
+    if a.attention_sinks:
+        return "attention with sinks in plain torch (query chunks)"
+    if all(a.is_linear_layer(i) for i in range(a.num_layers)):
+        return "no softmax attention"
+    from torch.nn.attention import SDPBackend
+
+    q = torch.zeros(1, a.num_heads, 8, a.head_dim, device=weight.device, dtype=weight.dtype)
+    k = torch.zeros(1, a.num_kv_heads, 8, a.head_dim, device=weight.device, dtype=weight.dtype)
+    mask = torch.ones(8, 8, dtype=torch.bool, device=weight.device)
+    gqa = a.num_kv_heads != a.num_heads
+    names = [SDPBackend(torch._fused_sdp_choice(q, k, k, m, 0.0, m is None, enable_gqa=gqa)).name.lower()
+             for m in (None, mask)]
+    names = [n.replace("_attention", "").replace("efficient", "memory-efficient") for n in names]
+    if names[0] == names[1]:
+        return f"attention SDPA {names[0]}"
+    return f"attention SDPA {names[0]} (a prompt's first chunk), {names[1]} (later chunks)"
 
 
 def hybrid_options(miss: str = "auto", link: str | None = None, cpu_threads: int | None = None) -> HybridOptions:
