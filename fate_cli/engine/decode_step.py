@@ -9,7 +9,7 @@ before memory bandwidth. This step
 - routes on the device and computes a layer's routed experts with quant/moe_kernels.py's fused kernels,
   which find each expert's weights through the layer's bank (a device table expert -> slot, tier);
 - is captured as CUDA graphs once and replayed every token.
-It runs the model's own layers (DecoderLayer.forward with banked=True, or its attend and the MoE block's
+It runs the model's own composition (Transformer.run_layers with banked=True, a layer's attend and the MoE block's
 pick_experts / from_bank around a cut): this module decides only where the graph is cut and what is captured.
 
 When the provider must see a layer's routing (an offloading cache: misses, prefetches, statistics), the
@@ -159,8 +159,7 @@ class DecodeStep:
             x = prev["h"] + moe.from_bank(prev["moe_in"], prev["weights"], prev["ids"], on_host).view_as(prev["h"])
             start = host[index - 1] + 1
         stop = host[index] if index < len(host) else len(layers)
-        for i in range(start, stop):
-            x = layers[i](x, rope, cache, at, banked=True)
+        x = self.model.run_layers(x, start, stop, cache, at, banked=True)
         out = self.outputs[index]
         if index < len(host):  # the cut: the layer's attention and router, the rest after the host's turn
             h, moe_in = layers[host[index]].attend(x, rope, cache, at)

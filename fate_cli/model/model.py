@@ -116,12 +116,19 @@ class Transformer(nn.Module):
             outs = [self.forward(tokens[:, i : i + chunk], cache, pos + i, last_only) for i in range(0, length, chunk)]
             return outs[-1] if last_only else torch.cat(outs, dim=1)
         with step_threads(step_macs(self.args, tokens.numel()), tokens.device):
-            x = self.embed_tokens(tokens)
-            for layer in self.layers:
-                x = layer(x, self.rope, cache, pos)
+            x = self.run_layers(self.embed_tokens(tokens), 0, len(self.layers), cache, pos)
             if last_only:
                 x = x[:, -1:]
             return self.head(x)
+
+    def run_layers(self, x: torch.Tensor, start: int, stop: int, cache: KVCache, pos: int | RowPositions,
+                   banked: bool = False) -> torch.Tensor:
+        """Hidden states through layers start..stop-1: the one composition of the eager forward, prefill and the
+        captured decode step (banked: MoE layers through their banks, no host work; decode_step.py cuts the
+        step between such runs)."""
+        for layer in self.layers[start:stop]:
+            x = layer(x, self.rope, cache, pos, banked=banked)
+        return x
 
     def prefill_together(self, prompts: list[torch.Tensor], caches: list[KVCache]) -> torch.Tensor:
         """Several prompts ([1, T_i] each, into caches of one row each, from position 0) through each layer
