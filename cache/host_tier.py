@@ -3,6 +3,8 @@
 On a CUDA machine the buffers are pinned (page-locked), so each expert reaches the GPU in one
 copy at full PCIe speed (pageable memory moves at a sixth of it). Before pinning, available RAM is
 checked; what does not fit stays in the store on disk and is read when needed, and the user is told.
+Each layer's buffer is locked on its own, so a system that locks only part of a large model's tiers keeps
+the rest pageable, and the user is told how much was locked.
 """
 
 from __future__ import annotations
@@ -30,51 +32,57 @@ class HostTier:
     ):
         self.store, self.num_experts, self.pin = store, num_experts, pin
         self.index = {layer: i for i, layer in enumerate(layers)}
-        self.buffers: dict[str, torch.Tensor] = {}
+        # per tier, one buffer per layer [experts, bytes] (what the CPU kernels read as one arena)
+        self.buffers: dict[str, list[torch.Tensor]] = {}
         self.held: dict[str, int] = {}  # experts held in RAM per tier (the first ones, in layer order)
         budget = (available_ram() - RAM_HEADROOM) if ram_limit is None else ram_limit
         self.notes: list[str] = []
+        self._locking = pin  # page-locking goes on until the system first refuses
         for tier in tiers:
             nbytes = store.tiers[tier].layout.nbytes
             wanted = len(layers) * num_experts
             fits = max(0, min(wanted, budget // nbytes))
             budget -= fits * nbytes
-            buf = self._allocate(tier, fits, nbytes, pin and fits > 0)
-            for layer in layers:
-                for e in range(num_experts):
-                    row = self.index[layer] * num_experts + e
-                    if row < fits:
-                        buf[row] = store.read(tier, layer, e)
-            self.buffers[tier], self.held[tier] = buf, fits
+            chunks, locked = [], 0
+            for i, layer in enumerate(layers):
+                rows = max(0, min(num_experts, fits - i * num_experts))
+                buf, pinned = self._allocate(rows, nbytes)
+                locked += buf.nbytes if pinned else 0
+                for e in range(rows):
+                    buf[e] = store.read(tier, layer, e)
+                chunks.append(buf)
+            self.buffers[tier], self.held[tier] = chunks, fits
+            if pin and locked < fits * nbytes:
+                self.pin = False  # what the panel shows: some of the tier copies at pageable speed
+                self.notes.append(
+                    f"the system page-locked {format_size(locked)} of {format_size(fits * nbytes)} of host memory "
+                    f"for the {tier} experts; the rest stays pageable, which copies to the GPU several times slower"
+                )
             if fits < wanted:
                 self.notes.append(
                     f"host RAM holds {fits} of {wanted} {tier} experts ({format_size(fits * nbytes)}); "
                     "the rest are read from the tier store on disk when needed"
                 )
 
-    def _allocate(self, tier: str, rows: int, nbytes: int, pin: bool) -> torch.Tensor:
-        """The tier's buffer, page-locked where asked. The system may refuse to lock that much (a locked-memory
-        limit, or the driver's own): then the tier stays in pageable memory, which still works but moves to
-        the GPU several times slower, and the user is told."""
-        if pin:
+    def _allocate(self, rows: int, nbytes: int) -> tuple[torch.Tensor, bool]:
+        """One layer's buffer, and whether it is page-locked: locked while the system allows it. It may refuse to
+        lock that much (a locked-memory limit, or the driver's own): from then on buffers stay in pageable memory,
+        which still works but moves to the GPU several times slower."""
+        if self._locking and rows:
             try:
-                return torch.empty((rows, nbytes), dtype=torch.uint8, pin_memory=True)
+                return torch.empty((rows, nbytes), dtype=torch.uint8, pin_memory=True), True
             except RuntimeError as err:  # torch raises "CUDA error: out of memory" for a refused page lock
                 if "out of memory" not in str(err).lower():
                     raise
-                self.pin = False  # what the panel shows
-                self.notes.append(
-                    f"could not page-lock {format_size(rows * nbytes)} of host memory for the {tier} experts; they "
-                    "stay in pageable memory, which copies to the GPU several times slower"
-                )
-        return torch.empty((rows, nbytes), dtype=torch.uint8)
+                self._locking = False
+        return torch.empty((rows, nbytes), dtype=torch.uint8), False
 
     def get(self, tier: str, layer: int, expert: int) -> torch.Tensor:
-        row = self.index[layer] * self.num_experts + expert
-        if row < self.held[tier]:
-            return self.buffers[tier][row]
+        i = self.index[layer]
+        if i * self.num_experts + expert < self.held[tier]:
+            return self.buffers[tier][i][expert]
         return self.store.read(tier, layer, expert)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.buffers.values())
+        return sum(b.nbytes for chunks in self.buffers.values() for b in chunks)

@@ -1,27 +1,35 @@
-"""The pinned host tier when the system refuses to page-lock it: pageable buffers, the same bytes, a note."""
+"""The pinned host tier when the system refuses to page-lock all of it: the layers locked before the refusal stay
+locked, the rest pageable, the same bytes, and a note saying how much was locked."""
 
 from __future__ import annotations
 
 import torch
 
+from cache.budget import format_size
 from cache.host_tier import HostTier
 from quant.synthetic import SyntheticStore
 
 
-def test_a_refused_page_lock_leaves_the_tier_pageable_and_says_so(monkeypatch):
+def test_a_refused_page_lock_keeps_what_was_locked_and_says_so(monkeypatch):
     store = SyntheticStore(64, 32, [0, 1], 4, name="synthetic:test")
     real_empty = torch.empty
-    refused = []
+    refused, locked = [], []
 
     def empty(*args, pin_memory=False, **kwargs):  # noqa: ANN002, ANN003, ANN202 - torch.empty's signature
         if pin_memory:
-            refused.append(args[0])
-            raise RuntimeError("CUDA error: out of memory")
+            if locked:  # the first layer's buffer is locked, then the system refuses
+                refused.append(args[0])
+                raise RuntimeError("CUDA error: out of memory")
+            locked.append(args[0])
         return real_empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", empty)
-    host = HostTier(store, [0, 1], 4, ["hot"], pin=True)
-    assert refused and not host.buffers["hot"].is_pinned()
-    assert any("could not page-lock" in n and "hot experts" in n for n in host.notes)
-    assert torch.equal(host.get("hot", 1, 3), store.read("hot", 1, 3))
+    host = HostTier(store, [0, 1], 4, ["hot", "cold"], pin=True)
+    assert len(locked) == 1 and len(refused) == 1  # no lock tried after the refusal
+    hot = store.tiers["hot"].layout.nbytes
+    assert any(f"page-locked {format_size(4 * hot)} of {format_size(8 * hot)}" in n and "hot experts" in n
+               for n in host.notes), host.notes
+    for tier in ("hot", "cold"):
+        for layer in (0, 1):
+            assert torch.equal(host.get(tier, layer, 3), store.read(tier, layer, 3))
     assert host.pin is False
