@@ -64,7 +64,7 @@ def test_waves_give_the_loops_logits_and_counts(fitting, device, policy, monkeyp
     path, store = fitting
     loop, loop_counts, _ = _prefill(path, store, device, policy, False, monkeypatch)
     waved, waved_counts, calls = _prefill(path, store, device, policy, True, monkeypatch)
-    assert set(calls) > {0}, "the prefill did not stream through waves"
+    assert {1, 2} <= set(calls), "the offloaded layers' prefill did not stream through waves"
     assert waved_counts == loop_counts
     assert loop_counts[1] > 0  # it missed: experts moved during the prefill
     for a, b in zip(waved, loop):
