@@ -21,8 +21,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +36,7 @@ from quant.kernels import QuantExpert
 from quant.layout import ExpertLayout
 
 HYBRID_POLICIES = ("cpu", "freetoken")  # policies that compute misses on the CPU whatever --miss says
+CALIBRATION = 0.2  # the weight of each CPU call's time per expert in the cost model's running estimate
 
 
 @dataclass
@@ -54,23 +53,6 @@ def is_hybrid(policy: str, miss: str) -> bool:
     return policy in HYBRID_POLICIES or (policy == "fate" and miss != "link")
 
 
-@contextmanager
-def cpu_threads(count: int | None) -> Iterator[None]:
-    """torch's threads and the CPU expert kernels' (quant/cpu_kernels.py) set to `count` for the CPU experts'
-    work, then put back."""
-    before = torch.get_num_threads()
-    if count is None or count == before:
-        yield
-        return
-    torch.set_num_threads(count)
-    kernels_before = cpu_kernels.configure_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-        cpu_kernels.configure_threads(kernels_before)
-
-
 def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k: int, device: torch.device,
               dtype: torch.dtype, act: ClampedSwiGLU | None, options: HybridOptions) -> Costs:
     """The cost model's numbers for misses at `tier` (measured on `top_k` experts of `layer` in the host tier),
@@ -78,10 +60,10 @@ def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k
     if tier not in options.costs:
         experts = [(host.get(tier, layer, e), layout) for e in range(top_k)]
         on_device = QuantExpert(experts[0][0].to(device), layout, None, act)
-        threads = options.cpu_threads or torch.get_num_threads()
-        with cpu_threads(threads):
-            options.costs[tier] = measure_costs(experts, on_device, layout.hidden, device, dtype,
-                                                lambda x, ex, w: cpu_moe(x, ex, w, act), threads, options.link)
+        threads = options.cpu_threads or cpu_kernels.max_threads()
+        options.costs[tier] = measure_costs(experts, on_device, layout.hidden, device, dtype,
+                                            lambda x, ex, w: cpu_moe(x, ex, w, act, threads=threads), threads,
+                                            options.link)
     return options.costs[tier]
 
 
@@ -102,6 +84,8 @@ class HybridExperts(OffloadedExperts):
         self.options, self.miss = options, options.miss
         self.cpu_tier = self.transfer_tier or self.policy.miss_tier()  # the CPU computes what a miss would move
         self.costs = costs
+        self.calibrating = costs is None and self.needs_costs  # scripted costs (tests) stay as given
+        self._cpu_seen: float | None = None
         if costs is None and self.needs_costs and self.layers:
             self.costs = costs_for(self.host, self.layouts[self.cpu_tier], self.cpu_tier, next(iter(self.layers)),
                                    self.policy.ctx.top_k, self.device, self.dtype, self.act, options)
@@ -149,14 +133,26 @@ class HybridExperts(OffloadedExperts):
         w = (weights.float()[:, :, None] * (ids[:, :, None] == chosen)).sum(1)  # [T, n]: each token's weight
         layout = self.layouts[self.cpu_tier]
         bufs = [(self.host.get(self.cpu_tier, layer, e), layout) for e in experts]
-        with cpu_threads(self.options.cpu_threads):
-            y = cpu_moe(x, bufs, w, self.act)
+        # the kernels' own threads only: switching torch's pool every layer costs more than the experts' small
+        # torch ops gain from it
+        y = cpu_moe(x, bufs, w, self.act, threads=self.options.cpu_threads)
         if self.pool.cuda:  # one pinned buffer per layer and shape: the copy back is asynchronous
             out = self._pinned_buffer(("out", layer, *y.shape), y.dtype)
             out.copy_(y)
             y = out
-        self.stats.on_cpu(layer, len(experts), time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self.stats.on_cpu(layer, len(experts), seconds)
+        self._calibrate(seconds / len(experts))
         return y
+
+    def _calibrate(self, per_expert: float) -> None:
+        """The CPU's time per expert as measured in the run itself (the startup measurement runs the kernels
+        back to back, warm; between a decode step's layers their threads have gone idle), for measured costs."""
+        if not self.calibrating:
+            return
+        self._cpu_seen = per_expert if self._cpu_seen is None else (1 - CALIBRATION) * self._cpu_seen + \
+            CALIBRATION * per_expert
+        self.costs = dataclasses.replace(self.costs, cpu_expert_s=self._cpu_seen)
 
     def _pinned_buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         shape = key[2:]

@@ -32,7 +32,7 @@ try:  # numba is a dependency; without it (a broken install) cpu_experts falls b
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
-ROWS_PER_TASK = 16  # rows of one matrix a parallel task computes: enough work per task, enough tasks per expert
+ROWS_PER_TASK = 64  # rows of a matrix per parallel task: its scratch and scheduling stay small beside its work
 
 
 def available() -> bool:

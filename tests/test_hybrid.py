@@ -3,6 +3,7 @@ bookkeeping worked out by hand, and the same greedy tokens whether misses are mo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -109,6 +110,25 @@ def test_host_moe_is_the_cpu_experts_weighted_sum(model_and_store):
     s = provider.stats.layers[layer]
     assert s.cpu_experts == 2 and s.cpu_seconds > 0
     assert provider.host_moe(layer, x, weights, ids) is None  # a step's CPU experts are computed once
+
+
+def test_measured_costs_follow_the_cpu_time_seen_in_the_run(model_and_store):
+    """Measured costs take each CPU call's time per expert into the running estimate (the startup measurement
+    runs warm, back to back); scripted costs stay as given."""
+    model, store = model_and_store
+    layer = model.args.moe_layer_ids[1]
+    x, ids, weights = torch.randn(1, model.args.hidden_size), torch.tensor([[0, 1]]), torch.tensor([[0.5, 0.5]])
+    measured = provider_for(model, store, HybridExperts, "fate", slots=4, costs=None)
+    assert measured.calibrating
+    measured.costs = dataclasses.replace(measured.costs, cpu_expert_s=1e-12)  # "the CPU is free": every miss to it
+    assert step(measured, layer, [0, 1])[1] == [0, 1]
+    measured.host_moe(layer, x, weights, ids)
+    seen = measured.stats.layers[layer].cpu_seconds / 2
+    assert measured.costs.cpu_expert_s == pytest.approx(seen) and seen > 1e-12
+    scripted = provider_for(model, store, HybridExperts, "fate", slots=4)
+    step(scripted, layer, [0, 1])
+    scripted.host_moe(layer, x, weights, ids)
+    assert not scripted.calibrating and scripted.costs == COSTS
 
 
 def test_cpu_policy_fixes_its_experts_once_and_moves_nothing_after(model_and_store):
