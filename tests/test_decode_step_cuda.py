@@ -16,7 +16,7 @@ from quant.layout import ExpertLayout
 from quant.moe_kernels import FUSED, DenseBank, PackedBank, backend_for, moe_ffn, moe_ffn_reference
 from quant.synthetic import random_quantized
 from quant.triton_kernels import HAVE_TRITON
-from tests.tiny_models import FAMILIES, make_tiny_model
+from tests.tiny_models import FAMILIES, make_fitting_store, make_tiny_model
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
 CUDA = torch.device("cuda")
@@ -126,15 +126,7 @@ def test_graph_step_logits_in_bfloat16():
 
 @pytest.fixture(scope="module")
 def fitting_model(tmp_path_factory):
-    """A tiny random qwen3_moe whose widths the fused kernels take (hidden 128, experts 64 wide), its store."""
-    from fate_cli.engine.stores import quantize_model
-    from quant.store import QuantParams, TierStore
-
-    root = tmp_path_factory.mktemp("fits")
-    path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,
-                           moe_intermediate_size=64)
-    quantize_model(path, root / "store", QuantParams(method="minmax"))
-    return path, TierStore.open(root / "store", path)
+    return make_fitting_store(tmp_path_factory.mktemp("fits"))
 
 
 @pytest.mark.parametrize("policy", ["fate", "lru", "ondemand", "eap", "resident"])  # resident: 4 of 8 slots

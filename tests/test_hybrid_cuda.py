@@ -17,7 +17,7 @@ from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_fitting_store
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
 CUDA = torch.device("cuda")
@@ -26,14 +26,7 @@ PROMPTS = [[5, 9, 14, 3, 27, 8, 61, 2, 40, 11], [40, 2, 2, 17]]
 
 @pytest.fixture(scope="module")
 def fitting(tmp_path_factory):
-    from fate_cli.engine.stores import quantize_model
-    from quant.store import QuantParams, TierStore
-
-    root = tmp_path_factory.mktemp("hybrid_fits")
-    path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,
-                           moe_intermediate_size=64)
-    quantize_model(path, root / "store", QuantParams(method="minmax"))
-    return path, TierStore.open(root / "store", path)
+    return make_fitting_store(tmp_path_factory.mktemp("hybrid_fits"))
 
 
 def run(fitting, policy: str, miss: str, link: float | None = None):  # noqa: ANN001, ANN201

@@ -13,7 +13,7 @@ from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext, make_policy
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
-from tests.tiny_models import make_tiny_model
+from tests.tiny_models import make_fitting_store
 
 WAVES = OffloadedExperts.waves
 DEVICES = ["cpu"] + (["cuda"] if HAVE_TRITON and torch.cuda.is_available() else [])
@@ -21,15 +21,7 @@ DEVICES = ["cpu"] + (["cuda"] if HAVE_TRITON and torch.cuda.is_available() else 
 
 @pytest.fixture(scope="module")
 def fitting(tmp_path_factory):
-    """A tiny random qwen3_moe whose widths the fused kernels take (hidden 128, experts 64 wide), its store."""
-    from fate_cli.engine.stores import quantize_model
-    from quant.store import QuantParams, TierStore
-
-    root = tmp_path_factory.mktemp("waves")
-    path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,
-                           moe_intermediate_size=64)
-    quantize_model(path, root / "store", QuantParams(method="minmax"))
-    return path, TierStore.open(root / "store", path)
+    return make_fitting_store(tmp_path_factory.mktemp("waves"))
 
 
 def _prefill(path, store, device: str, policy: str, waves: bool, monkeypatch) -> tuple:  # noqa: ANN001

@@ -211,3 +211,16 @@ def make_tiny_model(dir, family="qwen3_moe", **overrides) -> Path:  # noqa: A002
         {"eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id, "do_sample": False},
     )
     return path
+
+
+def make_fitting_store(root: Path) -> tuple[Path, object]:
+    """A tiny random qwen3_moe whose widths the fused kernels take (hidden 128, experts 64 wide), quantized into a
+    tier store under `root`: (checkpoint path, TierStore). The bundled model's 160-wide hidden size does not fit
+    the kernels' 64-wide groups, so GPU tests of the captured step and the grouped kernels use this one."""
+    from fate_cli.engine.stores import quantize_model
+    from quant.store import QuantParams, TierStore
+
+    path = make_tiny_model(root / "model", family="qwen3_moe", num_experts=8, num_hidden_layers=3, hidden_size=128,
+                           moe_intermediate_size=64)
+    quantize_model(path, root / "store", QuantParams(method="minmax"))
+    return path, TierStore.open(root / "store", path)
