@@ -146,9 +146,10 @@ class OffloadedExperts(ExpertProvider):
 
     def _issue_prefetches(self, routed_layer: int) -> None:
         pending, self._pending = self._pending, []
-        for p in pending:
-            if p.layer != routed_layer:  # a guess for the layer just routed comes too late to help
-                self._prefetch(p)
+        with self.pool.copying():
+            for p in pending:
+                if p.layer != routed_layer:  # a guess for the layer just routed comes too late to help
+                    self._prefetch(p)
 
     def experts(
         self, layer: int, ids: Sequence[int], token_counts: Sequence[int]
@@ -336,9 +337,10 @@ class OffloadedExperts(ExpertProvider):
             counted.misses += len(misses)
         pinned = set(ids)
         tier = self.transfer_tier or self.policy.miss_tier()
-        for e in misses:
-            if self._room(state, pinned):  # as far as the layer has room without evicting this step's experts
-                self._load(layer, e, tier, pinned)
+        with self.pool.copying():
+            for e in misses:
+                if self._room(state, pinned):  # as far as the layer has room without evicting this step's experts
+                    self._load(layer, e, tier, pinned)
         return hits + misses, pinned, tier
 
     def _serve(self, layer: int, order: list[int], pinned: set[int], tier: str) -> Iterator[tuple[int, ExpertFn]]:

@@ -8,6 +8,9 @@ another memory pool and copies are synchronous.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 STALL_PAIRS = 1024  # timing event pairs kept before they are read back (one host sync per this many stalls)
@@ -73,6 +76,7 @@ class SlotPool:
             self.settled = [True] * total  # the slot's last copy is known to be complete
             self.stalls = StallTimer()
         self.sleep_cycles_per_byte = 0.0  # an emulated slower link (--link): the copy stream's wait per byte
+        self._copying = False  # inside `copying`: the copy stream is current
 
     def emulate_link(self, link_bytes_per_s: float, measured_bytes_per_s: float, clock_hz: float) -> None:
         """Hold the copy stream busy after each copy for the time a link of `link_bytes_per_s` would take beyond
@@ -87,6 +91,20 @@ class SlotPool:
     def view(self, layer: int, slot: int, nbytes: int) -> torch.Tensor:
         return self.buf[self.first[layer] + slot, :nbytes]
 
+    @contextmanager
+    def copying(self) -> Iterator[None]:
+        """Loads queued inside share one switch to the copy stream (a step's misses and prefetches): switching
+        streams costs the host more than queueing a copy. Nothing but loads may be queued inside."""
+        if not self.cuda or self._copying:
+            yield
+            return
+        with torch.cuda.stream(self.copy_stream):
+            self._copying = True
+            try:
+                yield
+            finally:
+                self._copying = False
+
     def load(self, layer: int, slot: int, host: torch.Tensor) -> None:
         """Copy one expert's buffer into a slot: one copy, asynchronous on CUDA."""
         row = self.first[layer] + slot
@@ -94,7 +112,7 @@ class SlotPool:
         if not self.cuda:
             dest.copy_(host)
             return
-        with torch.cuda.stream(self.copy_stream):
+        with self.copying():
             self.copy_stream.wait_event(self.free[row])
             dest.copy_(host, non_blocking=True)
             if self.sleep_cycles_per_byte:
