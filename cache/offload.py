@@ -245,13 +245,11 @@ class OffloadedExperts(ExpertProvider):
             return
         order = admitted[0]
         state = self.layers[layer]
-        self._in_use = []
-        for e in order:
-            if e not in state.slot_of:
-                raise RuntimeError(f"layer {layer} has {state.capacity} slots for {len(order)} experts")
-            slot = state.slot_of[e]
-            self.pool.wait_ready(layer, slot)
-            self._in_use.append(slot)
+        missing = [e for e in order if e not in state.slot_of]
+        if missing:
+            raise RuntimeError(f"layer {layer} has {state.capacity} slots for {len(order)} experts")
+        self._in_use = [state.slot_of[e] for e in order]
+        self.pool.wait_ready(layer, self._in_use)
         state.sync_table()
 
     def decode_host_time(self, seconds: float) -> None:
@@ -286,8 +284,7 @@ class OffloadedExperts(ExpertProvider):
                 if e not in state.slot_of:
                     self._load(layer, e, tier, pinned)
             slots = [state.slot_of[e] for e in wave]
-            for slot in slots:
-                self.pool.wait_ready(layer, slot)
+            self.pool.wait_ready(layer, slots)
             yield self._wave_bank(layer, wave)
             for slot in slots:  # the wave's kernels are queued: a later copy into these slots waits for them
                 self.pool.release(layer, slot)
@@ -350,7 +347,7 @@ class OffloadedExperts(ExpertProvider):
             if e not in state.slot_of:  # more experts than slots (a long prompt): this one waits for a slot
                 self._load(layer, e, tier, pinned)
             slot = state.slot_of[e]
-            self.pool.wait_ready(layer, slot)
+            self.pool.wait_ready(layer, [slot])
             yield e, self._expert_fn(layer, slot, state.tier_of[e])
             self.pool.release(layer, slot)
             pinned.discard(e)

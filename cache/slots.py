@@ -32,16 +32,17 @@ class StallTimer:
         self.layer_of: list[int | None] = [None] * STALL_PAIRS
         self.by_layer: dict[int, float] = {}
 
-    def wait(self, stream: torch.cuda.Stream, ready: torch.cuda.Event, layer: int | None = None) -> None:
-        """Make the stream wait for a copy the host has seen still running (query() was False)."""
+    def wait(self, stream: torch.cuda.Stream, ready: list[torch.cuda.Event], layer: int | None = None) -> None:
+        """Make the stream wait for copies the host has seen still running (query() was False), timed as one."""
         if self.used == len(self.pairs):
             self.collect()
         before, after = self.pairs[self.used]
         self.layer_of[self.used] = layer
         self.used += 1
-        self.waits += 1
+        self.waits += len(ready)
         before.record(stream)
-        stream.wait_event(ready)
+        for event in ready:
+            stream.wait_event(event)
         after.record(stream)
 
     def collect(self) -> float:
@@ -120,17 +121,22 @@ class SlotPool:
             self.ready[row].record(self.copy_stream)
         self.settled[row] = False
 
-    def wait_ready(self, layer: int, slot: int) -> None:
-        """Compute waits for the slot's copy, unless the host has already seen it complete."""
+    def wait_ready(self, layer: int, slots: list[int]) -> None:
+        """Compute waits for the slots' copies, except those the host has already seen complete; the waits of a
+        layer are timed together (one pair of events: a step's host calls into CUDA are what it costs)."""
         if not self.cuda:
             return
-        row = self.first[layer] + slot
-        if self.settled[row]:
-            return
-        if self.ready[row].query():
-            self.settled[row] = True
-            return
-        self.stalls.wait(torch.cuda.current_stream(self.device), self.ready[row], layer)
+        running = []
+        for slot in slots:
+            row = self.first[layer] + slot
+            if self.settled[row]:
+                continue
+            if self.ready[row].query():
+                self.settled[row] = True
+                continue
+            running.append(self.ready[row])
+        if running:
+            self.stalls.wait(torch.cuda.current_stream(self.device), running, layer)
 
     def release(self, layer: int, slot: int) -> None:
         """The compute stream is done reading this slot (once the work queued so far completes)."""
