@@ -60,13 +60,14 @@ def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]
         return out.to(x.dtype)
     xf = x.float().contiguous()
     w = weights.float()
-    by_layout: dict[ExpertLayout, list[int]] = {}
+    by_layout: dict[int, list[int]] = {}  # by the layout object: hashing a layout costs more than the grouping
     for j, (_, layout) in enumerate(experts):
-        by_layout.setdefault(layout, []).append(j)
+        by_layout.setdefault(id(layout), []).append(j)
     if cpu_kernels.available():
         macs = x.shape[0] * sum(3 * layout.hidden * layout.intermediate for _, layout in experts)
         cpu_kernels.set_threads(threads if threads is not None else cpu_kernels.threads_for(macs))
-    for layout, js in by_layout.items():  # a few tiers at most; experts in their given order within each
+    for js in by_layout.values():  # a few tiers at most; experts in their given order within each
+        layout = experts[js[0]][1]
         if use_kernels(layout):
             _kernel_moe(xf, [experts[j][0] for j in js], layout, w[:, js], act, out)
         else:
@@ -115,31 +116,46 @@ def _arena(bufs: Sequence[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, np.
     return torch.stack([b.reshape(nbytes) for b in bufs]), np.arange(len(bufs), dtype=np.int64)
 
 
-def _planes(x: torch.Tensor, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """x [X, T, K] float32 -> (plane order [X, T, cpw, words], zero past K; group sums [X, T, groups])."""
+def _planes(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """x [X, T, K] float32 -> (plane order [X, T, cpw, words], zero past K; group sums [X, T, groups]), in numpy
+    (a few microseconds less a call than torch's small ops)."""
     lead, k = x.shape[:-1], x.shape[-1]
     cpw, words, groups = codes_per_word(bits), num_words(k, bits), num_groups(k, group)
-    padded = F.pad(x, (0, words * cpw - k)) if words * cpw != k else x
-    xp = padded.reshape(*lead, words, cpw).transpose(-1, -2).contiguous()
-    gpad = F.pad(x, (0, groups * group - k)) if groups * group != k else x
-    xs = gpad.reshape(*lead, groups, group).sum(-1).contiguous()
-    return xp.numpy(), xs.numpy()
+    padded = x if words * cpw == k else np.pad(x, [(0, 0)] * len(lead) + [(0, words * cpw - k)])
+    xp = np.ascontiguousarray(padded.reshape(*lead, words, cpw).swapaxes(-1, -2))
+    gpad = x if groups * group == k else np.pad(x, [(0, 0)] * len(lead) + [(0, groups * group - k)])
+    xs = np.ascontiguousarray(gpad.reshape(*lead, groups, group).sum(-1, dtype=np.float32))
+    return xp, xs
+
+
+_OFFSETS: dict[tuple[int, str], tuple[ExpertLayout, tuple[int, ...]]] = {}
+
+
+def _offsets(layout: ExpertLayout, prefix: str) -> tuple[int, ...]:
+    """The byte offsets of a matrix's codes, scales and zeros, kept per layout object (hashing a layout costs more
+    than the lookup it saves; the layout is kept beside them so a reused id cannot return another's)."""
+    key = (id(layout), prefix)
+    kept = _OFFSETS.get(key)
+    if kept is None or kept[0] is not layout:
+        kept = _OFFSETS[key] = (layout, tuple(layout.segment(f"{prefix}.{s}").offset for s in ("codes", "scale",
+                                                                                                "zero")))
+    return kept[1]
 
 
 def _matmul(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, layout: ExpertLayout, prefix: str,
             x: torch.Tensor, active: np.ndarray, n_out: int) -> torch.Tensor:
     """[E, T, n_out]: each expert's matrix `prefix` times x[xsel[e]] (x [X, T, K] float32) for its active tokens."""
-    out = torch.zeros(len(rows), x.shape[1], n_out, dtype=torch.float32)
+    out = np.zeros((len(rows), x.shape[1], n_out), dtype=np.float32)
     k_in = x.shape[-1]
+    xn = x.contiguous().numpy()
     if layout.kind == "dense":
         cpu_kernels.dense(arena, rows, xsel, layout.segment(prefix).offset, n_out, k_in,
-                          layout.dtype == "bfloat16", x.contiguous().numpy(), active, out.numpy())
+                          layout.dtype == "bfloat16", xn, active, out)
     else:
-        xp, xs = _planes(x, layout.bits, layout.group_size)
-        offsets = tuple(layout.segment(f"{prefix}.{s}").offset for s in ("codes", "scale", "zero"))
-        cpu_kernels.quantized(arena, rows, xsel, offsets, n_out, k_in, layout.bits, layout.group_size, xp, xs,
-                              active, out.numpy())
-    return out
+        xp, xs = _planes(xn, layout.bits, layout.group_size)
+        cpu_kernels.quantized(arena, rows, xsel, _offsets(layout, prefix), n_out, k_in, layout.bits,
+                              layout.group_size, xp, xs, active, out)
+    return torch.from_numpy(out)
 
 
 def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout, w: torch.Tensor,
@@ -148,7 +164,7 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
     arena_t, rows = _arena(bufs, layout.nbytes)
     arena = arena_t.numpy()
     n = len(bufs)
-    active = (w.t() != 0).to(torch.uint8).contiguous().numpy()  # [E, T]
+    active = np.ascontiguousarray((w.numpy().T != 0).astype(np.uint8))  # [E, T]
     inter, hidden = layout.intermediate, layout.hidden
     h = _matmul(arena, rows, np.zeros(n, dtype=np.int64), layout, "gate_up", x.unsqueeze(0), active, 2 * inter)
     biases = None
