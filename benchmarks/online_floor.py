@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from cache.belady import NEVER, min_loads
-from cache.eviction import ARC, LRU, ByPriority, DecayedFrequency
+from cache.eviction import ARC, LRU, ByPriority, DecayedFrequency, first_unpinned
 from cache.online import Eviction, Observe, ahead_loads, demand_loads
 from fate_cli.bench import open_target, parse_budgets, prompt_set
 
@@ -75,12 +75,8 @@ class TwoQ:
             self.am.move_to_end(expert)
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        lists = (self.a1in, self.am) if len(self.a1in) > self.kin or not self.am else (self.am, self.a1in)
-        for lst in lists:
-            for e in lst:
-                if e not in pinned:
-                    return e
-        raise RuntimeError("every slot of the layer is pinned")
+        return first_unpinned((self.a1in, self.am) if len(self.a1in) > self.kin or not self.am
+                              else (self.am, self.a1in), pinned)
 
     def admit(self, expert: int, victim: int | None) -> None:
         if victim is not None:

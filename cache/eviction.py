@@ -8,7 +8,7 @@ Experts pinned for the step in progress are never chosen.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable, Sequence
 
 
 class LRU:
@@ -39,6 +39,15 @@ class LRU:
         return list(self.order)
 
 
+def first_unpinned(lists: Sequence[Iterable[int]], pinned: Collection[int]) -> int:
+    """The first expert, list by list in order, that the step does not pin (the victim of a list-ordered cache)."""
+    for lst in lists:
+        for e in lst:
+            if e not in pinned:
+                return e
+    raise RuntimeError("every slot of the layer is pinned")
+
+
 class ARC:
     """Adaptive Replacement Cache (Megiddo & Modha): recency list T1, frequency list T2, ghost lists B1/B2.
 
@@ -66,12 +75,7 @@ class ARC:
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
         in_b2 = incoming is not None and incoming in self.b2
         prefer_t1 = self.t1 and (len(self.t1) > self.p or (in_b2 and len(self.t1) == self.p))
-        lists = (self.t1, self.t2) if prefer_t1 else (self.t2, self.t1)
-        for lst in lists:
-            for e in lst:
-                if e not in pinned:
-                    return e
-        raise RuntimeError("every slot of the layer is pinned")
+        return first_unpinned((self.t1, self.t2) if prefer_t1 else (self.t2, self.t1), pinned)
 
     def admit(self, expert: int, victim: int | None) -> None:
         c = self.capacity
