@@ -13,7 +13,8 @@ from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext, make_policy
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
-from tests.tiny_models import make_fitting_store
+from tests.tiny_gpt_oss import make_tiny_gpt_oss
+from tests.tiny_models import FAMILIES, make_fitting_store, make_tiny_model
 
 WAVES = OffloadedExperts.waves
 DEVICES = ["cpu"] + (["cuda"] if HAVE_TRITON and torch.cuda.is_available() else [])
@@ -24,8 +25,10 @@ def fitting(tmp_path_factory):
     return make_fitting_store(tmp_path_factory.mktemp("waves"))
 
 
-def _prefill(path, store, device: str, policy: str, waves: bool, monkeypatch) -> tuple:  # noqa: ANN001
-    """Two prompts' logits through a cache of 3 slots a layer (layer 0 held whole), with or without waves."""
+def _prefill(path, store, device: str, policy: str, waves: bool, monkeypatch, slots: int = 3,  # noqa: ANN001
+             whole: int = 1) -> tuple:
+    """Two prompts' logits through a cache of `slots` slots a layer (the first `whole` MoE layers held whole), with
+    or without waves."""
     calls = []
     if waves:
         monkeypatch.setattr(OffloadedExperts, "waves", lambda self, *a: calls.append(a[0]) or WAVES(self, *a))
@@ -37,12 +40,12 @@ def _prefill(path, store, device: str, policy: str, waves: bool, monkeypatch) ->
     fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
                    0, 0, 0)
     layers = list(args.moe_layer_ids)
-    plan = Plan(10**9, fp, {layer: 3 for layer in layers[1:]}, full_layers=(layers[0],))
+    plan = Plan(10**9, fp, {layer: slots for layer in layers[whole:]}, full_layers=tuple(layers[:whole]))
     provider = OffloadedExperts(store, plan, make_policy(policy, PolicyContext.of(args, model.routers())), dev,
-                                torch.float32)
+                                torch.float32, act=args.expert_act)
     model = model.with_experts(provider)
     logits = []
-    for prompt in ([5, 9, 14, 3, 27, 8, 61, 2, 40, 11], [40, 2, 2, 17, 90, 33]):
+    for prompt in ([5, 9, 14, 3, 27, 8, 61, 2, 40, 11, 7, 19], [40, 2, 2, 17, 90, 33]):
         cache = model.new_cache(1, 32)
         with torch.no_grad():
             logits.append(model(torch.tensor([prompt], device=dev), cache, 0).float().cpu())
@@ -65,3 +68,22 @@ def test_waves_give_the_loops_logits_and_counts(fitting, device, policy, monkeyp
         else:  # the grouped kernel's tiles against the per-expert kernels: float32 rounding
             assert ((a - b).norm() / b.norm()).item() < 1e-5
             assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])
+def test_waves_on_every_family_on_the_cpu(tmp_path, family, monkeypatch):
+    """Tiny configs of every family (shared experts, linear attention, expert biases and the clamped SwiGLU), every
+    MoE layer behind the cache: the waves' logits are the loop's, bit for bit."""
+    from fate_cli.engine.stores import quantize_model
+    from quant.store import QuantParams, TierStore
+
+    if family == "gpt_oss":
+        path = make_tiny_gpt_oss(tmp_path / "model", num_hidden_layers=3)
+    else:
+        path = make_tiny_model(tmp_path / "model", family=family, num_hidden_layers=3)
+    quantize_model(path, tmp_path / "store", QuantParams(method="minmax"))
+    store = TierStore.open(tmp_path / "store", path)
+    loop, loop_counts, _ = _prefill(path, store, "cpu", "fate", False, monkeypatch, slots=2, whole=0)
+    waved, waved_counts, calls = _prefill(path, store, "cpu", "fate", True, monkeypatch, slots=2, whole=0)
+    assert len(set(calls)) >= 2 and waved_counts == loop_counts and loop_counts[1] > 0
+    assert all(torch.equal(a, b) for a, b in zip(waved, loop))
