@@ -136,46 +136,50 @@ class ByPriority(LRU):
         return best
 
 
+INFLATION_LIMIT = 1e100  # DecayedFrequency rebases its counts when a use would add more than this
+
+
 class DecayedFrequency(LRU):
     """Evict the resident expert used least, counting uses with weight `decay` per step of the layer since.
 
     A step's routing is told to `step` (every routed expert, resident or not), so an expert that leaves and
     comes back keeps its history: frequency where it is stable, recency where it shifts (half-life
     ln 0.5 / ln decay steps). Ties leave in arrival order. On the bundled model's decode traffic this loads
-    fewer experts than LRU, ARC or plain counts at every budget (docs/bench-results.md, the floor)."""
+    fewer experts than LRU, ARC or plain counts at every budget (docs/bench-results.md, the floor).
+
+    Counts are kept inflated: a use at step t adds decay ** -(t - base), so every expert's count is its decayed
+    count times the same factor, no count changes when time passes, and the victim is the smallest count (a C-level
+    min over the residents, the host's cost per load). The factor is folded back in now and then, well inside a
+    float's range."""
 
     def __init__(self, capacity: int, decay: float):
         super().__init__(capacity)
         self.decay = decay
         self.now = 0
-        self.weight: dict[int, tuple[float, int]] = {}  # expert -> (decayed uses, the step they are valued at)
+        self.unit = 1.0  # decay ** -(now - base): what a use now adds
+        self.count: dict[int, float] = {}  # expert -> its decayed uses times `unit`'s factor
 
     def step(self, experts: Collection[int]) -> None:
-        self.now = now = self.now + 1
-        weight, decay = self.weight, self.decay
-        for e in experts:  # score(e) + 1, inline: this runs for every routed expert of every step
-            value, at = weight.get(e, (0.0, now))
-            weight[e] = (value * decay ** (now - at) + 1.0, now)
+        self.now += 1
+        self.unit /= self.decay
+        if self.unit > INFLATION_LIMIT:  # rebase on now: every count scaled by the same factor
+            scale = 1.0 / self.unit
+            self.count = {e: c * scale for e, c in self.count.items()}
+            self.unit = 1.0
+        count, unit = self.count, self.unit
+        for e in experts:
+            count[e] = count.get(e, 0.0) + unit
 
     def score(self, expert: int) -> float:
-        value, at = self.weight.get(expert, (0.0, self.now))
-        return value * self.decay ** (self.now - at)
+        return self.count.get(expert, 0.0) / self.unit
 
     def touch(self, expert: int) -> None:
         pass
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        """min(residents not pinned, key=score), the first of equals, with the score inline: it runs over every
-        resident of the layer at each load."""
-        now, weight, decay = self.now, self.weight, self.decay
-        best, lowest = None, 0.0
-        for e in self.order:
-            if e in pinned:
-                continue
-            value, at = weight.get(e, (0.0, now))
-            score = value * decay ** (now - at)
-            if best is None or score < lowest:
-                best, lowest = e, score
-        if best is None:
-            raise RuntimeError("every slot of the layer is pinned")
-        return best
+        """min(residents not pinned, key=count), the first of equals."""
+        count = self.count
+        try:
+            return min((e for e in self.order if e not in pinned), key=lambda e: count.get(e, 0.0))
+        except ValueError:
+            raise RuntimeError("every slot of the layer is pinned") from None
