@@ -10,8 +10,8 @@ Two implementations, the same numbers within float32 rounding:
 - the kernels of quant/cpu_kernels.py (numba): every expert of one tier in one multi-threaded call per matrix,
   reading the codes, scales and zeros (or the 16-bit weights) where they lie in the host tier's buffer; the
   activation, the biases and the weighted sum over experts in torch between the calls. Experts whose buffers
-  are rows of one tensor (the host tier's, cache/host_tier.py) are read in place; any others are stacked into
-  one temporary tensor first (a copy of those experts only).
+  are rows of one tensor (a chunk of the host tier, cache/host_tier.py) are read in place, a group per tensor;
+  any others are stacked into one temporary tensor first (a copy of those experts only).
 The kernels are used where numba imports and the tier fits them (group size a multiple of the codes per word:
 every tier but INT3); `FATE_CPU_EXPERTS=reference` forces the reference.
 """
@@ -101,19 +101,28 @@ def cpu_moe_reference(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, Exp
     return out.to(x.dtype)
 
 
-def _arena(bufs: Sequence[torch.Tensor], nbytes: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The buffers as rows of one uint8 tensor [R, nbytes] and their row numbers: in place where they are rows
-    of one contiguous tensor (the host tier), else stacked (a copy)."""
+def _arenas(bufs: Sequence[torch.Tensor], nbytes: int) -> list[tuple[torch.Tensor, np.ndarray, list[int]]]:
+    """The buffers as groups (arena, row numbers, their places in `bufs`): buffers that are rows of one contiguous
+    uint8 tensor (a chunk of the host tier) are read in place, one group per such tensor; any others are stacked
+    into one group (a copy of those alone)."""
     if len(bufs) == 1 and bufs[0].is_contiguous():  # one expert (a cache slot, say): itself, as one row
-        return bufs[0].view(1, nbytes), np.zeros(1, dtype=np.int64)
-    base = bufs[0]._base
-    if base is not None and base.dim() == 2 and base.dtype == torch.uint8 and base.shape[1] == nbytes \
-            and base.is_contiguous():
-        start = base.data_ptr()
-        offs = [b.data_ptr() - start for b in bufs]
-        if all(b._base is base and o % nbytes == 0 for b, o in zip(bufs, offs, strict=True)):
-            return base, np.array([o // nbytes for o in offs], dtype=np.int64)
-    return torch.stack([b.reshape(nbytes) for b in bufs]), np.arange(len(bufs), dtype=np.int64)
+        return [(bufs[0].view(1, nbytes), np.zeros(1, dtype=np.int64), [0])]
+    groups: dict[int, tuple[torch.Tensor, list[int], list[int]]] = {}
+    loose: list[int] = []
+    for j, b in enumerate(bufs):
+        base = b._base
+        if base is not None and base.dim() == 2 and base.dtype == torch.uint8 and base.shape[1] == nbytes \
+                and base.is_contiguous() and (b.data_ptr() - base.data_ptr()) % nbytes == 0:
+            _, rows, places = groups.setdefault(id(base), (base, [], []))
+            rows.append((b.data_ptr() - base.data_ptr()) // nbytes)
+            places.append(j)
+        else:
+            loose.append(j)
+    out = [(base, np.array(rows, dtype=np.int64), places) for base, rows, places in groups.values()]
+    if loose:
+        out.append((torch.stack([bufs[j].reshape(nbytes) for j in loose]), np.arange(len(loose), dtype=np.int64),
+                    loose))
+    return out
 
 
 def _planes(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
@@ -160,11 +169,25 @@ def _matmul(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, layout: Exper
 
 def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout, w: torch.Tensor,
                 act: ClampedSwiGLU | None, out: torch.Tensor) -> None:
-    """out += sum_j w[:, j] * expert_j(x) for experts of one layout, by the numba kernels."""
-    arena_t, rows = _arena(bufs, layout.nbytes)
-    arena = arena_t.numpy()
-    n = len(bufs)
+    """out += sum_j w[:, j] * expert_j(x) for experts of one layout, by the numba kernels: the products of each
+    group of buffers that lie in one tensor together, then the sum in the experts' given order."""
     active = np.ascontiguousarray((w.numpy().T != 0).astype(np.uint8))  # [E, T]
+    groups = _arenas(bufs, layout.nbytes)
+    if len(groups) == 1:
+        y = _expert_outputs(x, *groups[0][:2], layout, active, act)
+    else:
+        y = torch.empty(len(bufs), x.shape[0], layout.hidden)
+        for arena_t, rows, places in groups:
+            y[places] = _expert_outputs(x, arena_t, rows, layout, np.ascontiguousarray(active[places]), act)
+    for j in range(len(bufs)):  # in the experts' given order, as the reference adds them
+        out.addcmul_(w[:, j, None], y[j])
+
+
+def _expert_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, layout: ExpertLayout,
+                    active: np.ndarray, act: ClampedSwiGLU | None) -> torch.Tensor:
+    """[E, T, hidden]: expert e (row rows[e] of the arena) applied to x [T, H] for its active tokens."""
+    arena = arena_t.numpy()
+    n = len(rows)
     inter, hidden = layout.intermediate, layout.hidden
     h = _matmul(arena, rows, np.zeros(n, dtype=np.int64), layout, "gate_up", x.unsqueeze(0), active, 2 * inter)
     biases = None
@@ -179,8 +202,7 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
     y = _matmul(arena, rows, np.arange(n, dtype=np.int64), layout, "down", a.contiguous(), active, hidden)
     if biases is not None:
         y += biases[1].unsqueeze(1)
-    for j in range(n):  # in the experts' given order, as the reference adds them
-        out.addcmul_(w[:, j, None], y[j])
+    return y
 
 
 def dequantize_expert(buf: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,15 +98,24 @@ def test_mixed_tiers_and_copies() -> None:
     assert torch.equal(out, ref) or (out.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
 
 
-def test_arena_in_place() -> None:
-    """Rows of one tensor are read where they lie (no copy); others are stacked."""
+def test_arenas_in_place() -> None:
+    """Rows of one tensor are read where they lie (no copy), a group per tensor (the host tier's chunks); others
+    are stacked; a call over experts of two chunks gives the experts' sum as over one tensor."""
     layout = LAYOUTS["int4-g64"]
     tier = host_tier(layout, 4)
-    arena, rows = cpu_experts._arena([tier[3], tier[1]], layout.nbytes)
-    assert arena.data_ptr() == tier.data_ptr() and rows.tolist() == [3, 1]
-    copy, rows = cpu_experts._arena([tier[3].clone(), tier[1]], layout.nbytes)
-    assert copy.data_ptr() != tier.data_ptr() and rows.tolist() == [0, 1]
-    assert torch.equal(copy[0], tier[3])
+    [(arena, rows, places)] = cpu_experts._arenas([tier[3], tier[1]], layout.nbytes)
+    assert arena.data_ptr() == tier.data_ptr() and rows.tolist() == [3, 1] and places == [0, 1]
+    first, second = tier[:2].clone(), tier[2:].clone()  # the same experts in two chunks
+    groups = cpu_experts._arenas([second[1], tier[3].clone(), first[0], second[0]], layout.nbytes)
+    assert [(g[0].data_ptr(), g[1].tolist(), g[2]) for g in groups] == [
+        (second.data_ptr(), [1, 0], [0, 3]), (first.data_ptr(), [0], [2]), (groups[2][0].data_ptr(), [0], [1])]
+    assert torch.equal(groups[2][0][0], tier[3])
+    gen = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, layout.hidden, generator=gen), torch.rand(2, 4, generator=gen)
+    split = cpu_experts.cpu_moe(x, [(second[1], layout), (tier[3].clone(), layout), (first[0], layout),
+                                    (second[0], layout)], w)
+    whole = cpu_experts.cpu_moe(x, [(tier[i], layout) for i in (3, 3, 0, 2)], w)
+    assert torch.equal(split, whole)
 
 
 def test_threads_do_not_change_results() -> None:
