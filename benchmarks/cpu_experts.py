@@ -3,6 +3,7 @@ tier and kernel, per thread count, and (with --decode) a model's decode tokens/s
 
     python3 benchmarks/cpu_experts.py                         # threads: every core, then half of them
     python3 benchmarks/cpu_experts.py --threads 16,8 --decode synthetic:qwen3-30b-a3b
+    python3 benchmarks/cpu_experts.py --threads 16,8,1 --tiers int4-g64 --no-library --gap-us 500   # as in decode
 
 Shape: a Qwen3-30B-A3B expert (hidden 2048, expert width 768) unless --hidden/--inter say otherwise. Each kernel
 cycles through a pool of distinct random experts larger than --pool-mb (default 1 GiB), so every call reads its
@@ -54,6 +55,9 @@ def bandwidth(nbytes: int, repeats: int = 5) -> tuple[float, float]:
     return nbytes / best_copy / 1e9, nbytes / best_read / 1e9
 
 
+GAP_S = 0.0  # --gap-us: the host busy this long between calls, as between a decode step's layers
+
+
 def time_pool(fn, pool: list, calls: int) -> float:  # noqa: ANN001 - fn(item) runs one expert
     """Median seconds per call over `calls` calls cycling through the pool (one warm pass first)."""
     for item in pool[: min(len(pool), 8)]:
@@ -61,6 +65,10 @@ def time_pool(fn, pool: list, calls: int) -> float:  # noqa: ANN001 - fn(item) r
     times = []
     for i in range(calls):
         item = pool[i % len(pool)]
+        if GAP_S:
+            until = time.perf_counter() + GAP_S
+            while time.perf_counter() < until:  # busy, as the host is with the step's other work
+                pass
         t = time.perf_counter()
         fn(item)
         times.append(time.perf_counter() - t)
@@ -214,11 +222,16 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--bw-mb", type=int, default=1024, help="buffer of the bandwidth measurement")
     p.add_argument("--no-library", action="store_true", help="fate's kernels only")
+    p.add_argument("--gap-us", type=float, default=0.0,
+                   help="the host busy this many microseconds between calls (a decode step's layers are about "
+                        "300-800 us apart): shows what the kernels' idle threads cost to wake")
     p.add_argument("--decode", default="", help="also decode this model on the CPU, e.g. synthetic:olmoe-1b-7b")
     p.add_argument("--decode-vram", default=None, help="with --decode: --vram of the run (tiered experts)")
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--decode-dtype", default=None, help="with --decode: --dtype of the run (default float32)")
     a = p.parse_args()
+    global GAP_S
+    GAP_S = a.gap_us / 1e6
     numba_version = cpu_kernels.numba.__version__ if cpu_kernels.numba else "-"
     print(f"CPU expert kernels: torch {torch.__version__}, numba {numba_version}, "
           f"{cores} cores, expert {a.hidden}x{a.inter}, {time.strftime('%Y-%m-%d')}")
