@@ -280,9 +280,10 @@ class OffloadedExperts(ExpertProvider):
         rest = [e for e in order if e not in state.slot_of]
         width = max(1, state.capacity // 2)
         for wave in ([placed] if placed else []) + [rest[i : i + width] for i in range(0, len(rest), width)]:
-            for e in wave:
-                if e not in state.slot_of:
-                    self._load(layer, e, tier, pinned)
+            with self.pool.copying():
+                for e in wave:
+                    if e not in state.slot_of:
+                        self._load(layer, e, tier, pinned)
             slots = [state.slot_of[e] for e in wave]
             self.pool.wait_ready(layer, slots)
             yield self._wave_bank(layer, wave)
