@@ -231,6 +231,11 @@ def measure_row(target: Target, policy: str, label: str, budget: int, prompts: l
         minimum = minimum_budget(target.footprint)
         return [{**base, "test": t, "status": "does not fit", "note": str(err),
                  "minimum_budget_bytes": minimum if budget < minimum else None} for t in tests], None
+    except torch.OutOfMemoryError:  # the row's cache or banks did not fit beside what the device already holds
+        if cuda:
+            torch.cuda.empty_cache()
+        note = f"CUDA ran out of memory setting up {label}; the plan's estimate was too low, try a larger budget"
+        return [{**base, "test": t, "status": "out of memory", "note": note} for t in tests], None
     try:
         if session.offload:
             session.offload.routing = RoutingLog()  # for the floor, computed after the timed requests

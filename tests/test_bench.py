@@ -322,3 +322,28 @@ def test_offloaded_rows_carry_the_decode_steps_host_time(monkeypatch):
     assert rows["lru"][1]["hit_rate"] < 1.0
     assert all(r["host_ms_per_token"] > 0 for r in rows["lru"])
     assert all(r["host_ms_per_token"] is None for r in rows["resident"])
+
+
+def test_a_row_whose_setup_runs_out_of_device_memory_says_so_and_the_sweep_goes_on(monkeypatch):
+    """The device refusing a row's cache or banks (torch.OutOfMemoryError while the session is built) makes that
+    row's two lines say so; the next row runs."""
+    from fate_cli import synthetic
+    from fate_cli.bench import measure_row, open_target, prompt_set
+
+    monkeypatch.setitem(synthetic.CONFIGS, "small-mixtral", SMALL_MIXTRAL)
+    target = open_target("synthetic:small-mixtral", torch.device("cpu"), torch.float32, None)
+    ((label, budget),) = parse_budgets("50%", target.footprint)
+    prompts = prompt_set(8, 2, None)
+    real = type(target).session
+
+    def session(self, policy, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202 - Target.session's
+        if policy == "lru":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, policy, *args, **kwargs)
+
+    monkeypatch.setattr(type(target), "session", session)
+    refused, _ = measure_row(target, "lru", label, budget, prompts, 4, 1)
+    assert [r["status"] for r in refused] == ["out of memory"] * 2
+    assert all("ran out of memory setting up 50%" in r["note"] for r in refused)
+    ran, _ = measure_row(target, "ondemand", label, budget, prompts, 4, 1)
+    assert [r["status"] for r in ran] == ["ok", "ok"]
