@@ -60,7 +60,7 @@ def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k
     if tier not in options.costs:
         experts = [(host.get(tier, layer, e), layout) for e in range(top_k)]
         on_device = QuantExpert(experts[0][0].to(device), layout, None, act)
-        threads = options.cpu_threads or cpu_kernels.max_threads()
+        threads = options.cpu_threads or cpu_kernels.configured_threads()
         options.costs[tier] = measure_costs(experts, on_device, layout.hidden, device, dtype,
                                             lambda x, ex, w: cpu_moe(x, ex, w, act, threads=threads), threads,
                                             options.link)

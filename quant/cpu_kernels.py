@@ -56,7 +56,12 @@ def configure_threads(n: int | None) -> int | None:
 
 
 def threads_for(macs: int) -> int:
-    return 1 if macs < SMALL_CALL_MACS else (_threads or max_threads())
+    return 1 if macs < SMALL_CALL_MACS else configured_threads()
+
+
+def configured_threads() -> int:
+    """The threads a call large enough to spread uses (`configure_threads`' count, else all of numba's)."""
+    return _threads or max_threads()
 
 
 def set_threads(n: int) -> int:
