@@ -60,10 +60,10 @@ def costs_for(host: HostTier, layout: ExpertLayout, tier: str, layer: int, top_k
     if tier not in options.costs:
         experts = [(host.get(tier, layer, e), layout) for e in range(top_k)]
         on_device = QuantExpert(experts[0][0].to(device), layout, None, act)
-        threads = options.cpu_threads or cpu_kernels.configured_threads()
+        # the threads the run's calls use: --cpu-threads, else cpu_moe's own rule (one for a small call)
         options.costs[tier] = measure_costs(experts, on_device, layout.hidden, device, dtype,
-                                            lambda x, ex, w: cpu_moe(x, ex, w, act, threads=threads), threads,
-                                            options.link)
+                                            lambda x, ex, w: cpu_moe(x, ex, w, act, threads=options.cpu_threads),
+                                            options.cpu_threads or cpu_kernels.configured_threads(), options.link)
     return options.costs[tier]
 
 
