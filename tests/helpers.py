@@ -83,3 +83,13 @@ def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> su
             else:
                 os.environ["FATE_HOME"] = saved_env
     return subprocess.CompletedProcess(["fate", *args], code, out.getvalue(), err.getvalue())
+
+
+def fixed_plan(args, store, slots: int, whole: int = 0):  # noqa: ANN001, ANN201 - ModelArgs, TierStore -> Plan
+    """A plan of `slots` hot-tier slots for each MoE layer (the first `whole` held whole at 16 bits), under a budget
+    that never binds: what the cache tests build by hand instead of asking the planner."""
+    from cache.planner import Footprint, Plan
+
+    layers = list(args.moe_layer_ids)
+    fp = Footprint(tuple(layers), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes, 0, 0, 0)
+    return Plan(10**9, fp, {layer: slots for layer in layers[whole:]}, full_layers=tuple(layers[:whole]))

@@ -16,6 +16,7 @@ from quant.layout import ExpertLayout
 from quant.moe_kernels import FUSED, DenseBank, PackedBank, backend_for, moe_ffn, moe_ffn_reference
 from quant.synthetic import random_quantized
 from quant.triton_kernels import HAVE_TRITON
+from tests.helpers import fixed_plan
 from tests.tiny_models import FAMILIES, make_fitting_store, make_tiny_model
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
@@ -134,7 +135,6 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
     """Four slots a layer, experts moved at the hot tier: tokens and the cache's counts equal the eager path's
     (the bundled model's 160-wide hidden size does not fit the kernels' 64-wide groups: it decodes eagerly)."""
     from cache.offload import OffloadedExperts
-    from cache.planner import Footprint, Plan
     from cache.policies import PolicyContext, make_policy
 
     path, store = fitting_model
@@ -143,10 +143,8 @@ def test_graph_step_under_offloading_keeps_tokens_and_bookkeeping(fitting_model,
     for eager in (True, False):
         model = load_model(path, CUDA, torch.float32).model
         args = model.args
-        fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
-                       0, 0, 0)
         ctx = PolicyContext.of(args, model.routers())
-        plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
+        plan = fixed_plan(args, store, 4)
         provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot")
         model = model.with_experts(provider)
         graphs = None if eager else DecodeGraphs(model)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext, make_policy
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate_batch
@@ -20,6 +19,7 @@ from quant.moe_kernels import FUSED, DenseBank, PackedBank, backend_for, moe_ffn
 from quant.store import QuantParams, TierStore
 from quant.synthetic import random_quantized
 from quant.triton_kernels import HAVE_TRITON
+from tests.helpers import fixed_plan
 from tests.tiny_gpt_oss import make_tiny_gpt_oss
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
@@ -121,9 +121,7 @@ def test_captured_step_under_offloading_keeps_tokens_and_bookkeeping(fitting, po
     for eager in (True, False):
         model = load_model(path, CUDA, torch.float32).model
         args = model.args
-        fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
-                       0, 0, 0)
-        plan = Plan(10**9, fp, {layer: 2 for layer in args.moe_layer_ids})
+        plan = fixed_plan(args, store, 2)
         ctx = PolicyContext.of(args, model.routers())
         provider = OffloadedExperts(store, plan, make_policy(policy, ctx), CUDA, torch.float32, transfer_tier="hot",
                                     act=args.expert_act)

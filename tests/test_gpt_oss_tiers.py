@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext, make_policy
 from cache.setup import footprint
 from cache.tiered import TieredExperts, uniform_tiers
@@ -28,7 +27,7 @@ from quant.kernels import QuantExpert, dequantized_weights, expert_biases
 from quant.layout import ExpertLayout
 from quant.moe_kernels import PackedBank, identity_table, moe_ffn_reference
 from quant.store import MANIFEST, QuantParams, TierStore, check_store
-from tests.helpers import fate_in_process
+from tests.helpers import fate_in_process, fixed_plan
 from tests.tiny_gpt_oss import make_tiny_gpt_oss
 
 pytest.importorskip("transformers")
@@ -128,9 +127,7 @@ def test_the_16_bit_tier_gives_the_resident_tokens(tiny):
 
 def offloaded(model, store, policy: str, slots: int) -> OffloadedExperts:  # noqa: ANN001
     args = model.args
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
-                   0, 0, 0)
-    plan = Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids})
+    plan = fixed_plan(args, store, slots)
     ctx = PolicyContext.of(args, model.routers())
     return OffloadedExperts(store, plan, make_policy(policy, ctx), CPU, torch.float32, transfer_tier="hot",
                             act=args.expert_act)

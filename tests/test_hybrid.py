@@ -11,7 +11,7 @@ import torch
 
 from cache.cost_model import Costs, ReuseEstimate, split_misses
 from cache.hybrid import CPUExperts, FreeTokenExperts, HybridExperts, HybridOptions
-from cache.planner import Footprint, Plan, minimum_budget
+from cache.planner import minimum_budget
 from cache.policies import PolicyContext, make_policy
 from cache.setup import footprint
 from fate_cli.engine.decode_step import DecodeGraphs
@@ -21,7 +21,7 @@ from fate_cli.engine.stores import quantize_model
 from fate_cli.model.loader import checked_args, load_model
 from quant.cpu_experts import cpu_moe
 from quant.store import QuantParams, TierStore
-from tests.helpers import fate_in_process
+from tests.helpers import fate_in_process, fixed_plan
 from tests.tiny_gpt_oss import make_tiny_gpt_oss
 from tests.tiny_models import make_tiny_model
 
@@ -64,9 +64,7 @@ def model_and_store(tmp_path_factory):
 
 def provider_for(model, store, kind, policy, slots, miss="auto", costs=COSTS):  # noqa: ANN001, ANN201
     args = model.args
-    hot = store.tiers["hot"].layout.nbytes
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
-    plan = Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids})
+    plan = fixed_plan(args, store, slots)
     ctx = PolicyContext.of(args, model.routers())
     return kind(store, plan, make_policy(policy, ctx), CPU, torch.float32, "hot",
                 options=HybridOptions(miss), costs=costs)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from cache.hybrid import HybridOptions
-from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext
 from cache.setup import OffloadSetup, build_offloaded
 from fate_cli.engine.decode_step import DecodeGraphs
 from fate_cli.engine.generate import Sampler, SamplingParams, generate
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
+from tests.helpers import fixed_plan
 from tests.tiny_models import make_fitting_store
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
@@ -34,10 +34,8 @@ def run(fitting, policy: str, miss: str, link: float | None = None):  # noqa: AN
     path, store = fitting
     model = load_model(path, CUDA, torch.float32).model
     args = model.args
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
-                   0, 0, 0)
     slots = args.num_experts if policy == "resident" else 3
-    setup = OffloadSetup(Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids}), policy, 10**9, False)
+    setup = OffloadSetup(fixed_plan(args, store, slots), policy, 10**9, False)
     offload = build_offloaded(PolicyContext.of(args, model.routers()), store, setup, CUDA, torch.float32, 4,
                               hybrid=HybridOptions(miss, link))
     model = model.with_experts(offload)

@@ -8,13 +8,12 @@ import pytest
 import torch
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan
 from cache.policies import HOT_SHARE, MIN_SHARE, PolicyContext, make_policy
 from fate_cli.engine.stores import quantize_model
 from fate_cli.model.loader import load_model
 from predictors.cross_layer import router_probs
 from quant.store import QuantParams, TierStore
-from tests.helpers import fate_in_process
+from tests.helpers import fate_in_process, fixed_plan
 from tests.tiny_models import make_tiny_model
 
 POLICIES = ["fate", "ondemand", "lru", "eap", "fmoe", "klotski", "resident"]
@@ -63,8 +62,7 @@ def model_and_store(tiny):
 def provider_for(model, store, policy_name, slots):
     args = model.args
     hot, cold = store.tiers["hot"].layout.nbytes, store.tiers["cold"].layout.nbytes
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
-    plan = Plan(10**9, fp, {layer: slots for layer in args.moe_layer_ids})
+    plan = fixed_plan(args, store, slots)
     ctx = PolicyContext.of(args, model.routers())
     return OffloadedExperts(store, plan, make_policy(policy_name, ctx), torch.device("cpu"), torch.float32), hot, cold
 
@@ -156,9 +154,7 @@ def test_klotski_prefetches_what_followed_before(model_and_store):
     co = Coactivation(model.args.moe_layer_ids, model.args.num_experts)
     co.add_tokens(first, torch.tensor([[3, 0], [3, 1]]), torch.tensor([[5, 6], [5, 7]]))
     args = model.args
-    hot = store.tiers["hot"].layout.nbytes
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, hot, 0, 0, 0)
-    plan = Plan(10**9, fp, {layer: 4 for layer in args.moe_layer_ids})
+    plan = fixed_plan(args, store, 4)
     ctx = PolicyContext.of(args, model.routers(), lambda: co)
     provider = OffloadedExperts(store, plan, make_policy("klotski", ctx), torch.device("cpu"), torch.float32)
     list(provider.experts(first, [3], [2]))

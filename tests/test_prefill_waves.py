@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from cache.offload import OffloadedExperts
-from cache.planner import Footprint, Plan
 from cache.policies import PolicyContext, make_policy
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
+from tests.helpers import fixed_plan
 from tests.tiny_gpt_oss import make_tiny_gpt_oss
 from tests.tiny_models import FAMILIES, make_fitting_store, make_tiny_model
 
@@ -37,10 +37,7 @@ def _prefill(path, store, device: str, policy: str, waves: bool, monkeypatch, sl
     dev = torch.device(device)
     model = load_model(path, dev, torch.float32).model
     args = model.args
-    fp = Footprint(tuple(args.moe_layer_ids), args.num_experts, args.top_k, 0, store.tiers["hot"].layout.nbytes,
-                   0, 0, 0)
-    layers = list(args.moe_layer_ids)
-    plan = Plan(10**9, fp, {layer: slots for layer in layers[whole:]}, full_layers=tuple(layers[:whole]))
+    plan = fixed_plan(args, store, slots, whole)
     provider = OffloadedExperts(store, plan, make_policy(policy, PolicyContext.of(args, model.routers())), dev,
                                 torch.float32, act=args.expert_act)
     model = model.with_experts(provider)
