@@ -23,13 +23,13 @@ from fate_cli.model.loader import load_args, load_model
 from fate_cli.tokenizer import Message
 from quant.store import QuantParams
 from tests.test_scheduler import run_all
+from tests.tiny_gpt_oss import LONG_PROMPT as LONG
+from tests.tiny_gpt_oss import SLIDING_PROMPTS as PROMPTS
 from tests.tiny_gpt_oss import make_tiny_gpt_oss, reference_tokens
 
 transformers = pytest.importorskip("transformers")
 CPU = torch.device("cpu")
 WINDOW = 8
-LONG = [(7 * i + 3) % 120 + 3 for i in range(42)]  # 42 tokens: five windows
-PROMPTS = [LONG, [17, 4, 4, 80], [3, 1, 33, 90, 21, 22, 23, 24, 25, 26, 5, 9, 14]]
 
 
 def greedy() -> Sampler:

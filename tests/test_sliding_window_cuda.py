@@ -17,12 +17,12 @@ from fate_cli.engine.generate import Sampler, SamplingParams, generate, generate
 from fate_cli.model.experts import DenseExpert, ResidentExperts
 from fate_cli.model.loader import load_model
 from quant.triton_kernels import HAVE_TRITON
+from tests.tiny_gpt_oss import LONG_PROMPT as LONG
+from tests.tiny_gpt_oss import SLIDING_PROMPTS as PROMPTS
 from tests.tiny_gpt_oss import make_tiny_gpt_oss
 
 pytestmark = pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs CUDA and Triton")
 CUDA = torch.device("cuda")
-LONG = [(7 * i + 3) % 120 + 3 for i in range(42)]  # 42 tokens: five windows
-PROMPTS = [LONG, [17, 4, 4, 80], [3, 1, 33, 90, 21, 22, 23, 24, 25, 26, 5, 9, 14]]
 
 
 def greedy() -> Sampler:

@@ -47,6 +47,10 @@ FIELDS: dict[str, Any] = {
 }
 
 
+# Prompts past the sliding window (FIELDS' 8 tokens): the first spans five windows, the others are shorter
+LONG_PROMPT = [(7 * i + 3) % 120 + 3 for i in range(42)]
+SLIDING_PROMPTS = [LONG_PROMPT, [17, 4, 4, 80], [3, 1, 33, 90, 21, 22, 23, 24, 25, 26, 5, 9, 14]]
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
