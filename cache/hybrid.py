@@ -151,8 +151,8 @@ class HybridExperts(OffloadedExperts):
         back to back, warm; between a decode step's layers their threads have gone idle), for measured costs."""
         if not self.calibrating:
             return
-        self._cpu_seen = per_expert if self._cpu_seen is None else (1 - CALIBRATION) * self._cpu_seen + \
-            CALIBRATION * per_expert
+        seen = self._cpu_seen
+        self._cpu_seen = per_expert if seen is None else (1 - CALIBRATION) * seen + CALIBRATION * per_expert
         self.costs = dataclasses.replace(self.costs, cpu_expert_s=self._cpu_seen)
 
     def _pinned_buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:

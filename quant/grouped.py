@@ -15,6 +15,9 @@ tokens), without atomics (so two runs give the same bits). Experts with biases a
 take them between the products: a dense bank's stacked biases, a packed slot's from its buffer
 (quant/layout.py), gathered per pair by torch.
 `grouped_backend` says which path a bank takes, or why none does (then the caller loops over experts).
+Where a layer's experts pass through a cache's slots in waves (cache/offload.py `waves`), one `GroupedPass` sorts
+the pairs once and runs once per wave, each run filling the rows of the experts its bank has a slot for
+(`waves_backend`: on a CPU the wave's experts one by one).
 """
 
 from __future__ import annotations
