@@ -151,6 +151,14 @@ def _offsets(layout: ExpertLayout, prefix: str) -> tuple[int, ...]:
     return kept[1]
 
 
+def _bias_offsets(layout: ExpertLayout) -> tuple[int, int, int]:
+    """(gate_up bias offset, down bias offset, kind) for the fused kernel; kind BIAS_NONE where there are none."""
+    if layout.bias is None:
+        return 0, 0, cpu_kernels.BIAS_NONE
+    kind = cpu_kernels.BIAS_BF16 if layout.bias == "bfloat16" else cpu_kernels.BIAS_FP16
+    return layout.segment("gate_up.bias").offset, layout.segment("down.bias").offset, kind
+
+
 def _matmul(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, layout: ExpertLayout, prefix: str,
             x: torch.Tensor, active: np.ndarray, n_out: int) -> torch.Tensor:
     """[E, T, n_out]: each expert's matrix `prefix` times x[xsel[e]] (x [X, T, K] float32) for its active tokens."""
@@ -189,6 +197,12 @@ def _expert_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, la
     arena = arena_t.numpy()
     n = len(rows)
     inter, hidden = layout.intermediate, layout.hidden
+    if layout.kind == "quantized":  # the whole FFN in one compiled call: no Python between its steps
+        return torch.from_numpy(cpu_kernels.quantized_ffn(
+            arena, rows, _offsets(layout, "gate_up"), _offsets(layout, "down"), _bias_offsets(layout), hidden, inter,
+            layout.bits, layout.group_size, x.contiguous().numpy(), active,
+            cpu_kernels.ACT_SILU if act is None else cpu_kernels.ACT_CLAMPED,
+            0.0 if act is None else act.alpha, 0.0 if act is None else act.limit))
     h = _matmul(arena, rows, np.zeros(n, dtype=np.int64), layout, "gate_up", x.unsqueeze(0), active, 2 * inter)
     biases = None
     if layout.bias is not None:

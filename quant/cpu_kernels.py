@@ -214,6 +214,113 @@ def _dense_kernel(bfloat16: bool):  # noqa: ANN202
     return kernel
 
 
+ACT_SILU, ACT_CLAMPED = 0, 1  # silu(gate) * up; gpt-oss's clamped SwiGLU (quant/expert_act.py)
+BIAS_NONE, BIAS_BF16, BIAS_FP16 = 0, 1, 2
+
+
+if numba is not None:
+
+    @njit(cache=True)
+    def _widen16(src, kind, dst):  # noqa: ANN001, ANN202 - 16-bit values (bfloat16 or float16 bits) -> float32
+        bits = dst.view(np.uint32)
+        if kind == BIAS_BF16:
+            for k in range(src.shape[0]):
+                bits[k] = np.uint32(src[k]) << np.uint32(16)
+        else:
+            _widen_half(src, bits)
+
+    @njit(cache=True)
+    def _activate(h, inter, act, alpha, limit, active, a):  # noqa: ANN001, ANN202
+        """a[e, t] = act(gate, up) of h[e, t] = [gate | up], for the active (expert, token) pairs."""
+        for e in range(h.shape[0]):
+            for t in range(h.shape[1]):
+                if active[e, t] == 0:
+                    continue
+                for k in range(inter):
+                    g = h[e, t, k]
+                    u = h[e, t, inter + k]
+                    if act == ACT_SILU:
+                        a[e, t, k] = g / (np.float32(1.0) + np.exp(-g)) * u
+                    else:
+                        g = min(g, limit)
+                        u = min(max(u, -limit), limit)
+                        a[e, t, k] = (u + np.float32(1.0)) * (g / (np.float32(1.0) + np.exp(-g * alpha)))
+
+    @njit(cache=True)
+    def _add_bias(arena, rows, offset, kind, n, active, y):  # noqa: ANN001, ANN202
+        """y[e, t, :n] += the bias of n 16-bit values at a byte offset of expert e's buffer (active pairs)."""
+        b = np.empty(n, dtype=np.float32)
+        for e in range(rows.shape[0]):
+            _widen16(arena[rows[e]][offset: offset + 2 * n].view(np.uint16), kind, b)
+            for t in range(y.shape[1]):
+                if active[e, t] != 0:
+                    for k in range(n):
+                        y[e, t, k] += b[k]
+
+
+@functools.cache
+def _planes_kernel(bits: int, gs: int):  # noqa: ANN202
+    cpw = 32 // bits
+
+    @njit(cache=True)
+    def planes(x):  # noqa: ANN001, ANN202 - x [X, T, K] -> plane order [X, T, cpw, words] (zero past K), group sums
+        n_x, n_tok, k_in = x.shape
+        words = (k_in + cpw - 1) // cpw
+        groups = (k_in + gs - 1) // gs
+        xp = np.zeros((n_x, n_tok, cpw, words), dtype=np.float32)
+        xs = np.zeros((n_x, n_tok, groups), dtype=np.float32)
+        for i in range(n_x):
+            for t in range(n_tok):
+                row = x[i, t]
+                for c in range(k_in):
+                    xp[i, t, c % cpw, c // cpw] = row[c]
+                for g in range(groups):
+                    s = np.float32(0.0)
+                    for c in range(g * gs, min(k_in, (g + 1) * gs)):
+                        s += row[c]
+                    xs[i, t, g] = s
+        return xp, xs
+
+    return planes
+
+
+@functools.cache
+def _ffn_kernel(bits: int, gs: int):  # noqa: ANN202 - one expert FFN pass for a quantized tier, per (bits, group)
+    matmul = _quantized_kernel(bits, gs)
+    planes = _planes_kernel(bits, gs)
+
+    @njit(cache=True)
+    def ffn(arena, rows, gu_c, gu_s, gu_z, d_c, d_s, d_z, gu_bias, d_bias, bias_kind, hidden, inter, x, active,
+            act, alpha, limit):  # noqa: ANN001, ANN202
+        n_exp, n_tok = rows.shape[0], x.shape[0]
+        xp, xs = planes(x.reshape(1, n_tok, hidden))
+        h = np.zeros((n_exp, n_tok, 2 * inter), dtype=np.float32)
+        matmul(arena, rows, np.zeros(n_exp, dtype=np.int64), gu_c, gu_s, gu_z, 2 * inter, hidden, xp, xs, active, h)
+        if bias_kind != BIAS_NONE:
+            _add_bias(arena, rows, gu_bias, bias_kind, 2 * inter, active, h)
+        a = np.zeros((n_exp, n_tok, inter), dtype=np.float32)
+        _activate(h, inter, act, alpha, limit, active, a)
+        ap, a_s = planes(a)
+        y = np.zeros((n_exp, n_tok, hidden), dtype=np.float32)
+        matmul(arena, rows, np.arange(n_exp), d_c, d_s, d_z, hidden, inter, ap, a_s, active, y)
+        if bias_kind != BIAS_NONE:
+            _add_bias(arena, rows, d_bias, bias_kind, hidden, active, y)
+        return y
+
+    return ffn
+
+
+def quantized_ffn(arena: np.ndarray, rows: np.ndarray, gate_up: tuple[int, int, int], down: tuple[int, int, int],
+                  biases: tuple[int, int, int], hidden: int, inter: int, bits: int, group_size: int, x: np.ndarray,
+                  active: np.ndarray, act: int, alpha: float, limit: float) -> np.ndarray:
+    """[E, T, hidden] float32: expert e (row rows[e] of the arena) applied to x [T, hidden] float32 for its active
+    tokens (active [E, T] uint8; inactive rows stay zero), in one compiled call: the gate_up product, its bias,
+    the activation, the down product and its bias. gate_up/down: byte offsets of (codes, scale, zero); biases:
+    (gate_up offset, down offset, BIAS_* kind)."""
+    return _ffn_kernel(bits, group_size)(arena, rows, *gate_up, *down, *biases, hidden, inter, x, active, act,
+                                         np.float32(alpha), np.float32(limit))
+
+
 def quantized(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offsets: tuple[int, int, int], n_out: int,
               k_in: int, bits: int, group_size: int, xp: np.ndarray, xs: np.ndarray, active: np.ndarray,
               out: np.ndarray) -> None:
