@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from cache.cost_model import Costs, ReuseEstimate, clock_hz, measure_costs, measure_link, split_misses
@@ -129,8 +130,9 @@ class HybridExperts(OffloadedExperts):
         if not experts:
             return None
         start = time.perf_counter()
-        chosen = torch.tensor(experts, dtype=ids.dtype)
-        w = (weights.float()[:, :, None] * (ids[:, :, None] == chosen)).sum(1)  # [T, n]: each token's weight
+        # [T, n]: each token's weight for each of the CPU's experts (numpy: a decode step's arrays are tiny)
+        ids_n, w_n = ids.numpy(), weights.float().numpy()
+        w = torch.from_numpy((w_n[:, :, None] * (ids_n[:, :, None] == np.array(experts))).sum(1, dtype=np.float32))
         layout = self.layouts[self.cpu_tier]
         bufs = [(self.host.get(self.cpu_tier, layer, e), layout) for e in experts]
         # the kernels' own threads only: switching torch's pool every layer costs more than the experts' small

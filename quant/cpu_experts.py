@@ -7,9 +7,11 @@ tier's own copy: quant/layout.py), `weights` [T, len(experts)] each token's rout
 
 Two implementations, the same numbers within float32 rounding:
 - `cpu_moe_reference`: plain torch, dequantize then matmul, one expert at a time (what the kernels are held to);
-- the kernels of quant/cpu_kernels.py (numba): every expert of one tier in one multi-threaded call per matrix,
-  reading the codes, scales and zeros (or the 16-bit weights) where they lie in the host tier's buffer; the
-  activation, the biases and the weighted sum over experts in torch between the calls. Experts whose buffers
+- the kernels of quant/cpu_kernels.py (numba), reading the codes, scales and zeros (or the 16-bit weights) where
+  they lie in the host tier's buffer: for a quantized tier, one compiled call computes every expert's FFN (two
+  multi-threaded products, the biases, the activation) and adds the weighted outputs into the result, with no
+  Python between the steps (a decode step makes this call once a layer); for a 16-bit tier one multi-threaded
+  call per matrix, the activation and the weighted sum in torch between them. Experts whose buffers
   are rows of one tensor (a chunk of the host tier, cache/host_tier.py) are read in place, a group per tensor;
   any others are stacked into one temporary tensor first (a copy of those experts only).
 The kernels are used where numba imports and the tier fits them (group size a multiple of the codes per word:
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from quant import cpu_kernels
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
-from quant.packing import codes_per_word, dequantize, num_groups, num_words
+from quant.packing import codes_per_word, dequantize
 
 CPU_REFERENCE = "cpu dequant+matmul (reference)"
 CPU_FUSED = "cpu fused dequant (numba)"
@@ -59,7 +61,7 @@ def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]
     if not experts:
         return out.to(x.dtype)
     xf = x.float().contiguous()
-    w = weights.float()
+    w = weights.float().contiguous()
     by_layout: dict[int, list[int]] = {}  # by the layout object: hashing a layout costs more than the grouping
     for j, (_, layout) in enumerate(experts):
         by_layout.setdefault(id(layout), []).append(j)
@@ -69,7 +71,8 @@ def cpu_moe(x: torch.Tensor, experts: Sequence[tuple[torch.Tensor, ExpertLayout]
     for js in by_layout.values():  # a few tiers at most; experts in their given order within each
         layout = experts[js[0]][1]
         if use_kernels(layout):
-            _kernel_moe(xf, [experts[j][0] for j in js], layout, w[:, js], act, out)
+            wj = w if len(js) == len(experts) else w[:, js].contiguous()
+            _kernel_moe(xf, [experts[j][0] for j in js], layout, wj, act, out)
         else:
             out += cpu_moe_reference(xf, [experts[j] for j in js], w[:, js], act)
     return out.to(x.dtype)
@@ -125,18 +128,6 @@ def _arenas(bufs: Sequence[torch.Tensor], nbytes: int) -> list[tuple[torch.Tenso
     return out
 
 
-def _planes(x: np.ndarray, bits: int, group: int) -> tuple[np.ndarray, np.ndarray]:
-    """x [X, T, K] float32 -> (plane order [X, T, cpw, words], zero past K; group sums [X, T, groups]), in numpy
-    (a few microseconds less a call than torch's small ops)."""
-    lead, k = x.shape[:-1], x.shape[-1]
-    cpw, words, groups = codes_per_word(bits), num_words(k, bits), num_groups(k, group)
-    padded = x if words * cpw == k else np.pad(x, [(0, 0)] * len(lead) + [(0, words * cpw - k)])
-    xp = np.ascontiguousarray(padded.reshape(*lead, words, cpw).swapaxes(-1, -2))
-    gpad = x if groups * group == k else np.pad(x, [(0, 0)] * len(lead) + [(0, groups * group - k)])
-    xs = np.ascontiguousarray(gpad.reshape(*lead, groups, group).sum(-1, dtype=np.float32))
-    return xp, xs
-
-
 _OFFSETS: dict[tuple[int, str], tuple[ExpertLayout, tuple[int, ...]]] = {}
 
 
@@ -161,48 +152,50 @@ def _bias_offsets(layout: ExpertLayout) -> tuple[int, int, int]:
 
 def _matmul(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, layout: ExpertLayout, prefix: str,
             x: torch.Tensor, active: np.ndarray, n_out: int) -> torch.Tensor:
-    """[E, T, n_out]: each expert's matrix `prefix` times x[xsel[e]] (x [X, T, K] float32) for its active tokens."""
+    """[E, T, n_out]: each 16-bit expert's matrix `prefix` times x[xsel[e]] (x [X, T, K] float32) for its active
+    tokens."""
     out = np.zeros((len(rows), x.shape[1], n_out), dtype=np.float32)
-    k_in = x.shape[-1]
-    xn = x.contiguous().numpy()
-    if layout.kind == "dense":
-        cpu_kernels.dense(arena, rows, xsel, layout.segment(prefix).offset, n_out, k_in,
-                          layout.dtype == "bfloat16", xn, active, out)
-    else:
-        xp, xs = _planes(xn, layout.bits, layout.group_size)
-        cpu_kernels.quantized(arena, rows, xsel, _offsets(layout, prefix), n_out, k_in, layout.bits,
-                              layout.group_size, xp, xs, active, out)
+    cpu_kernels.dense(arena, rows, xsel, layout.segment(prefix).offset, n_out, x.shape[-1], layout.dtype == "bfloat16",
+                      x.contiguous().numpy(), active, out)
     return torch.from_numpy(out)
 
 
 def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout, w: torch.Tensor,
                 act: ClampedSwiGLU | None, out: torch.Tensor) -> None:
-    """out += sum_j w[:, j] * expert_j(x) for experts of one layout, by the numba kernels: the products of each
-    group of buffers that lie in one tensor together, then the sum in the experts' given order."""
-    active = np.ascontiguousarray((w.numpy().T != 0).astype(np.uint8))  # [E, T]
+    """out += sum_j w[:, j] * expert_j(x) for experts of one layout, by the numba kernels, a group of buffers that
+    lie in one tensor at a time (one group in a decode step's usual call), each group's in the experts' order."""
     groups = _arenas(bufs, layout.nbytes)
-    if len(groups) == 1:
-        y = _expert_outputs(x, *groups[0][:2], layout, active, act)
-    else:
-        y = torch.empty(len(bufs), x.shape[0], layout.hidden)
-        for arena_t, rows, places in groups:
-            y[places] = _expert_outputs(x, arena_t, rows, layout, np.ascontiguousarray(active[places]), act)
+    wn = w.numpy()
+    if layout.kind == "quantized":  # the whole FFN and the weighted sum in one compiled call a group
+        xn, on = x.numpy(), out.numpy()
+        offsets = _offsets(layout, "gate_up"), _offsets(layout, "down"), _bias_offsets(layout)
+        kind = cpu_kernels.ACT_SILU if act is None else cpu_kernels.ACT_CLAMPED
+        alpha, limit = (0.0, 0.0) if act is None else (act.alpha, act.limit)
+        shape = layout.hidden, layout.intermediate, layout.bits, layout.group_size
+        if len(groups) == 1:
+            arena_t, rows, _ = groups[0]
+            cpu_kernels.quantized_moe(arena_t.numpy(), rows, *offsets, *shape, xn, wn, kind, alpha, limit, on)
+            return
+        y = np.empty((len(bufs), x.shape[0], layout.hidden), dtype=np.float32)
+        for arena_t, rows, places in groups:  # every output first, then the sum in the experts' given order
+            y[places] = cpu_kernels.quantized_ffn(arena_t.numpy(), rows, *offsets, *shape, xn,
+                                                  np.ascontiguousarray(wn[:, places]), kind, alpha, limit)
+        cpu_kernels.combine(y, wn, on)
+        return
+    active = np.ascontiguousarray((wn.T != 0).astype(np.uint8))  # [E, T]
+    y = torch.empty(len(bufs), x.shape[0], layout.hidden)
+    for arena_t, rows, places in groups:
+        y[places] = _dense_outputs(x, arena_t, rows, layout, np.ascontiguousarray(active[places]), act)
     for j in range(len(bufs)):  # in the experts' given order, as the reference adds them
         out.addcmul_(w[:, j, None], y[j])
 
 
-def _expert_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, layout: ExpertLayout,
-                    active: np.ndarray, act: ClampedSwiGLU | None) -> torch.Tensor:
-    """[E, T, hidden]: expert e (row rows[e] of the arena) applied to x [T, H] for its active tokens."""
+def _dense_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, layout: ExpertLayout,
+                   active: np.ndarray, act: ClampedSwiGLU | None) -> torch.Tensor:
+    """[E, T, hidden]: 16-bit expert e (row rows[e] of the arena) applied to x [T, H] for its active tokens."""
     arena = arena_t.numpy()
     n = len(rows)
     inter, hidden = layout.intermediate, layout.hidden
-    if layout.kind == "quantized":  # the whole FFN in one compiled call: no Python between its steps
-        return torch.from_numpy(cpu_kernels.quantized_ffn(
-            arena, rows, _offsets(layout, "gate_up"), _offsets(layout, "down"), _bias_offsets(layout), hidden, inter,
-            layout.bits, layout.group_size, x.contiguous().numpy(), active,
-            cpu_kernels.ACT_SILU if act is None else cpu_kernels.ACT_CLAMPED,
-            0.0 if act is None else act.alpha, 0.0 if act is None else act.limit))
     h = _matmul(arena, rows, np.zeros(n, dtype=np.int64), layout, "gate_up", x.unsqueeze(0), active, 2 * inter)
     biases = None
     if layout.bias is not None:

@@ -310,24 +310,65 @@ def _ffn_kernel(bits: int, gs: int):  # noqa: ANN202 - one expert FFN pass for a
     return ffn
 
 
+if numba is not None:
+
+    @njit(cache=True)
+    def _combine(y, w, out):  # noqa: ANN001, ANN202
+        """out[t] += w[t, e] * y[e, t] for the pairs of nonzero weight, in the experts' order (the reference's)."""
+        for e in range(y.shape[0]):
+            for t in range(y.shape[1]):
+                wt = w[t, e]
+                if wt != 0:
+                    for k in range(y.shape[2]):
+                        out[t, k] += wt * y[e, t, k]
+
+    @njit(cache=True)
+    def _active(w):  # noqa: ANN001, ANN202 - [E, T] uint8: which (expert, token) pairs have a nonzero weight
+        active = np.zeros((w.shape[1], w.shape[0]), dtype=np.uint8)
+        for t in range(w.shape[0]):
+            for e in range(w.shape[1]):
+                if w[t, e] != 0:
+                    active[e, t] = 1
+        return active
+
+
+@functools.cache
+def _moe_kernel(bits: int, gs: int):  # noqa: ANN202 - ffn, then each expert's output weighted into out
+    ffn = _ffn_kernel(bits, gs)
+
+    @njit(cache=True)
+    def moe(arena, rows, gu_c, gu_s, gu_z, d_c, d_s, d_z, gu_bias, d_bias, bias_kind, hidden, inter, x, w, act,
+            alpha, limit, out):  # noqa: ANN001, ANN202
+        y = ffn(arena, rows, gu_c, gu_s, gu_z, d_c, d_s, d_z, gu_bias, d_bias, bias_kind, hidden, inter, x,
+                _active(w), act, alpha, limit)
+        _combine(y, w, out)
+
+    return moe
+
+
+def quantized_moe(arena: np.ndarray, rows: np.ndarray, gate_up: tuple[int, int, int], down: tuple[int, int, int],
+                  biases: tuple[int, int, int], hidden: int, inter: int, bits: int, group_size: int, x: np.ndarray,
+                  w: np.ndarray, act: int, alpha: float, limit: float, out: np.ndarray) -> None:
+    """out [T, hidden] += sum_e w[:, e] * expert_e(x), expert e being row rows[e] of the arena, x [T, hidden] and
+    w [T, E] float32, in one compiled call: the gate_up product, its bias, the activation, the down product and
+    its bias for each (expert, token) pair of nonzero weight, then the weighted sum in the experts' order.
+    gate_up/down: byte offsets of (codes, scale, zero); biases: (gate_up offset, down offset, BIAS_* kind)."""
+    _moe_kernel(bits, group_size)(arena, rows, *gate_up, *down, *biases, hidden, inter, x, w, act,
+                                  np.float32(alpha), np.float32(limit), out)
+
+
 def quantized_ffn(arena: np.ndarray, rows: np.ndarray, gate_up: tuple[int, int, int], down: tuple[int, int, int],
                   biases: tuple[int, int, int], hidden: int, inter: int, bits: int, group_size: int, x: np.ndarray,
-                  active: np.ndarray, act: int, alpha: float, limit: float) -> np.ndarray:
-    """[E, T, hidden] float32: expert e (row rows[e] of the arena) applied to x [T, hidden] float32 for its active
-    tokens (active [E, T] uint8; inactive rows stay zero), in one compiled call: the gate_up product, its bias,
-    the activation, the down product and its bias. gate_up/down: byte offsets of (codes, scale, zero); biases:
-    (gate_up offset, down offset, BIAS_* kind)."""
-    return _ffn_kernel(bits, group_size)(arena, rows, *gate_up, *down, *biases, hidden, inter, x, active, act,
+                  w: np.ndarray, act: int, alpha: float, limit: float) -> np.ndarray:
+    """[E, T, hidden]: quantized_moe's expert outputs before the weighted sum (zero where a weight is zero), for
+    a call whose experts lie in several arenas: their outputs are summed together, in the experts' order."""
+    return _ffn_kernel(bits, group_size)(arena, rows, *gate_up, *down, *biases, hidden, inter, x, _active(w), act,
                                          np.float32(alpha), np.float32(limit))
 
 
-def quantized(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offsets: tuple[int, int, int], n_out: int,
-              k_in: int, bits: int, group_size: int, xp: np.ndarray, xs: np.ndarray, active: np.ndarray,
-              out: np.ndarray) -> None:
-    """out[e, t, :n_out] = W_e x[xsel[e], t] for the quantized matrix at byte offsets (codes, scale, zero) of
-    arena[rows[e]]; xp [X, T, cpw, words] float32 in plane order (zero past k_in), xs [X, T, groups] its group
-    sums, active [E, T] uint8."""
-    _quantized_kernel(bits, group_size)(arena, rows, xsel, *offsets, n_out, k_in, xp, xs, active, out)
+def combine(y: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out [T, H] += sum_e w[:, e] * y[e] (y [E, T, H], w [T, E] float32), in the experts' order."""
+    _combine(y, w, out)
 
 
 def dense(arena: np.ndarray, rows: np.ndarray, xsel: np.ndarray, offset: int, n_out: int, k_in: int,
