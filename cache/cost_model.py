@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("auto", "cpu", "link")  # --miss: the cost model decides; every miss on the CPU; every miss moved
+INFLATION_LIMIT = 1e100  # ReuseEstimate rebases its frequencies when a step would add more than this
 REUSE_DECAY = 0.9  # the weight of a layer's last step in an expert's routing frequency (about ten steps' memory)
 
 
@@ -99,17 +100,25 @@ class ReuseEstimate:
 
     def __init__(self, num_experts: int, top_k: int):
         self.num_experts, self.top_k = num_experts, top_k
+        # per layer: frequencies times a factor that grows each step instead of every frequency decaying (the
+        # host's cost per step is the step's experts, not every expert), and that factor
         self.freq: dict[int, list[float]] = {}
+        self.unit: dict[int, float] = {}
 
     def observe(self, layer: int, experts: Sequence[int]) -> None:
         f = self.freq.setdefault(layer, [0.0] * self.num_experts)
-        f[:] = [v * REUSE_DECAY for v in f]
+        unit = self.unit.get(layer, 1.0) / REUSE_DECAY
+        if unit > INFLATION_LIMIT:  # rebase: every frequency scaled by the same factor
+            f[:] = [v / unit for v in f]
+            unit = 1.0
+        self.unit[layer] = unit
+        add = (1.0 - REUSE_DECAY) * unit
         for e in experts:
-            f[e] += 1.0 - REUSE_DECAY
+            f[e] += add
 
     def expected(self, layer: int, expert: int, capacity: int) -> float:
         f = self.freq.get(layer)
-        return 0.0 if f is None else f[expert] * capacity / max(1, self.top_k)
+        return 0.0 if f is None else f[expert] / self.unit[layer] * capacity / max(1, self.top_k)
 
 
 # ---- measurement ------------------------------------------------------------------------------------

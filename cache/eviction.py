@@ -176,10 +176,13 @@ class DecayedFrequency(LRU):
     def touch(self, expert: int) -> None:
         pass
 
+    def admit(self, expert: int, victim: int | None) -> None:
+        super().admit(expert, victim)
+        self.count.setdefault(expert, 0.0)  # every resident has a count: the victim's min needs no default
+
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        """min(residents not pinned, key=count), the first of equals."""
-        count = self.count
-        try:
-            return min((e for e in self.order if e not in pinned), key=lambda e: count.get(e, 0.0))
-        except ValueError:
-            raise RuntimeError("every slot of the layer is pinned") from None
+        """min(residents not pinned, key=count), the first of equals (C-level min and key: the host's cost)."""
+        candidates = [e for e in self.order if e not in pinned]
+        if not candidates:
+            raise RuntimeError("every slot of the layer is pinned")
+        return min(candidates, key=self.count.__getitem__)
