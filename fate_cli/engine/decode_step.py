@@ -36,6 +36,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from fate_cli.model.kv_cache import KVCache, RowPositions
@@ -209,7 +210,7 @@ class DecodeStep:
         weights = tail[: self.batch * k].view(self.batch, k)
         dest = self.host_out[index]
         x = tail[self.batch * k :].view(self.batch, -1).to(dest.dtype)
-        ids_t = torch.tensor(ids, dtype=torch.long).view(self.batch, k)
+        ids_t = torch.from_numpy(np.array(ids, dtype=np.int64)).view(self.batch, k)  # tiny: numpy builds it faster
         y = self.provider.host_moe(self.host_layers[index], x, weights, ids_t)
         if y is not None:
             dest.copy_(y, non_blocking=True)
