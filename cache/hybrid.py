@@ -37,7 +37,7 @@ from quant.kernels import QuantExpert
 from quant.layout import ExpertLayout
 
 HYBRID_POLICIES = ("cpu", "freetoken")  # policies that compute misses on the CPU whatever --miss says
-CALIBRATION = 0.2  # the weight of each CPU call's time per expert in the cost model's running estimate
+CALIBRATION = 0.2  # the weight of each CPU call's time in the cost model's running estimate
 
 
 @dataclass
@@ -86,11 +86,12 @@ class HybridExperts(OffloadedExperts):
         self.cpu_tier = self.transfer_tier or self.policy.miss_tier()  # the CPU computes what a miss would move
         self.costs = costs
         self.calibrating = costs is None and self.needs_costs  # scripted costs (tests) stay as given
-        self._cpu_seen: float | None = None
+        self._cpu_ratio: float | None = None  # the CPU time seen in the run over what the measured costs predict
         if costs is None and self.needs_costs and self.layers:
             self.costs = costs_for(self.host, self.layouts[self.cpu_tier], self.cpu_tier, next(iter(self.layers)),
                                    self.policy.ctx.top_k, self.device, self.dtype, self.act, options)
         self.stats.costs = self.costs.as_dict() if self.costs else None
+        self._measured = self.costs  # the startup measurement, which the running ratio scales
         self.reuse = ReuseEstimate(self.num_experts, self.policy.ctx.top_k)
         self.host_now: dict[int, list[int]] = {}  # layer -> the experts the CPU computes in its current step
         self._staged: tuple | None = None
@@ -144,18 +145,21 @@ class HybridExperts(OffloadedExperts):
             y = out
         seconds = time.perf_counter() - start
         self.stats.on_cpu(layer, len(experts), seconds)
-        if x.shape[0] == 1:  # one token through each: what the estimate stands for
-            self._calibrate(seconds / len(experts))
+        self._calibrate(seconds, (w.numpy() != 0).sum(0).tolist())
         return y
 
-    def _calibrate(self, per_expert: float) -> None:
-        """The CPU's time per expert as measured in the run itself (the startup measurement runs the kernels
-        back to back, warm; between a decode step's layers their threads have gone idle), for measured costs."""
+    def _calibrate(self, seconds: float, tokens: list[int]) -> None:
+        """The CPU's costs as seen in the run itself, for measured costs: the startup measurement runs the kernels
+        back to back, warm, while between a step's layers their threads have gone idle and each call carries its
+        own overhead. Each call's time over what the startup costs predict for its experts (tokens: each one's
+        token count), a running average, scales both CPU costs: decode's one-token calls and prefill's."""
         if not self.calibrating:
             return
-        seen = self._cpu_seen
-        self._cpu_seen = per_expert if seen is None else (1 - CALIBRATION) * seen + CALIBRATION * per_expert
-        self.costs = dataclasses.replace(self.costs, cpu_expert_s=self._cpu_seen)
+        ratio = seconds / sum(self._measured.cpu_s(n) for n in tokens)
+        seen = self._cpu_ratio
+        self._cpu_ratio = ratio if seen is None else (1 - CALIBRATION) * seen + CALIBRATION * ratio
+        self.costs = dataclasses.replace(self.costs, cpu_expert_s=self._measured.cpu_expert_s * self._cpu_ratio,
+                                         cpu_token_s=self._measured.cpu_token_s * self._cpu_ratio)
 
     def _pinned_buffer(self, key: tuple, dtype: torch.dtype) -> torch.Tensor:
         shape = key[2:]

@@ -123,6 +123,16 @@ def test_measured_costs_follow_the_cpu_time_seen_in_the_run(model_and_store):
     measured.host_moe(layer, x, weights, ids)
     seen = measured.stats.layers[layer].cpu_seconds / 2
     assert measured.costs.cpu_expert_s == pytest.approx(seen) and seen > 1e-12
+    # a prompt's call (two tokens through one expert): both CPU costs scale by the time seen over the predicted
+    startup, before = measured._measured, measured._cpu_ratio
+    measured.costs = dataclasses.replace(measured.costs, cpu_expert_s=1e-12, cpu_token_s=1e-12)
+    assert step(measured, layer, [0, 1], counts=[2, 1])[1] == [0, 1]
+    measured.host_moe(layer, torch.randn(2, model.args.hidden_size), torch.tensor([[1.0, 0.0], [0.5, 0.5]]),
+                      torch.tensor([[0, 2], [0, 1]]))
+    took = measured.stats.layers[layer].cpu_seconds - 2 * seen
+    ratio = 0.8 * before + 0.2 * took / (startup.cpu_s(2) + startup.cpu_s(1))
+    assert measured.costs.cpu_expert_s == pytest.approx(startup.cpu_expert_s * ratio)
+    assert measured.costs.cpu_token_s == pytest.approx(startup.cpu_token_s * ratio)
     scripted = provider_for(model, store, HybridExperts, "fate", slots=4)
     step(scripted, layer, [0, 1])
     scripted.host_moe(layer, x, weights, ids)
