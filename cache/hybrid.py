@@ -126,6 +126,9 @@ class HybridExperts(OffloadedExperts):
 
     # ---- the CPU's experts ----------------------------------------------------------------------------
 
+    def host_pending(self, layer: int) -> bool:
+        return bool(self.host_now.get(layer))
+
     def host_moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         experts = self.host_now.pop(layer, None)
         if not experts:

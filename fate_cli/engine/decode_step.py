@@ -206,12 +206,14 @@ class DecodeStep:
         """The host's experts of the cut layer, from the input and weights the cut copied; their sum to the
         device buffer the next segment adds (zeros where the host computed none)."""
         k = self.model.args.top_k
-        tail = self.routing[index][self.head :]
-        weights = tail[: self.batch * k].view(self.batch, k)
-        dest = self.host_out[index]
-        x = tail[self.batch * k :].view(self.batch, -1).to(dest.dtype)
-        ids_t = torch.from_numpy(np.array(ids, dtype=np.int64)).view(self.batch, k)  # tiny: numpy builds it faster
-        y = self.provider.host_moe(self.host_layers[index], x, weights, ids_t)
+        layer, dest = self.host_layers[index], self.host_out[index]
+        y = None
+        if self.provider.host_pending(layer):
+            tail = self.routing[index][self.head :]
+            weights = tail[: self.batch * k].view(self.batch, k)
+            x = tail[self.batch * k :].view(self.batch, -1).to(dest.dtype)
+            ids_t = torch.from_numpy(np.array(ids, dtype=np.int64)).view(self.batch, k)  # tiny: numpy builds it faster
+            y = self.provider.host_moe(layer, x, weights, ids_t)
         if y is not None:
             dest.copy_(y, non_blocking=True)
         elif self.host_written[index]:

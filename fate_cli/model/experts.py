@@ -104,6 +104,11 @@ class ExpertProvider(ABC):
         then shows the host each cut layer's input and routing weights, and adds `host_moe`'s sum."""
         return False
 
+    def host_pending(self, layer: int) -> bool:
+        """Whether the layer's step (after `experts` or `prepare`) has experts the host computes: where it has
+        none, a decode step skips gathering their input."""
+        return False
+
     def host_moe(self, layer: int, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor | None:
         """The sum of the experts of the layer's step (after `experts` or `prepare`) that the host computes, for
         x [T, H], weights and ids [T, k], all on the CPU; None where the host computes none."""
