@@ -181,8 +181,15 @@ class DecayedFrequency(LRU):
         self.count.setdefault(expert, 0.0)  # every resident has a count: the victim's min needs no default
 
     def victim(self, pinned: Collection[int], incoming: int | None = None) -> int:
-        """min(residents not pinned, key=count), the first of equals (C-level min and key: the host's cost)."""
+        """min(residents not pinned, key=count), the first of equals (C-level min and key: the host's cost). The
+        step's pinned experts were just counted, so the least used resident is rarely one of them."""
+        key = self.count.__getitem__
+        if not self.order:
+            raise RuntimeError("every slot of the layer is pinned")
+        least = min(self.order, key=key)
+        if least not in pinned:
+            return least
         candidates = [e for e in self.order if e not in pinned]
         if not candidates:
             raise RuntimeError("every slot of the layer is pinned")
-        return min(candidates, key=self.count.__getitem__)
+        return min(candidates, key=key)
