@@ -29,6 +29,8 @@ import numpy as np
 try:  # numba is a dependency; without it (a broken install) cpu_experts falls back to its reference
     import numba
     from numba import njit, prange
+
+    from quant.cpu_simd import LANES, plane_dot
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
@@ -117,10 +119,12 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
     cpw = 32 // bits
     mask = (1 << bits) - 1
     wpg = gs // cpw  # words per group
+    dot = plane_dot(bits)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, xp, xs, active, out):  # noqa: ANN001, ANN202
         words = (k_in + cpw - 1) // cpw
+        vectors = words // LANES  # whole vectors of words a row (cpu_simd.py)
         groups = (k_in + gs - 1) // gs
         n_exp = rows.shape[0]
         n_tok = xp.shape[1]
@@ -142,31 +146,22 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
             zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
             xi = xsel[e]
             part = np.zeros((n_act, groups * wpg), dtype=np.float32)  # words past the row's stay zero
-            plane = np.empty(words, dtype=np.float32)
             sz_bits = np.empty(2 * groups, dtype=np.uint32)
             sz = sz_bits.view(np.float32)
             for n in range(first, min(n_out, first + ROWS_PER_TASK)):
                 row = codes[n * words: (n + 1) * words]
                 _widen_half(scale[n * groups: (n + 1) * groups], sz_bits[:groups])
                 _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
-                if n_act == 1:  # one token: each plane's codes go straight into the product
-                    x = xp[xi, toks[0]]
-                    p = part[0]
-                    for w in range(words):
-                        p[w] = np.float32(row[w] & np.int32(mask)) * x[0, w]
-                    for j in range(1, cpw):
-                        for w in range(words):
-                            p[w] += np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
-                else:  # several: each plane's codes widened once, then used by every token
-                    part[:, :words] = 0.0
-                    for j in range(cpw):
-                        for w in range(words):
-                            plane[w] = np.float32((row[w] >> np.int32(bits * j)) & np.int32(mask))
-                        for i in range(n_act):
-                            x = xp[xi, toks[i], j]
-                            p = part[i]
-                            for w in range(words):
-                                p[w] += plane[w] * x[w]
+                for i in range(n_act):  # each word's planes into one product per word (cpu_simd.py)
+                    x = xp[xi, toks[i]]
+                    p = part[i]
+                    dot(row, x, p, vectors)
+                    for w in range(vectors * LANES, words):  # the words past the last whole vector
+                        c = row[w]
+                        acc = np.float32(c & np.int32(mask)) * x[0, w]
+                        for j in range(1, cpw):
+                            acc += np.float32((c >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
+                        p[w] = acc
                 for i in range(n_act):
                     t = toks[i]
                     p = part[i]

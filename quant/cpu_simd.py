@@ -1,0 +1,62 @@
+"""Vector code numba's loops do not get on their own, written as LLVM IR (numba intrinsics).
+
+`plane_dot(bits)`: for a row of packed codes (int32 words, `32 // bits` codes a word, code j of a word in bits
+[bits * j, bits * (j + 1))) and one token's input in plane order (xp [cpw, words] float32: xp[j, w] multiplies
+code j of word w), part[w] = sum_j code_j(w) * xp[j, w] for the first `blocks * LANES` words. Each block of LANES
+words is one vector: loaded once, every plane's codes shifted, masked and widened to float in registers and
+multiplied into one accumulator, stored once. numba's own loop over the planes keeps the accumulator in memory
+(a load and a store per plane and word), and a loop over words with the planes unrolled is not vectorized; this
+one computes the same products in the same order. A Qwen3-30B-A3B expert's gate_up (1536x2048, INT4 g64) on one
+core of a 2-core Xeon box: 232 us with the weights in cache against 320 for numba's loop (13.6 against 9.8 billion
+multiply-adds a second), 356 against 400 read from RAM (`benchmarks/cpu_kernel_calls.py --threads 1`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LANES = 16  # words a vector: 512 bits of codes, or two 256-bit halves where the target prefers those
+
+
+@functools.cache
+def plane_dot(bits: int):  # noqa: ANN201 - a numba intrinsic per code width
+    cpw, mask = 32 // bits, (1 << bits) - 1
+
+    @intrinsic
+    def kernel(typingctx, codes, xp, part, blocks):  # noqa: ANN001, ANN202, ARG001
+        sig = types.void(codes, xp, part, blocks)
+
+        def codegen(context, builder, sig, args):  # noqa: ANN001, ANN202
+            codes_a = context.make_array(sig.args[0])(context, builder, args[0])
+            xp_a = context.make_array(sig.args[1])(context, builder, args[1])
+            part_a = context.make_array(sig.args[2])(context, builder, args[2])
+            i8, i32, f32 = ir.IntType(8), ir.IntType(32), ir.FloatType()
+            vi, vf = ir.VectorType(i32, LANES), ir.VectorType(f32, LANES)
+            plane_bytes = cgutils.unpack_tuple(builder, xp_a.strides)[0]
+            words = builder.bitcast(codes_a.data, i32.as_pointer())
+            x_base = builder.bitcast(xp_a.data, i8.as_pointer())
+            planes = [builder.bitcast(builder.gep(x_base, [builder.mul(ir.Constant(plane_bytes.type, j), plane_bytes)]),
+                                      f32.as_pointer()) for j in range(cpw)]
+            out = builder.bitcast(part_a.data, f32.as_pointer())
+            masks = ir.Constant(vi, [mask] * LANES)
+            with cgutils.for_range(builder, args[3]) as loop:
+                first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
+                w = builder.load(builder.bitcast(builder.gep(words, [first]), vi.as_pointer()), align=4)
+                acc = None
+                for j in range(cpw):
+                    q = w if j == 0 else builder.lshr(w, ir.Constant(vi, [bits * j] * LANES))
+                    qf = builder.sitofp(builder.and_(q, masks), vf)
+                    x = builder.load(builder.bitcast(builder.gep(planes[j], [first]), vf.as_pointer()), align=4)
+                    product = builder.fmul(qf, x, flags=["fast"])
+                    acc = product if acc is None else builder.fadd(acc, product, flags=["fast"])
+                builder.store(acc, builder.bitcast(builder.gep(out, [first]), vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return kernel
