@@ -146,12 +146,17 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
             zero = buf[off_z: off_z + n_out * groups * 2].view(np.uint16)
             xi = xsel[e]
             part = np.zeros((n_act, groups * wpg), dtype=np.float32)  # words past the row's stay zero
-            sz_bits = np.empty(2 * groups, dtype=np.uint32)
-            sz = sz_bits.view(np.float32)
-            for n in range(first, min(n_out, first + ROWS_PER_TASK)):
+            last = min(n_out, first + ROWS_PER_TASK)
+            span = (last - first) * groups  # the task's rows' scales and zeros, widened in two calls
+            s_bits = np.empty(span, dtype=np.uint32)
+            z_bits = np.empty(span, dtype=np.uint32)
+            _widen_half(scale[first * groups: last * groups], s_bits)
+            _widen_half(zero[first * groups: last * groups], z_bits)
+            s_all, z_all = s_bits.view(np.float32), z_bits.view(np.float32)
+            for n in range(first, last):
                 row = codes[n * words: (n + 1) * words]
-                _widen_half(scale[n * groups: (n + 1) * groups], sz_bits[:groups])
-                _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
+                sc = s_all[(n - first) * groups: (n - first + 1) * groups]
+                ze = z_all[(n - first) * groups: (n - first + 1) * groups]
                 for i in range(n_act):  # each word's planes into one product per word (cpu_simd.py)
                     x = xp[xi, toks[i]]
                     p = part[i]
@@ -170,7 +175,7 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
                         s = np.float32(0.0)
                         for k in range(wpg):
                             s += p[g * wpg + k]
-                        y += sz[g] * (s - sz[groups + g] * xs[xi, t, g])
+                        y += sc[g] * (s - ze[g] * xs[xi, t, g])
                     out[e, t, n] = y
 
     return kernel
