@@ -7,15 +7,15 @@ float32, `_weight_int8pack_mm` has one scale per row (no groups), bitsandbytes' 
 (symmetric, no zero point), and ggml's Q4_1 blocks hold 32 weights with a float16 min; each would need a second
 copy of every expert in its own layout (quant/README.md has the measurements).
 
-`quantized(...)`: for E experts (rows of one uint8 arena [R, nbytes], all of one layout) and T tokens,
-out[e, t, n] = sum_g scale[n, g] * (sum_{c in g} q[n, c] x[t, c] - zero[n, g] * sum_{c in g} x[t, c]): the
-reference's (q - zero) * scale product regrouped, in float32, so it equals dequantize-then-matmul within float32
-rounding. x arrives in "plane" order (plane j holds the columns word * cpw + j) so that the loop over a row's
-words reads codes and x contiguously (LLVM vectorizes it) and the shift of each plane is a constant; one kernel
-per (bits, group) so that a group's words are a constant count. With several tokens each plane's codes are
-widened once for all of them. One parallel loop over
-(expert, block of rows): no Python per expert, no sum split across threads (the result does not depend on the
-thread count). Tokens an expert does not serve (active[e, t] == 0) are skipped and their rows left as given.
+`_quantized_kernel(bits, group)`: for E experts (rows of one uint8 arena [R, nbytes], all of one layout) and T
+tokens, out[e, t, n] = sum_g scale[n, g] * (sum_{c in g} q[n, c] x[t, c] - zero[n, g] * sum_{c in g} x[t, c]):
+the reference's (q - zero) * scale product regrouped, in float32, so it equals dequantize-then-matmul within
+float32 rounding. x arrives in scaled "plane" order (plane j holds the columns word * cpw + j, times a power of
+two: quant/cpu_simd.py) so that a row's words and x are read contiguously, a vector of words at a time, every
+plane's products summed in registers (cpu_simd.plane_dot); one kernel per (bits, group) so that a group's words are
+a constant count. One parallel loop over (expert, block of rows): no Python per expert, no sum split across
+threads (the result does not depend on the thread count). Tokens an expert does not serve (active[e, t] == 0) are
+skipped and their rows left as given. `quantized_moe` runs a whole FFN and the weighted sum in one compiled call.
 
 `dense(...)`: the same for a 16-bit tier (bfloat16 or float16 weights widened to float32 exactly, row by row).
 """
@@ -30,7 +30,7 @@ try:  # numba is a dependency; without it (a broken install) cpu_experts falls b
     import numba
     from numba import njit, prange
 
-    from quant.cpu_simd import LANES, plane_dot
+    from quant.cpu_simd import LANES, in_place, plane_dot, plane_scale
 except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
 
@@ -120,6 +120,7 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
     mask = (1 << bits) - 1
     wpg = gs // cpw  # words per group
     dot = plane_dot(bits)
+    masked = in_place(bits)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, xp, xs, active, out):  # noqa: ANN001, ANN202
@@ -161,11 +162,14 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
                     x = xp[xi, toks[i]]
                     p = part[i]
                     dot(row, x, p, vectors)
-                    for w in range(vectors * LANES, words):  # the words past the last whole vector
+                    for w in range(vectors * LANES, words):  # the words past the last whole vector, as cpu_simd does
                         c = row[w]
                         acc = np.float32(c & np.int32(mask)) * x[0, w]
                         for j in range(1, cpw):
-                            acc += np.float32((c >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
+                            if j < cpw - 1 and masked:
+                                acc += np.float32(c & np.int32(mask << (bits * j))) * x[j, w]
+                            else:
+                                acc += np.float32((c >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
                         p[w] = acc
                 for i in range(n_act):
                     t = toks[i]
@@ -261,6 +265,7 @@ if numba is not None:
 @functools.cache
 def _planes_kernel(bits: int, gs: int):  # noqa: ANN202
     cpw = 32 // bits
+    scales = np.array([plane_scale(bits, j) for j in range(cpw)], dtype=np.float32)
 
     @njit(cache=True)
     def planes(x):  # noqa: ANN001, ANN202 - x [X, T, K] -> plane order [X, T, cpw, words] (zero past K), group sums
@@ -273,7 +278,7 @@ def _planes_kernel(bits: int, gs: int):  # noqa: ANN202
             for t in range(n_tok):
                 row = x[i, t]
                 for c in range(k_in):
-                    xp[i, t, c % cpw, c // cpw] = row[c]
+                    xp[i, t, c % cpw, c // cpw] = row[c] * scales[c % cpw]
                 for g in range(groups):
                     s = np.float32(0.0)
                     for c in range(g * gs, min(k_in, (g + 1) * gs)):

@@ -1,14 +1,15 @@
 """Vector code numba's loops do not get on their own, written as LLVM IR (numba intrinsics).
 
 `plane_dot(bits)`: for a row of packed codes (int32 words, `32 // bits` codes a word, code j of a word in bits
-[bits * j, bits * (j + 1))) and one token's input in plane order (xp [cpw, words] float32: xp[j, w] multiplies
-code j of word w), part[w] = sum_j code_j(w) * xp[j, w] for the first `blocks * LANES` words. Each block of LANES
-words is one vector: loaded once, every plane's codes shifted, masked and widened to float in registers and
-multiplied into one accumulator, stored once. numba's own loop over the planes keeps the accumulator in memory
-(a load and a store per plane and word), and a loop over words with the planes unrolled is not vectorized; this
-one computes the same products in the same order. A Qwen3-30B-A3B expert's gate_up (1536x2048, INT4 g64) on one
-core of a 2-core Xeon box: 232 us with the weights in cache against 320 for numba's loop (13.6 against 9.8 billion
-multiply-adds a second), 356 against 400 read from RAM (`benchmarks/cpu_kernel_calls.py --threads 1`).
+[bits * j, bits * (j + 1))) and one token's input in scaled plane order (xp [cpw, words] float32: xp[j, w] is the
+input that multiplies code j of word w, times plane_scale(bits, j)), part[w] = sum_j code_j(w) * x_j(w) for the
+first `blocks * LANES` words. Each block of LANES words is one vector, loaded once; each plane's codes are masked
+in place (code * 2^(bits j), which the scaled input undoes exactly, a power of two) or shifted down and masked,
+widened to float in registers and multiplied into one accumulator, which is stored once. numba's own loop over the
+planes keeps the accumulator in memory (a load and a store per plane and word), and its loop over words with the
+planes unrolled is not vectorized. The products and their order are those of that loop. A Qwen3-30B-A3B expert's
+gate_up (1536x2048, INT4 g64) on one core of a 2-core Xeon box, weights in cache: 183 to 213 us against 320 for numba's
+loop (16.6 against 9.8 billion multiply-adds a second).
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 LANES = 16  # words a vector: 512 bits of codes, or two 256-bit halves where the target prefers those
+
+
+def in_place(bits: int) -> bool:
+    """Whether codes are masked in place (INT4, INT8: one op a plane less than shifting each down); with 16 planes
+    (INT2) the 15 masks cost more registers than the shifts they save (measured: 30% slower)."""
+    return 32 // bits <= 8
+
+
+def plane_scale(bits: int, j: int) -> float:
+    """The factor of plane j of the input: 2^-(bits j) where codes stay in place, except the top plane, whose
+    codes are shifted down; 1 where every plane's codes are shifted down."""
+    return 2.0 ** (-bits * j) if in_place(bits) and j < 32 // bits - 1 else 1.0
 
 
 @functools.cache
@@ -43,14 +56,19 @@ def plane_dot(bits: int):  # noqa: ANN201 - a numba intrinsic per code width
             planes = [builder.bitcast(builder.gep(x_base, [builder.mul(ir.Constant(plane_bytes.type, j), plane_bytes)]),
                                       f32.as_pointer()) for j in range(cpw)]
             out = builder.bitcast(part_a.data, f32.as_pointer())
-            masks = ir.Constant(vi, [mask] * LANES)
             with cgutils.for_range(builder, args[3]) as loop:
                 first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
                 w = builder.load(builder.bitcast(builder.gep(words, [first]), vi.as_pointer()), align=4)
                 acc = None
                 for j in range(cpw):
-                    q = w if j == 0 else builder.lshr(w, ir.Constant(vi, [bits * j] * LANES))
-                    qf = builder.sitofp(builder.and_(q, masks), vf)
+                    if j == cpw - 1:  # the top code: shifted down (in place it would need the sign bit)
+                        q = builder.lshr(w, ir.Constant(vi, [bits * j] * LANES))
+                    elif in_place(bits):  # the code in place, q * 2^(bits j)
+                        q = builder.and_(w, ir.Constant(vi, [mask << (bits * j)] * LANES))
+                    else:
+                        q = builder.and_(builder.lshr(w, ir.Constant(vi, [bits * j] * LANES)),
+                                         ir.Constant(vi, [mask] * LANES))
+                    qf = builder.sitofp(q, vf)
                     x = builder.load(builder.bitcast(builder.gep(planes[j], [first]), vf.as_pointer()), align=4)
                     product = builder.fmul(qf, x, flags=["fast"])
                     acc = product if acc is None else builder.fadd(acc, product, flags=["fast"])
