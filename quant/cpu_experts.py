@@ -21,6 +21,7 @@ every tier but INT3); `FATE_CPU_EXPERTS=reference` forces the reference.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -32,6 +33,9 @@ from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.packing import codes_per_word, dequantize
 
+# tokens through one expert above which dequantizing it once and torch's matmul beat the fused kernel
+# (quant/README.md); quant/kernels.py hands a resident expert over at the same count
+KERNEL_MAX_TOKENS = 32
 CPU_REFERENCE = "cpu dequant+matmul (reference)"
 CPU_FUSED = "cpu fused dequant (numba)"
 
@@ -172,14 +176,21 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
         kind = cpu_kernels.ACT_SILU if act is None else cpu_kernels.ACT_CLAMPED
         alpha, limit = (0.0, 0.0) if act is None else (act.alpha, act.limit)
         shape = layout.hidden, layout.intermediate, layout.bits, layout.group_size
-        if len(groups) == 1:
+        tokens = (wn != 0).sum(0)
+        large = [j for j in range(len(bufs)) if tokens[j] > KERNEL_MAX_TOKENS]
+        if len(groups) == 1 and not large:
             arena_t, rows, _ = groups[0]
             cpu_kernels.quantized_moe(arena_t.numpy(), rows, *offsets, *shape, xn, wn, kind, alpha, limit, on)
             return
+        small = wn.copy()
+        small[:, large] = 0  # experts of many tokens: dequantized once and multiplied by torch's matmul instead
         y = np.empty((len(bufs), x.shape[0], layout.hidden), dtype=np.float32)
         for arena_t, rows, places in groups:  # every output first, then the sum in the experts' given order
             y[places] = cpu_kernels.quantized_ffn(arena_t.numpy(), rows, *offsets, *shape, xn,
-                                                  np.ascontiguousarray(wn[:, places]), kind, alpha, limit)
+                                                  np.ascontiguousarray(small[:, places]), kind, alpha, limit)
+        for j in large:
+            used = torch.from_numpy(np.flatnonzero(wn[:, j]))
+            y[j][used.numpy()] = _dequantized_ffn(x[used], bufs[j], layout, act).numpy()
         cpu_kernels.combine(y, wn, on)
         return
     active = np.ascontiguousarray((wn.T != 0).astype(np.uint8))  # [E, T]
@@ -188,6 +199,21 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
         y[places] = _dense_outputs(x, arena_t, rows, layout, np.ascontiguousarray(active[places]), act)
     for j in range(len(bufs)):  # in the experts' given order, as the reference adds them
         out.addcmul_(w[:, j, None], y[j])
+
+
+def _dequantized_ffn(x: torch.Tensor, buf: torch.Tensor, layout: ExpertLayout, act: ClampedSwiGLU | None
+                     ) -> torch.Tensor:
+    """One quantized expert on x [T, H] float32 the way many tokens are cheapest: its weights dequantized once (the
+    multi-threaded kernel, bitwise the reference's), then torch's matmul."""
+    w_gu, w_d = dequantize_expert(buf, layout, scratch=True)
+    b_gu = b_d = None
+    if layout.bias is not None:
+        views = layout.views(buf)
+        b_gu, b_d = views["gate_up.bias"].float(), views["down.bias"].float()
+    inter = layout.intermediate
+    h = F.linear(x, w_gu, b_gu)
+    a = F.silu(h[:, :inter]) * h[:, inter:] if act is None else act(h[:, :inter], h[:, inter:])
+    return F.linear(a, w_d, b_d)
 
 
 def _dense_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, layout: ExpertLayout,
@@ -212,16 +238,29 @@ def _dense_outputs(x: torch.Tensor, arena_t: torch.Tensor, rows: np.ndarray, lay
     return y
 
 
-def dequantize_expert(buf: torch.Tensor, layout: ExpertLayout) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_expert(buf: torch.Tensor, layout: ExpertLayout, scratch: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """A quantized expert's (gate_up [2I, H], down [H, I]) in float32, by the multi-threaded kernel: bitwise
-    quant.packing.dequantize's result."""
+    quant.packing.dequantize's result. scratch: into this thread's reused buffers of those shapes (valid until its
+    next such call): a fresh 19 MB pair costs as much in page faults as the dequantization itself."""
     arena = buf.contiguous().numpy()
     mats = []
     for prefix, n_out, k_in in (("gate_up", 2 * layout.intermediate, layout.hidden),
                                 ("down", layout.hidden, layout.intermediate)):
-        out = torch.empty(n_out, k_in, dtype=torch.float32)
-        offsets = tuple(layout.segment(f"{prefix}.{s}").offset for s in ("codes", "scale", "zero"))
+        out = _scratch(prefix, n_out, k_in) if scratch else torch.empty(n_out, k_in, dtype=torch.float32)
+        offsets = _offsets(layout, prefix)
         cpu_kernels.set_threads(cpu_kernels.threads_for(n_out * k_in))
         cpu_kernels.dequantize(arena, offsets, n_out, k_in, layout.bits, layout.group_size, out.numpy())
         mats.append(out)
     return mats[0], mats[1]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, rows: int, cols: int) -> torch.Tensor:
+    kept = getattr(_SCRATCH, name, None)
+    if kept is None or kept.shape != (rows, cols):
+        kept = torch.empty(rows, cols, dtype=torch.float32)
+        setattr(_SCRATCH, name, kept)
+    return kept

@@ -391,6 +391,7 @@ def _dequantize_kernel(bits: int):  # noqa: ANN202
     @njit(parallel=True, cache=True)
     def kernel(buf, off_c, off_s, off_z, n_out, k_in, gs, out):  # noqa: ANN001, ANN202
         words = (k_in + cpw - 1) // cpw
+        wpg = gs // cpw  # words per group (kernel_fits: a group is whole words)
         groups = (k_in + gs - 1) // gs
         codes = buf[off_c: off_c + n_out * words * 4].view(np.int32)
         scale = buf[off_s: off_s + n_out * groups * 2].view(np.uint16)
@@ -402,10 +403,17 @@ def _dequantize_kernel(bits: int):  # noqa: ANN202
             _widen_half(zero[n * groups: (n + 1) * groups], sz_bits[groups:])
             row = codes[n * words: (n + 1) * words]
             dst = out[n]
-            for c in range(k_in):
-                g = c // gs
-                q = np.float32((row[c // cpw] >> np.int32(bits * (c % cpw))) & np.int32(mask))
-                dst[c] = (q - sz[groups + g]) * sz[g]
+            for g in range(groups):  # a group's scale and zero once, then its words' codes in column order
+                s, z = sz[g], sz[groups + g]
+                for w in range(g * wpg, min(words, (g + 1) * wpg)):
+                    word = row[w]
+                    base = w * cpw
+                    if base + cpw <= k_in:
+                        for j in range(cpw):
+                            dst[base + j] = (np.float32((word >> np.int32(bits * j)) & np.int32(mask)) - z) * s
+                    else:  # the row's last word, partly past its columns
+                        for j in range(k_in - base):
+                            dst[base + j] = (np.float32((word >> np.int32(bits * j)) & np.int32(mask)) - z) * s
 
     return kernel
 

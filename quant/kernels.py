@@ -40,7 +40,7 @@ from quant.triton_kernels import tier_fits
 
 CPU = "cpu dequant+matmul"
 CPU_FUSED = cpu_experts.CPU_FUSED
-CPU_KERNEL_MAX_TOKENS = 8  # tokens up to which the fused CPU kernel beats dequantizing once (quant/README.md)
+CPU_KERNEL_MAX_TOKENS = cpu_experts.KERNEL_MAX_TOKENS  # above: dequantized once, then torch's matmul
 TORCH = "torch dequant+matmul"
 TRITON = "triton-fused"
 
@@ -90,7 +90,7 @@ class QuantExpert:
         if self.backend == CPU_FUSED and x.shape[0] <= CPU_KERNEL_MAX_TOKENS:
             return cpu_experts.cpu_moe(x, [(self.buf, self.layout)], self._ones(x.shape[0]), self.act)
         if self.backend == CPU_FUSED:  # the same weights as dequantize's, made by the multi-threaded kernel
-            w, w_down = (m.to(x.dtype) for m in cpu_experts.dequantize_expert(self.buf, self.layout))
+            w, w_down = (m.to(x.dtype) for m in cpu_experts.dequantize_expert(self.buf, self.layout, scratch=True))
         else:
             w, w_down = dequantize(self.gate_up, x.dtype), dequantize(self.down, x.dtype)
         i = self.layout.intermediate

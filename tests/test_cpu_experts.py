@@ -213,7 +213,7 @@ def test_bundled_model_tokens_equal_the_reference(tmp_path, monkeypatch):
     assert len(first) > 4 and all(tokens == first for tokens in runs.values()), runs
     monkeypatch.setenv("FATE_HOME", str(home))
     line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
-    assert f"expert kernels {cpu_experts.CPU_FUSED} up to 8 tokens a call" in line, line
+    assert f"expert kernels {cpu_experts.CPU_FUSED} up to {cpu_experts.KERNEL_MAX_TOKENS} tokens a call" in line, line
     monkeypatch.setenv("FATE_CPU_EXPERTS", "reference")
     line = open_model("tiny", device="cpu", policy="fate", vram="16MB").describe()
     assert f"expert kernels {kernels.CPU};" in line, line
@@ -237,3 +237,24 @@ def test_dequantize_kernel_is_bitwise_the_reference(name):
         torch.set_flush_denormal(False)
     assert torch.equal(gate_up, ref_gu) and torch.equal(down, ref_d)
     assert ref_gu[0, :layout.group_size].abs().max() > 0  # the group with the subnormal scale is not all zero
+
+
+@pytest.mark.parametrize("name", ["int4-g64", "int2-g32", "int4-g64-bias"])
+def test_experts_of_many_tokens_are_dequantized_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expert with more than KERNEL_MAX_TOKENS tokens in a call goes through dequantize + matmul, the others
+    through the fused kernel, in one call whose sum equals the reference's; the large path runs (counted)."""
+    layout = LAYOUTS[name]
+    tier = host_tier(layout, 4, seed=7)
+    tokens = cpu_experts.KERNEL_MAX_TOKENS + 3
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(tokens, layout.hidden, generator=gen)
+    w = torch.rand(tokens, 3, generator=gen)
+    w[2:, 1] = 0  # expert 1: two tokens (the kernel); experts 0 and 2: every token (dequantized once)
+    experts = [(tier[2], layout), (tier[0], layout), (tier[3].clone(), layout)]  # the last in an arena of its own
+    calls = []
+    real = cpu_experts._dequantized_ffn
+    monkeypatch.setattr(cpu_experts, "_dequantized_ffn", lambda *a: calls.append(a[1]) or real(*a))
+    act = ClampedSwiGLU(1.702, 7.0) if layout.bias else None
+    out = cpu_experts.cpu_moe(x, experts, w, act)
+    assert [c.data_ptr() for c in calls] == [experts[0][0].data_ptr(), experts[2][0].data_ptr()]
+    check(out, cpu_experts.cpu_moe_reference(x, experts, w, act))

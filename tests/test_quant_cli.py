@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from fate_cli.engine.stores import default_store_dir, quantize_model
+from quant.cpu_experts import KERNEL_MAX_TOKENS
 from quant.store import QuantParams
 from tests.helpers import assert_one_line_error, one_thread  # noqa: F401 - autouse fixture
 from tests.tiny_models import make_tiny_model
@@ -118,7 +119,8 @@ def test_quantize_verify_perplexity_and_a_corrupt_byte(models, monkeypatch, caps
     values = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in rows}
     assert abs(values["hot"] / values["checkpoint (fp32)"] - 1) < 0.05
     assert "2 of " in ppl.stdout and "--full for all" in ppl.stdout and "<!--" not in ppl.stdout
-    assert "backend cpu fused dequant (numba) up to 8 tokens a call, cpu dequant+matmul above" in ppl.stderr
+    backend = f"backend cpu fused dequant (numba) up to {KERNEL_MAX_TOKENS} tokens a call, cpu dequant+matmul above"
+    assert backend in ppl.stderr
 
     store = default_store_dir(model, str(model))
     manifest = json.loads((store / "manifest.json").read_text())
