@@ -21,6 +21,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+PREFETCH = 2048  # bytes ahead of the words in use that are asked for (llvm.prefetch): a row or two of codes
 LANES = 16  # words a vector: 512 bits of codes, or two 256-bit halves where the target prefers those
 
 
@@ -58,7 +59,14 @@ def plane_dot(bits: int):  # noqa: ANN201 - a numba intrinsic per code width
             out = builder.bitcast(part_a.data, f32.as_pointer())
             with cgutils.for_range(builder, args[3]) as loop:
                 first = builder.mul(loop.index, ir.Constant(loop.index.type, LANES))
-                w = builder.load(builder.bitcast(builder.gep(words, [first]), vi.as_pointer()), align=4)
+                here = builder.gep(words, [first])
+                if PREFETCH:  # the next rows' words: their read from RAM starts before they are needed (a hint,
+                    # which never faults past the buffer's end)
+                    ahead = builder.gep(builder.bitcast(here, i8.as_pointer()), [ir.Constant(ir.IntType(64), PREFETCH)])
+                    fnty = ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32])
+                    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+                    builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                w = builder.load(builder.bitcast(here, vi.as_pointer()), align=4)
                 acc = None
                 for j in range(cpw):
                     if j == cpw - 1:  # the top code: shifted down (in place it would need the sign bit)
