@@ -176,8 +176,7 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
         kind = cpu_kernels.ACT_SILU if act is None else cpu_kernels.ACT_CLAMPED
         alpha, limit = (0.0, 0.0) if act is None else (act.alpha, act.limit)
         shape = layout.hidden, layout.intermediate, layout.bits, layout.group_size
-        tokens = (wn != 0).sum(0)
-        large = [j for j in range(len(bufs)) if tokens[j] > KERNEL_MAX_TOKENS]
+        large = [] if x.shape[0] <= KERNEL_MAX_TOKENS else np.flatnonzero((wn != 0).sum(0) > KERNEL_MAX_TOKENS).tolist()
         if len(groups) == 1 and not large:
             arena_t, rows, _ = groups[0]
             cpu_kernels.quantized_moe(arena_t.numpy(), rows, *offsets, *shape, xn, wn, kind, alpha, limit, on)

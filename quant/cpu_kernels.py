@@ -358,8 +358,12 @@ def _planes_kernel(bits: int, gs: int):  # noqa: ANN202
         for i in range(n_x):
             for t in range(n_tok):
                 row = x[i, t]
-                for c in range(k_in):
-                    xp[i, t, c % cpw, c // cpw] = row[c] * scales[c % cpw]
+                for j in range(cpw):  # plane by plane: contiguous writes, no division per column
+                    plane, scale = xp[i, t, j], scales[j]
+                    for w in range(words):
+                        c = w * cpw + j
+                        if c < k_in:
+                            plane[w] = row[c] * scale
                 for g in range(groups):
                     s = np.float32(0.0)
                     for c in range(g * gs, min(k_in, (g + 1) * gs)):
