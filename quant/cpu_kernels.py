@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 # [bits * j, bits * (j + 1))) and one token's input in scaled plane order (xp [cpw, words] float32: xp[j, w] is the
 # input that multiplies code j of word w, times plane_scale(bits, j)), part[w] = sum_j code_j(w) * x_j(w) for the
 # first `blocks * LANES` words. Each block of LANES words is one vector, loaded once; each plane's codes are masked
-# in place (code * 2^(bits j), which the scaled input undoes exactly, a power of two) or shifted down and masked,
+# in place (code * 2^(bits j), which the scaled input undoes exactly, a power of two; INT2 within each half word),
 # widened to float in registers and multiplied into one accumulator, which is stored once. numba's own loop over the
 # planes keeps the accumulator in memory (a load and a store per plane and word), and its loop over words with the
 # planes unrolled is not vectorized. The products and their order are those of that loop. A Qwen3-30B-A3B
@@ -53,15 +53,23 @@ LANES = 16  # words a vector: 512 bits of codes, or two 256-bit halves where the
 
 
 def in_place(bits: int) -> bool:
-    """Whether codes are masked in place (INT4, INT8: one op a plane less than shifting each down); with 16 planes
-    (INT2) the 15 masks cost more registers than the shifts they save (measured: 30% slower)."""
+    """Whether codes are masked in place, q * 2^(bits j) (INT4, INT8: one op a plane less than shifting each down);
+    INT2's 16 planes are masked in place within each 16-bit half of the word instead (`halves`)."""
     return 32 // bits <= 8
 
 
+def halves(bits: int) -> bool:
+    """INT2: the word's upper half shifted down once, then each half's 8 codes masked in place (8 masks, not 15)."""
+    return not in_place(bits)
+
+
 def plane_scale(bits: int, j: int) -> float:
-    """The factor of plane j of the input: 2^-(bits j) where codes stay in place, except the top plane, whose
-    codes are shifted down; 1 where every plane's codes are shifted down."""
-    return 2.0 ** (-bits * j) if in_place(bits) and j < 32 // bits - 1 else 1.0
+    """The factor of plane j of the input: the inverse of the power of two its codes are masked at (in place: 2^(bits
+    j), except the top plane, whose codes are shifted down; in halves: 2^(bits (j mod codes a half)))."""
+    cpw = 32 // bits
+    if in_place(bits):
+        return 2.0 ** (-bits * j) if j < cpw - 1 else 1.0
+    return 2.0 ** (-bits * (j % (cpw // 2)))
 
 
 @functools.cache
@@ -94,15 +102,17 @@ def plane_dot(bits: int):  # noqa: ANN201 - a numba intrinsic per code width
                     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
                     builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
                 w = builder.load(builder.bitcast(here, vi.as_pointer()), align=4)
+                upper = None if in_place(bits) else builder.lshr(w, ir.Constant(vi, [16] * LANES))
                 acc = None
                 for j in range(cpw):
-                    if j == cpw - 1:  # the top code: shifted down (in place it would need the sign bit)
-                        q = builder.lshr(w, ir.Constant(vi, [bits * j] * LANES))
-                    elif in_place(bits):  # the code in place, q * 2^(bits j)
-                        q = builder.and_(w, ir.Constant(vi, [mask << (bits * j)] * LANES))
-                    else:
-                        q = builder.and_(builder.lshr(w, ir.Constant(vi, [bits * j] * LANES)),
-                                         ir.Constant(vi, [mask] * LANES))
+                    if in_place(bits):
+                        if j == cpw - 1:  # the top code: shifted down (in place it would need the sign bit)
+                            q = builder.lshr(w, ir.Constant(vi, [bits * j] * LANES))
+                        else:  # the code in place, q * 2^(bits j)
+                            q = builder.and_(w, ir.Constant(vi, [mask << (bits * j)] * LANES))
+                    else:  # in its half, in place
+                        k = j % (cpw // 2)
+                        q = builder.and_(w if j < cpw // 2 else upper, ir.Constant(vi, [mask << (bits * k)] * LANES))
                     qf = builder.sitofp(q, vf)
                     x = builder.load(builder.bitcast(builder.gep(planes[j], [first]), vf.as_pointer()), align=4)
                     product = builder.fmul(qf, x, flags=["fast"])
@@ -202,6 +212,7 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
     wpg = gs // cpw  # words per group
     dot = plane_dot(bits)
     masked = in_place(bits)
+    half = cpw // 2  # codes a 16-bit half (INT2's planes)
 
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(arena, rows, xsel, off_c, off_s, off_z, n_out, k_in, xp, xs, active, out):  # noqa: ANN001, ANN202
@@ -247,7 +258,10 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
                         c = row[w]
                         acc = np.float32(c & np.int32(mask)) * x[0, w]
                         for j in range(1, cpw):
-                            if j < cpw - 1 and masked:
+                            if not masked:  # in its half, in place
+                                acc += np.float32((c >> np.int32(16 * (j // half))) & np.int32(
+                                    mask << (bits * (j % half)))) * x[j, w]
+                            elif j < cpw - 1:
                                 acc += np.float32(c & np.int32(mask << (bits * j))) * x[j, w]
                             else:
                                 acc += np.float32((c >> np.int32(bits * j)) & np.int32(mask)) * x[j, w]
