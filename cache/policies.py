@@ -177,6 +177,10 @@ class Fate(Policy):
         if nxt is None:
             return []
         k = self.ctx.top_k
+        if len(ids) == k + 1 and len(set(ids)) == len(ids):  # one token (decode): no popularity, no cold tier
+            self.predicted[nxt] = set(ids)
+            ranked = sorted(zip(ids, probs), key=lambda ep: -ep[1])  # by confidence; ties keep the router's order
+            return [Prefetch(nxt, e, "hot" if p * k >= HOT_SHARE else "cold") for e, p in ranked if p * k >= MIN_SHARE]
         count: dict[int, int] = {}
         share: dict[int, float] = {}  # the most confident token's share, per predicted expert
         for e, p in zip(ids, probs):
