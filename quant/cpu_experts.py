@@ -147,10 +147,10 @@ def _offsets(layout: ExpertLayout, prefix: str) -> tuple[int, ...]:
 
 
 def _bias_offsets(layout: ExpertLayout) -> tuple[int, int, int]:
-    """(gate_up bias offset, down bias offset, kind) for the fused kernel; kind BIAS_NONE where there are none."""
+    """(gate_up bias offset, down bias offset, kind) for the fused kernel; kind NO_BIAS where there are none."""
     if layout.bias is None:
-        return 0, 0, cpu_kernels.BIAS_NONE
-    kind = cpu_kernels.BIAS_BF16 if layout.bias == "bfloat16" else cpu_kernels.BIAS_FP16
+        return 0, 0, cpu_kernels.NO_BIAS
+    kind = cpu_kernels.BF16 if layout.bias == "bfloat16" else cpu_kernels.FP16
     return layout.segment("gate_up.bias").offset, layout.segment("down.bias").offset, kind
 
 
@@ -188,8 +188,8 @@ def _kernel_moe(x: torch.Tensor, bufs: list[torch.Tensor], layout: ExpertLayout,
             y[places] = cpu_kernels.quantized_ffn(arena_t.numpy(), rows, *offsets, *shape, xn,
                                                   np.ascontiguousarray(small[:, places]), kind, alpha, limit)
         for j in large:
-            used = torch.from_numpy(np.flatnonzero(wn[:, j]))
-            y[j][used.numpy()] = _dequantized_ffn(x[used], bufs[j], layout, act).numpy()
+            used = np.flatnonzero(wn[:, j])
+            y[j][used] = _dequantized_ffn(x[torch.from_numpy(used)], bufs[j], layout, act).numpy()
         cpu_kernels.combine(y, wn, on)
         return
     active = np.ascontiguousarray((wn.T != 0).astype(np.uint8))  # [E, T]

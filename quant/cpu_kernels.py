@@ -54,13 +54,8 @@ LANES = 16  # words a vector: 512 bits of codes, or two 256-bit halves where the
 
 def in_place(bits: int) -> bool:
     """Whether codes are masked in place, q * 2^(bits j) (INT4, INT8: one op a plane less than shifting each down);
-    INT2's 16 planes are masked in place within each 16-bit half of the word instead (`halves`)."""
+    INT2's 16 planes are masked in place within each 16-bit half of the word instead (8 masks, not 15)."""
     return 32 // bits <= 8
-
-
-def halves(bits: int) -> bool:
-    """INT2: the word's upper half shifted down once, then each half's 8 codes masked in place (8 masks, not 15)."""
-    return not in_place(bits)
 
 
 def plane_scale(bits: int, j: int) -> float:
@@ -282,6 +277,8 @@ def _quantized_kernel(bits: int, gs: int):  # noqa: ANN202 - a numba dispatcher 
 
 @functools.cache
 def _dense_kernel(bfloat16: bool):  # noqa: ANN202
+    kind = BF16 if bfloat16 else FP16
+
     @njit(parallel=True, fastmath=True, cache=True)
     def kernel(arena, rows, xsel, off_w, n_out, k_in, x, active, out):  # noqa: ANN001, ANN202
         n_exp = rows.shape[0]
@@ -292,15 +289,9 @@ def _dense_kernel(bfloat16: bool):  # noqa: ANN202
             first = (task % blocks) * ROWS_PER_TASK
             w16 = arena[rows[e]][off_w: off_w + n_out * k_in * 2].view(np.uint16)
             xi = xsel[e]
-            bits32 = np.empty(k_in, dtype=np.uint32)
-            wf = bits32.view(np.float32)
+            wf = np.empty(k_in, dtype=np.float32)
             for n in range(first, min(n_out, first + ROWS_PER_TASK)):
-                row = w16[n * k_in: (n + 1) * k_in]
-                if bfloat16:  # the upper half of a float32
-                    for k in range(k_in):
-                        bits32[k] = np.uint32(row[k]) << 16
-                else:
-                    _widen_half(row, bits32)
+                _widen16(w16[n * k_in: (n + 1) * k_in], kind, wf)
                 for t in range(n_tok):
                     if active[e, t] == 0:
                         continue
@@ -314,7 +305,7 @@ def _dense_kernel(bfloat16: bool):  # noqa: ANN202
 
 
 ACT_SILU, ACT_CLAMPED = 0, 1  # silu(gate) * up; gpt-oss's clamped SwiGLU (quant/expert_act.py)
-BIAS_NONE, BIAS_BF16, BIAS_FP16 = 0, 1, 2
+NO_BIAS, BF16, FP16 = 0, 1, 2  # a 16-bit segment's kind: an expert's biases, or a dense tier's weights
 
 
 if numba is not None:
@@ -322,7 +313,7 @@ if numba is not None:
     @njit(cache=True)
     def _widen16(src, kind, dst):  # noqa: ANN001, ANN202 - 16-bit values (bfloat16 or float16 bits) -> float32
         bits = dst.view(np.uint32)
-        if kind == BIAS_BF16:
+        if kind == BF16:  # the upper half of a float32
             for k in range(src.shape[0]):
                 bits[k] = np.uint32(src[k]) << np.uint32(16)
         else:
@@ -400,14 +391,14 @@ def _ffn_kernel(bits: int, gs: int):  # noqa: ANN202 - one expert FFN pass for a
         xp, xs = planes(x.reshape(1, n_tok, hidden))
         h = np.zeros((n_exp, n_tok, 2 * inter), dtype=np.float32)
         matmul(arena, rows, np.zeros(n_exp, dtype=np.int64), gu_c, gu_s, gu_z, 2 * inter, hidden, xp, xs, active, h)
-        if bias_kind != BIAS_NONE:
+        if bias_kind != NO_BIAS:
             _add_bias(arena, rows, gu_bias, bias_kind, 2 * inter, active, h)
         a = np.zeros((n_exp, n_tok, inter), dtype=np.float32)
         _activate(h, inter, act, alpha, limit, active, a)
         ap, a_s = planes(a)
         y = np.zeros((n_exp, n_tok, hidden), dtype=np.float32)
         matmul(arena, rows, np.arange(n_exp), d_c, d_s, d_z, hidden, inter, ap, a_s, active, y)
-        if bias_kind != BIAS_NONE:
+        if bias_kind != NO_BIAS:
             _add_bias(arena, rows, d_bias, bias_kind, hidden, active, y)
         return y
 
