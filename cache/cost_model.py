@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
+from cache.eviction import INFLATION_LIMIT  # rebased the same way as DecayedFrequency's counts
+
 MODES = ("auto", "cpu", "link")  # --miss: the cost model decides; every miss on the CPU; every miss moved
-INFLATION_LIMIT = 1e100  # ReuseEstimate rebases its frequencies when a step would add more than this
 REUSE_DECAY = 0.9  # the weight of a layer's last step in an expert's routing frequency (about ten steps' memory)
 
 

@@ -136,7 +136,7 @@ class ByPriority(LRU):
         return best
 
 
-INFLATION_LIMIT = 1e100  # DecayedFrequency rebases its counts when a use would add more than this
+INFLATION_LIMIT = 1e100  # inflated counts (DecayedFrequency, cost_model.ReuseEstimate) rebase above this
 
 
 class DecayedFrequency(LRU):
@@ -184,10 +184,8 @@ class DecayedFrequency(LRU):
         """min(residents not pinned, key=count), the first of equals (C-level min and key: the host's cost). The
         step's pinned experts were just counted, so the least used resident is rarely one of them."""
         key = self.count.__getitem__
-        if not self.order:
-            raise RuntimeError("every slot of the layer is pinned")
-        least = min(self.order, key=key)
-        if least not in pinned:
+        least = min(self.order, key=key, default=None)
+        if least is not None and least not in pinned:
             return least
         candidates = [e for e in self.order if e not in pinned]
         if not candidates:
