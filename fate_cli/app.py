@@ -39,6 +39,8 @@ DEFAULT_WINDOWS = 64  # perplexity: windows scored unless --full or --max-window
 THREADS_HELP = "CPU threads; steps too small to gain from threads run on one " + default(
     "OMP_NUM_THREADS, else the physical cores")
 PREFILL_HELP = "prompt tokens per pass through the layers; longer prompts go in chunks " + default("512")
+DENSE_HELP = "int8: the dense (non-expert) weights at INT8 per row, for CPU runs (a CPU decode reads them every " \
+    "token) " + default("the run's dtype")
 TRANSFER_HELP = "move every expert at this tier's bit width (all policies)"
 EAGER_HELP = "decode with the eager forward (the reference) instead of captured CUDA graphs with the fused " \
     "expert kernels"
@@ -67,6 +69,15 @@ def _threads(count: int | None) -> None:
     from fate_cli.model.threads import use_threads
 
     use_threads(count)
+
+
+def _dense(kind: str | None) -> None:
+    from fate_cli.errors import UsageError
+    from fate_cli.model.model import DENSE_CHOICES, set_dense
+
+    if kind is not None and kind not in DENSE_CHOICES:
+        raise UsageError(f"unknown --dense '{kind}'; use {' or '.join(DENSE_CHOICES)}, or leave it out")
+    set_dense(kind)
 
 
 def _prefill(tokens: int | None) -> None:
@@ -99,6 +110,7 @@ def run(
     batch: int = typer.Option(1, "--batch", min=1, metavar="B", help="with --prompts: prompts decoded together"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
+    dense: str = typer.Option(None, "--dense", metavar="KIND", help=DENSE_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP),
     link: str = typer.Option(None, "--link", metavar="GB/s", help=LINK_HELP),
@@ -110,6 +122,7 @@ def run(
 
     _threads(threads)
     _prefill(prefill_chunk)
+    _dense(dense)
     run_command(model, prompt, max_tokens, temperature, top_p, top_k, seed, raw, device, dtype, as_json,
                 vram, policy, transfer_bits, prompts, batch, eager, hybrid_options(miss, link, cpu_threads))
 
@@ -184,6 +197,7 @@ def chat(
                                "is one message)"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
+    dense: str = typer.Option(None, "--dense", metavar="KIND", help=DENSE_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     think: bool = typer.Option(True, "--think/--no-think", help="the chat template's thinking switch "
                                "(enable_thinking: Qwen3, Qwen3.5); also /set think off"),
@@ -197,6 +211,7 @@ def chat(
 
     _threads(threads)
     _prefill(prefill_chunk)
+    _dense(dense)
     chat_command(model, prompt, system, max_tokens, temperature, seed, device, dtype, vram, policy, transfer_bits,
                  top_p, top_k, panel, eager, lines, think, hybrid_options(miss, link, cpu_threads))
 
@@ -231,6 +246,7 @@ def bench(
                                 "JSON line as soon as it is measured (keeps a long sweep's rows if it is stopped)"),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
+    dense: str = typer.Option(None, "--dense", metavar="KIND", help=DENSE_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP + "; a list auto,link gives fate "
                              "a row for each"),
@@ -242,6 +258,7 @@ def bench(
 
     _threads(threads)
     _prefill(prefill_chunk)
+    _dense(dense)
     bench_command(model, prompt_len, gen_len, reps, device, dtype, output, vram, policy, transfer_bits, prompts,
                   plot, quiet, rows_to, batch, eager, miss, link, cpu_threads)
 
@@ -297,6 +314,7 @@ def perplexity(
     dtype: str = typer.Option(None, metavar="DTYPE", help=DTYPE_HELP),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
+    dense: str = typer.Option(None, "--dense", metavar="KIND", help=DENSE_HELP),
 ) -> None:
     """Perplexity on a text file, with experts from the checkpoint or from the tier store, per tier."""
     from fate_cli.quantize import perplexity_command
@@ -307,6 +325,7 @@ def perplexity(
         raise UsageError("--full and --max-windows both ask how much text to score; give one of them")
     _threads(threads)
     _prefill(prefill_chunk)
+    _dense(dense)
     perplexity_command(model, file, tiers, window, None if full else max_windows or DEFAULT_WINDOWS, device, dtype)
 
 
@@ -330,6 +349,7 @@ def serve(
     transfer_bits: int = typer.Option(None, metavar="B", help=TRANSFER_HELP),
     threads: int = typer.Option(None, "--threads", "-t", min=1, metavar="N", help=THREADS_HELP),
     prefill_chunk: int = typer.Option(None, "--prefill-chunk", min=16, metavar="N", help=PREFILL_HELP),
+    dense: str = typer.Option(None, "--dense", metavar="KIND", help=DENSE_HELP),
     eager: bool = typer.Option(False, "--eager", help=EAGER_HELP),
     miss: str = typer.Option("auto", "--miss", metavar="WHERE", help=MISS_HELP),
 ) -> None:
@@ -338,6 +358,7 @@ def serve(
 
     _threads(threads)
     _prefill(prefill_chunk)
+    _dense(dense)
     serve_command(model, host, port, api_key, max_batch, max_queue, context, device, dtype, vram, policy,
                   transfer_bits, eager, miss)
 

@@ -146,7 +146,10 @@ def perplexity_command(
     name = path.name if file else "bundled held-out text"
     subset = f"all {scored} windows" if scored == all_windows else f"{scored} of {all_windows} windows"
     spread = "" if scored == all_windows else ", spread evenly over the text (--full for all)"
-    print(f"{resolved.name}, {name}: {subset} of {window} tokens{spread}; {dev.type} {dtype_name(dt)}")
+    from fate_cli.model.model import dense_setting
+
+    dense = f", dense weights {dense_setting().upper()}" if dense_setting() else ""
+    print(f"{resolved.name}, {name}: {subset} of {window} tokens{spread}; {dev.type} {dtype_name(dt)}{dense}")
     print()
     print("| tiers | perplexity | vs checkpoint | tokens | experts |")
     print("| --- | ---: | ---: | ---: | --- |")

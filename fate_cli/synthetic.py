@@ -13,7 +13,7 @@ import torch
 
 from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.loader import FAMILIES, Weights
+from fate_cli.model.loader import FAMILIES, Weights, dense_as_set
 from fate_cli.model.model import weight_shapes
 from fate_cli.model.values import check_text
 from fate_cli.registry import ResolvedModel
@@ -99,7 +99,7 @@ def random_weights(args: ModelArgs, device: torch.device, dtype: torch.dtype, se
         else:
             t.normal_(0.0, 1.0 / shape[-1] ** 0.5 if "embed" not in name else 1.0, generator=gen)
         tensors[name] = t
-    return Weights(args, tensors, None, torch.device(device), dtype)
+    return dense_as_set(Weights(args, tensors, None, torch.device(device), dtype))
 
 
 class SyntheticTokenizer(Tokenizer):

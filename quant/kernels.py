@@ -102,6 +102,11 @@ class QuantExpert:
         u = F.linear(x, w[i:], None if b_gu is None else b_gu[i:])
         return F.linear(activate(g, u, self.act), w_down, b_d)
 
+    def cpu_buffer(self) -> tuple[torch.Tensor, ExpertLayout] | None:
+        """(buffer, layout) where the CPU kernels compute this expert (a MoE block on the CPU computes a layer's
+        such experts in one call), else None."""
+        return (self.buf, self.layout) if self.backend == CPU_FUSED else None
+
     @staticmethod
     def _ones(tokens: int) -> torch.Tensor:
         return torch.ones(tokens, 1)

@@ -56,6 +56,7 @@ def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> su
     stdin is the text the command reads (never a terminal); home sets FATE_HOME for the call. An exception
     that escapes main() lands in stderr as a traceback with status 1, as it would in a subprocess."""
     from fate_cli.app import main
+    from fate_cli.model.model import set_dense, set_prefill_chunk
 
     out, err = io.StringIO(), io.StringIO()
     saved_env = os.environ.get("FATE_HOME")
@@ -77,6 +78,8 @@ def fate_in_process(*args: str, home: Path | None = None, stdin: str = "") -> su
         sys.stdin, sys.argv = saved_stdin, saved_argv
         torch.set_num_threads(saved_threads)
         torch.set_flush_denormal(False)  # commands flush denormals; the test process's float math keeps them
+        set_dense(None)  # --dense is the process's setting: a later test's model loads at its own dtype
+        set_prefill_chunk(None)
         if home is not None:
             if saved_env is None:
                 os.environ.pop("FATE_HOME", None)

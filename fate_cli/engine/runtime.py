@@ -102,6 +102,7 @@ class Runtime:
             vision = ", text only (the vision tower is not loaded)" if "language_model" in a.checkpoint_prefix else ""
             head = f"{head}{vision}; {backend(d)}"
         prefill = prefill_note(self.model)
+        head = f"{head}{dense_note(self.model)}"
         if self.offload is None:
             return f"{head}; experts resident at 16 bits; {prefill}; {decode}"
         from quant.kernels import backend_label
@@ -120,6 +121,16 @@ class Runtime:
             return ""
         plan = self.setup.plan
         return "; ".join([plan.summary(), *plan.notes, *(self.offload.host.notes if self.offload else [])])
+
+
+def dense_note(model) -> str:  # noqa: ANN001 - a Transformer
+    """How the dense (non-expert) Linears compute, where --dense changed it; empty otherwise."""
+    from quant.dense_int8 import KERNEL_MAX_ROWS, Int8Linear
+
+    if not any(isinstance(m, Int8Linear) for m in model.modules()):
+        return ""
+    return (f", dense weights INT8 (torch _weight_int8pack_mm up to {KERNEL_MAX_ROWS} tokens, bfloat16 "
+            "activations; dequantized blocks above)")
 
 
 def prefill_note(model) -> str:  # noqa: ANN001 - a Transformer

@@ -7,18 +7,26 @@ model's parameters, so the whole checkpoint is never held in memory twice.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fate_cli.errors import BadModel, ModelNotFound
+from fate_cli.errors import BadModel, ModelNotFound, UsageError
 from fate_cli.model import gpt_oss, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe
 from fate_cli.model.args import ModelArgs, read_config
 from fate_cli.model.config_check import check_against_weights
 from fate_cli.model.experts import DenseExpert, ExpertProvider, ResidentExperts
-from fate_cli.model.model import Transformer, build_model, checkpoint_name, weight_shapes
+from fate_cli.model.model import (
+    Transformer,
+    build_model,
+    checkpoint_name,
+    dense_setting,
+    int8_dense_modules,
+    weight_shapes,
+)
+from quant.dense_int8 import Int8Linear
 from quant.gpt_oss_experts import FusedExperts
 from quant.source import SourceReader, fused_expert_slices, weight_files
 
@@ -185,13 +193,22 @@ class Weights:
     checkpoint: Checkpoint | None  # None: made up (a synthetic shape)
     device: torch.device
     dtype: torch.dtype
+    int8: dict[str, Int8Linear] = field(default_factory=dict)  # dense Linears at INT8, their floats dropped
 
     def routers(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router weight, as the model built over these weights holds it."""
         return {i: self.tensors[f"layers.{i}.mlp.gate.weight"] for i in self.args.moe_layer_ids}
 
     def model(self, provider: ExpertProvider) -> Transformer:
-        return build_model(self.args, self.tensors, provider)
+        return build_model(self.args, self.tensors, provider, self.int8)
+
+    def with_int8_dense(self) -> Weights:
+        """These weights with the dense Linears at INT8 for the CPU (`int8_dense_modules`); the float copies of
+        what was quantized are dropped (the embedding stays: lookups read it)."""
+        int8 = int8_dense_modules(self.args, self.tensors)
+        gone = {f"{name}.{p}" for name in int8 for p in ("weight", "bias")}
+        tensors = {name: t for name, t in self.tensors.items() if name not in gone}
+        return Weights(self.args, tensors, self.checkpoint, self.device, self.dtype, int8)
 
 
 def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -204,7 +221,17 @@ def load_weights(model_dir: Path, device: torch.device | str = "cpu", dtype: tor
     check_checkpoint(args, ckpt)
     tensors = {param: ckpt.get(checkpoint_name(args, param)).to(device=device, dtype=dtype, copy=True)
                for param in weight_shapes(args)}
-    return Weights(args, tensors, ckpt, device, dtype)
+    return dense_as_set(Weights(args, tensors, ckpt, device, dtype))
+
+
+def dense_as_set(weights: Weights) -> Weights:
+    """The weights with their dense Linears as --dense asks (`set_dense`): at INT8 on a CPU, else as they are."""
+    if dense_setting() is None:
+        return weights
+    if weights.device.type != "cpu":
+        raise UsageError(f"--dense {dense_setting()} runs the dense weights through torch's CPU kernel, and this run "
+                         f"is on {weights.device}; leave --dense out, or add --device cpu")
+    return weights.with_int8_dense()
 
 
 @dataclass

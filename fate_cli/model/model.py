@@ -19,6 +19,7 @@ from fate_cli.model.layers import MLP, Attention, Rotary, make_norm
 from fate_cli.model.moe import MoEBlock
 from fate_cli.model.sink_attention import SinkAttention
 from fate_cli.model.threads import step_macs, step_threads
+from quant.dense_int8 import Int8Linear
 
 
 class DecoderLayer(nn.Module):
@@ -70,6 +71,21 @@ def prefill_chunk() -> int:
     return _prefill_chunk
 
 
+DENSE_CHOICES = ("int8",)
+_dense: str | None = None
+
+
+def set_dense(kind: str | None) -> None:
+    """--dense: the dense (non-expert) Linears of every model this process loads at `kind` (int8, CPU only;
+    `int8_dense_modules`), or None for the run's dtype."""
+    global _dense
+    _dense = kind
+
+
+def dense_setting() -> str | None:
+    return _dense
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, provider: ExpertProvider):
         super().__init__()
@@ -82,7 +98,8 @@ class Transformer(nn.Module):
 
     def with_experts(self, provider: ExpertProvider) -> Transformer:
         """The same model (every weight shared, nothing copied) with its experts from another provider."""
-        return build_model(self.args, dict(self.named_parameters()), provider)
+        int8 = {name: m for name, m in self.named_modules() if isinstance(m, Int8Linear)}
+        return build_model(self.args, dict(self.named_parameters()), provider, int8)
 
     def routers(self) -> dict[int, torch.Tensor]:
         """Each MoE layer's router weight [experts, hidden] (what cross-layer predictors multiply by)."""
@@ -147,8 +164,9 @@ class Transformer(nn.Module):
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden states -> logits: final norm, then lm_head (or the tied embedding)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(self.norm(x), weight)
+        if self.lm_head is None:
+            return torch.nn.functional.linear(self.norm(x), self.embed_tokens.weight)
+        return self.lm_head(self.norm(x))
 
 
 def checkpoint_name(args: ModelArgs, param: str) -> str:
@@ -162,13 +180,42 @@ def checkpoint_name(args: ModelArgs, param: str) -> str:
     return args.checkpoint_prefix + param
 
 
-def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: ExpertProvider) -> Transformer:
+def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: ExpertProvider,
+                int8: dict[str, Int8Linear] | None = None) -> Transformer:
     """A Transformer over `weights` (every non-expert parameter by name, on its device; used as they are, not
-    copied) with its experts from `provider`."""
+    copied) with its experts from `provider`. int8: Linear modules by name (`int8_dense_modules`) that stand in
+    for the float ones, whose weights `weights` then leaves out."""
+    int8 = int8 or {}
     with torch.device("meta"):
         model = Transformer(args, provider)
-    model.load_state_dict(weights, strict=True, assign=True)
+    replaced = {f"{name}.{p}" for name in int8 for p in ("weight", "bias")}
+    missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
+    if unexpected or set(missing) - replaced:
+        raise RuntimeError(f"weights do not match the model: missing {sorted(set(missing) - replaced)[:4]}, "
+                           f"unexpected {sorted(unexpected)[:4]}")
+    for name, module in int8.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
     return model.eval().requires_grad_(False)
+
+
+def int8_dense_modules(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[str, Int8Linear]:
+    """Every dense Linear of the model at INT8 (quant/dense_int8.py), by module name, lm_head included (from the
+    embedding where the two are tied). What computes a gate stays at the run's dtype: the routers (their logits
+    pick the experts, and a rounded router would route differently), the shared expert's gate and the Gated
+    DeltaNet's decay and beta projections (one value per head, their bytes negligible)."""
+    with torch.device("meta"):
+        skeleton = Transformer(args, ResidentExperts({}))
+    out = {}
+    for name, module in skeleton.named_modules():
+        if isinstance(module, nn.Linear) and not name.endswith(GATE_PROJECTIONS):
+            out[name] = Int8Linear.quantize(weights[f"{name}.weight"], weights.get(f"{name}.bias"))
+    if args.tie_word_embeddings:
+        out["lm_head"] = Int8Linear.quantize(weights["embed_tokens.weight"])
+    return out
+
+
+GATE_PROJECTIONS = ("mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b")
 
 
 def weight_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fate_cli.model.args import ModelArgs
-from fate_cli.model.experts import ExpertProvider
+from fate_cli.model.experts import ExpertFn, ExpertProvider
 from fate_cli.model.layers import MLP
+from quant.cpu_experts import cpu_moe
 from quant.grouped import GroupedPass, grouped_backend, grouped_ffn, waves_backend
 from quant.moe_kernels import Bank, moe_ffn
 
@@ -118,6 +119,8 @@ class MoEBlock(nn.Module):
         starts = [0, *itertools.accumulate(counts)]
         served = self.provider.experts(self.layer, used, [counts[e] for e in used])
         self.provider.host_begin(self.layer, x, weights, ids)  # the host's experts start before the device's
+        if not out.is_cuda and self.provider.fits_step(len(used)):  # every expert in place at once: no waves
+            served = self._cpu_together(x, weights, ids, list(served), out)
         for e, fn in served:
             picks = order[starts[e] : starts[e] + counts[e]]
             tokens = picks // self.top_k
@@ -128,3 +131,20 @@ class MoEBlock(nn.Module):
                 out.index_put_((tokens,), y, accumulate=True)  # at most once, so the sums are the same
         return self.provider.host_end(self.layer, out)
 
+    def _cpu_together(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                      served: list[tuple[int, ExpertFn]], out: torch.Tensor) -> list[tuple[int, ExpertFn]]:
+        """On a CPU: the served experts that the CPU kernels compute (a `cpu_buffer` method that gives their
+        buffer) added into out by one call over all of them (quant/cpu_experts.py) in place of a call each;
+        -> the others, for the loop."""
+        buffers = [getattr(fn, "cpu_buffer", lambda: None)() for _, fn in served]
+        together = [j for j, b in enumerate(buffers) if b is not None]
+        if len(together) < 2:
+            return served
+        column = torch.full((self.num_experts,), -1, dtype=torch.long)
+        column[[served[j][0] for j in together]] = torch.arange(len(together))
+        cols = column[ids]
+        kept = cols >= 0
+        w = torch.zeros(x.shape[0], len(together), dtype=torch.float32)
+        w[kept.nonzero()[:, 0], cols[kept]] = weights[kept].float()
+        out += cpu_moe(x, [buffers[j] for j in together], w, served[together[0]][1].act)
+        return [item for item, b in zip(served, buffers) if b is None]

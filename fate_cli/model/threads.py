@@ -60,10 +60,13 @@ def use_threads(count: int | None) -> int:
 
 def step_macs(args, tokens: int) -> int:  # noqa: ANN001 - fate_cli.model.args.ModelArgs
     """Multiply-adds of the largest matrix product of a forward over `tokens` tokens, the output head aside
-    (one product a step, while attention and the experts make hundreds)."""
+    (one product a step, while attention and the experts make hundreds). A step whose largest matrix holds
+    SMALL_MATRIX weights or more counts as large at any token count: at one token it is bound by reading that
+    matrix (16 MB for a 2048x2048 float32 projection, a few milliseconds on one core), which threads share."""
     widest = max(args.num_heads * args.head_dim, args.hidden_size, args.dense_intermediate_size,
                  args.shared_expert_intermediate_size, args.moe_intermediate_size)
-    return tokens * args.hidden_size * widest
+    weights = args.hidden_size * widest
+    return tokens * weights if weights < SMALL_MATRIX else max(tokens * weights, SMALL_STEP_MACS)
 
 
 @contextmanager
