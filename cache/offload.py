@@ -116,6 +116,7 @@ class OffloadedExperts(ExpertProvider):
             self.full[layer] = store_layer_experts(store, layer, ctx.num_experts, device, dtype, act)
         slots = {layer: plan.slots[layer] for layer in cached}
         self.pool = SlotPool(device, self.layouts["hot"].nbytes, slots)
+        self._slot_fns: dict[tuple[int, int, str], ExpertFn] = {}
         self.layers = {layer: LayerSlots(n, policy.eviction(layer, n), ctx.num_experts, device)
                        for layer, n in slots.items()}
         self._stall_base, self._waits_base = 0.0, 0
@@ -391,8 +392,15 @@ class OffloadedExperts(ExpertProvider):
         self.stats.moved(tier, host.numel(), layer)
 
     def _expert_fn(self, layer: int, slot: int, tier: str) -> ExpertFn:
-        layout = self.layouts[tier]
-        return QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout, self.backends[tier], self.act)
+        """The expert in a slot at a tier: made once per (layer, slot, tier) and kept, since a slot's buffer never
+        moves (only its contents change), and building one costs the host more than computing it on a CPU."""
+        key = (layer, slot, tier)
+        fn = self._slot_fns.get(key)
+        if fn is None:
+            layout = self.layouts[tier]
+            fn = self._slot_fns[key] = QuantExpert(self.pool.view(layer, slot, layout.nbytes), layout,
+                                                   self.backends[tier], self.act)
+        return fn
 
     # ---- reporting --------------------------------------------------------------------------------
 
