@@ -64,6 +64,10 @@ def test_dense_int8_on_the_command_line(tmp_path):
     plain = fate_in_process("run", "tiny", "What is a kludge?", "-n", "8", "--temperature", "0", "--device", "cpu")
     assert "dense weights" not in plain.stderr  # the setting ended with the command
     assert_one_line_error(fate_in_process("run", "tiny", "hi", "--dense", "int4"), 2, "--dense", "int4", "int8")
+    bench = fate_in_process("bench", "tiny", "--vram", "50%", "--policy", "lru", "-p", "4", "-n", "2", "-r", "1",
+                            "--device", "cpu", "--dense", "int8")
+    assert bench.returncode == 0, bench.stderr
+    assert "float32, dense weights INT8;" in bench.stderr.splitlines()[0]
 
 
 def test_dense_int8_refuses_a_gpu_run():
