@@ -21,7 +21,7 @@ from fate_cli.errors import UsageError
 from fate_cli.model.args import ModelArgs
 from fate_cli.model.gated_deltanet import prefill_bytes_per_token
 from fate_cli.model.kv_cache import KVCache
-from fate_cli.model.model import prefill_chunk, weight_shapes
+from fate_cli.model.model import dense_setting, int8_dense_linears, prefill_chunk, weight_shapes
 from quant.expert_act import ClampedSwiGLU
 from quant.layout import ExpertLayout
 from quant.store import QuantParams, TierStore
@@ -40,7 +40,15 @@ class OffloadSetup:
 
 
 def non_expert_bytes(args: ModelArgs, dtype: torch.dtype) -> int:
-    return sum(math.prod(shape) for shape in weight_shapes(args).values()) * torch.finfo(dtype).bits // 8
+    """The non-expert weights at the run's dtype; under --dense int8 its Linears at a byte a weight and a
+    bfloat16 scale a row (a tied lm_head an INT8 copy beside the embedding, which lookups still read)."""
+    size = torch.finfo(dtype).bits // 8
+    total = sum(math.prod(shape) for shape in weight_shapes(args).values()) * size
+    if dense_setting() == "int8":
+        for name, rows, cols in int8_dense_linears(args):
+            dropped = 0 if name == "lm_head" and args.tie_word_embeddings else rows * cols * size
+            total += rows * cols + 2 * rows - dropped
+    return total
 
 
 def footprint(args: ModelArgs, dtype: torch.dtype, context: int, params: QuantParams, cuda: bool,

@@ -114,3 +114,20 @@ def test_a_cpu_layer_computes_its_quantized_experts_in_one_call(monkeypatch, cap
     model(tokens, cache, 0)
     alone = model(torch.tensor([[7]]), cache, 4)[:, -1]
     assert torch.allclose(together, alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_the_plan_counts_the_int8_dense_weights_it_will_hold(tmp_path, family):
+    from cache.setup import non_expert_bytes
+
+    path = make_tiny_model(tmp_path / family, family=family, tie_word_embeddings=family == "qwen3_moe")
+    weights = load_weights(path).with_int8_dense()
+    held = sum(t.nbytes for t in weights.tensors.values())
+    held += sum(b.nbytes for m in weights.int8.values() for b in m.buffers())  # codes, scales, biases
+    set_dense("int8")
+    try:
+        planned = non_expert_bytes(weights.args, torch.float32)
+    finally:
+        set_dense(None)
+    assert planned == held
+    assert planned < non_expert_bytes(weights.args, torch.float32)

@@ -199,19 +199,26 @@ def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: Exp
     return model.eval().requires_grad_(False)
 
 
-def int8_dense_modules(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[str, Int8Linear]:
-    """Every dense Linear of the model at INT8 (quant/dense_int8.py), by module name, lm_head included (from the
-    embedding where the two are tied). What computes a gate stays at the run's dtype: the routers (their logits
-    pick the experts, and a rounded router would route differently), the shared expert's gate and the Gated
-    DeltaNet's decay and beta projections (one value per head, their bytes negligible)."""
+def int8_dense_linears(args: ModelArgs) -> list[tuple[str, int, int]]:
+    """(module name, out features, in features) of every Linear that --dense int8 holds at INT8, lm_head included
+    (from the embedding where the two are tied). What computes a gate stays at the run's dtype: the routers
+    (their logits pick the experts, and a rounded router would route differently), the shared expert's gate and
+    the Gated DeltaNet's decay and beta projections (one value per head, their bytes negligible)."""
     with torch.device("meta"):
         skeleton = Transformer(args, ResidentExperts({}))
-    out = {}
-    for name, module in skeleton.named_modules():
-        if isinstance(module, nn.Linear) and not name.endswith(GATE_PROJECTIONS):
-            out[name] = Int8Linear.quantize(weights[f"{name}.weight"], weights.get(f"{name}.bias"))
+    out = [(name, m.out_features, m.in_features) for name, m in skeleton.named_modules()
+           if isinstance(m, nn.Linear) and not name.endswith(GATE_PROJECTIONS)]
     if args.tie_word_embeddings:
-        out["lm_head"] = Int8Linear.quantize(weights["embed_tokens.weight"])
+        out.append(("lm_head", args.vocab_size, args.hidden_size))
+    return out
+
+
+def int8_dense_modules(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[str, Int8Linear]:
+    """Every Linear of `int8_dense_linears` at INT8 (quant/dense_int8.py), by module name."""
+    out = {}
+    for name, _, _ in int8_dense_linears(args):
+        source = "embed_tokens" if name == "lm_head" and args.tie_word_embeddings else name
+        out[name] = Int8Linear.quantize(weights[f"{source}.weight"], weights.get(f"{name}.bias"))
     return out
 
 
