@@ -7,7 +7,7 @@ Per row (--dense x --threads): the model opened as `fate run MODEL --device cpu 
 opens it, one warm-up request, then --reps greedy requests of one prompt token and --tokens new ones. Printed: decode
 tokens/s and ms a token, split by timers around the calls (time.perf_counter, a few microseconds each) into
 - `experts`: the CPU expert kernels (quant/cpu_kernels.py: `quantized_moe`, `quantized_ffn`);
-- `dense`: the dense Linears' products (F.linear and torch's INT8 kernel; lm_head included);
+- `dense`: the Linears' products (F.linear and torch's INT8 kernel; lm_head and the small routers included);
 - `rest`: everything else a step does (norms, rotary, attention, routing, the cache's bookkeeping, Python),
   also per MoE layer;
 and the floor: the bytes a token reads (the dense weights at their precision, lm_head included, and top-k experts a

@@ -558,11 +558,10 @@ def bench_command(model: str | None, prompt_len: int, gen_len: int, reps: int, d
     hybrid = hybrid_options("auto", link, cpu_threads)
     prompts = prompt_set(prompt_len, (reps + 1) * max(batches), prompts_file)
     console = Console(stderr=True, soft_wrap=True)
-    from fate_cli.model.model import dense_setting
+    from fate_cli.model.model import dense_label
 
-    dense = ", dense weights INT8" if dense_setting() else ""
     console.print(f"[dim]fate bench on {dev.type} [{device_label(dev)}],"
-                  f" {dtype_name(dt)}{dense}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
+                  f" {dtype_name(dt)}{dense_label()}; pp{prompt_len} tg{gen_len}, batch {','.join(map(str, batches))},"
                   f" {reps} repetitions after a warm-up; CPU experts on {cpu_threads or torch.get_num_threads()} "
                   f"threads; link {'as measured' if link is None else f'emulated at {link}/s'}[/dim]")
 

@@ -146,10 +146,9 @@ def perplexity_command(
     name = path.name if file else "bundled held-out text"
     subset = f"all {scored} windows" if scored == all_windows else f"{scored} of {all_windows} windows"
     spread = "" if scored == all_windows else ", spread evenly over the text (--full for all)"
-    from fate_cli.model.model import dense_setting
+    from fate_cli.model.model import dense_label
 
-    dense = f", dense weights {dense_setting().upper()}" if dense_setting() else ""
-    print(f"{resolved.name}, {name}: {subset} of {window} tokens{spread}; {dev.type} {dtype_name(dt)}{dense}")
+    print(f"{resolved.name}, {name}: {subset} of {window} tokens{spread}; {dev.type} {dtype_name(dt)}{dense_label()}")
     print()
     print("| tiers | perplexity | vs checkpoint | tokens | experts |")
     print("| --- | ---: | ---: | ---: | --- |")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Rows of input up to which torch's INT8 kernel beats dequantize + matmul (benchmarks/cpu_dense.py, 2-core box:
-# 0.27 against 0.65 ms at 1 row for 4096x2048, 1.7 against 2.3 ms at 16, slower from 32 on).
+# Rows of input up to which torch's INT8 kernel beats a float32 product even without the dequantization the
+# other path adds (a one-off timing of one 4096x2048 matrix on the 2-core box, 2026-12-06: 0.27 against 0.65 ms
+# at 1 row, 1.7 against 2.3 ms at 16, 7.0 against 4.7 ms at 64).
 KERNEL_MAX_ROWS = 16
 # torch 2.13's CPU kernel reads past a row whose length is not a multiple of 16 (a segmentation fault at 1x40,
 # 1x72, 1x100 in a sweep); such a Linear takes the dequantized path at any row count

@@ -24,6 +24,7 @@ from fate_cli.model.model import (
     checkpoint_name,
     dense_setting,
     int8_dense_modules,
+    replaced_params,
     weight_shapes,
 )
 from quant.dense_int8 import Int8Linear
@@ -206,7 +207,7 @@ class Weights:
         """These weights with the dense Linears at INT8 for the CPU (`int8_dense_modules`); the float copies of
         what was quantized are dropped (the embedding stays: lookups read it)."""
         int8 = int8_dense_modules(self.args, self.tensors)
-        gone = {f"{name}.{p}" for name in int8 for p in ("weight", "bias")}
+        gone = replaced_params(int8)
         tensors = {name: t for name, t in self.tensors.items() if name not in gone}
         return Weights(self.args, tensors, self.checkpoint, self.device, self.dtype, int8)
 

@@ -8,6 +8,8 @@ Hybrid families (qwen3_5_moe) have a linear_attn (gated_deltanet.py) in place of
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -188,7 +190,7 @@ def build_model(args: ModelArgs, weights: dict[str, torch.Tensor], provider: Exp
     int8 = int8 or {}
     with torch.device("meta"):
         model = Transformer(args, provider)
-    replaced = {f"{name}.{p}" for name in int8 for p in ("weight", "bias")}
+    replaced = replaced_params(int8)
     missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
     if unexpected or set(missing) - replaced:
         raise RuntimeError(f"weights do not match the model: missing {sorted(set(missing) - replaced)[:4]}, "
@@ -211,6 +213,16 @@ def int8_dense_linears(args: ModelArgs) -> list[tuple[str, int, int]]:
     if args.tie_word_embeddings:
         out.append(("lm_head", args.vocab_size, args.hidden_size))
     return out
+
+
+def replaced_params(modules: Iterable[str]) -> set[str]:
+    """The float parameters (weight, bias) that INT8 modules of these names stand in for."""
+    return {f"{name}.{p}" for name in modules for p in ("weight", "bias")}
+
+
+def dense_label() -> str:
+    """What --dense changes, for a report's header line: ', dense weights INT8', or empty."""
+    return f", dense weights {_dense.upper()}" if _dense else ""
 
 
 def int8_dense_modules(args: ModelArgs, weights: dict[str, torch.Tensor]) -> dict[str, Int8Linear]:
